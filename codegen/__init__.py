@@ -1,0 +1,1 @@
+"""The Triton back end (installed as `sparsedsl.codegen`): kernel plans and generated source."""

@@ -1,0 +1,1 @@
+"""The lark grammar of the .attn language (installed as `sparsedsl.grammar`)."""

@@ -1,0 +1,244 @@
+"""Text -> syntax tree, with lark (LALR, positions propagated).
+
+The grammar lives in `grammar/attn.lark` (shipped as `sparsedsl.grammar`).
+Lark's errors become `SpecSyntaxError`s pointing at the offending token.
+"""
+from __future__ import annotations
+
+import functools
+from importlib import resources
+
+import lark
+from lark import Lark, Token, Transformer, v_args
+
+from ..errors import Source, Span, SpecSyntaxError
+from . import ast
+
+# Human names for the grammar's terminals, used in "expected ..." messages.
+_TERMINALS = {
+    "NAME": "a name", "INT": "an integer", "FLOAT": "a number", "STRING": "a string",
+    "LPAR": "`(`", "RPAR": "`)`", "COMMA": "`,`", "EQUAL": "`=`", "COLON": "`:`",
+    "VBAR": "`|`", "AMPERSAND": "`&`", "PLUS": "`+`", "MINUS": "`-`", "STAR": "`*`",
+    "SLASH": "`/`", "DOUBLESLASH": "`//`", "PERCENT": "`%`", "TILDE": "`~`",
+    "PARAM": "`param`", "INPUT": "`input`", "LET": "`let`", "OUT": "`out`",
+    "PATTERN": "`pattern`", "$END": "end of file",
+}
+
+
+def grammar_text() -> str:
+    return resources.files("sparsedsl.grammar").joinpath("attn.lark").read_text()
+
+
+@functools.lru_cache(maxsize=1)
+def _lark() -> Lark:
+    return Lark(grammar_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
+
+
+def _span(source: Source, meta) -> Span:
+    return Span(source, meta.line, meta.column, meta.end_line, meta.end_column)
+
+
+def _tok_span(source: Source, tok: Token) -> Span:
+    return Span(source, tok.line, tok.column, tok.end_line, tok.end_column)
+
+
+class _ToAst(Transformer):
+    def __init__(self, source: Source):
+        super().__init__()
+        self.source = source
+
+    def _s(self, meta):
+        return _span(self.source, meta)
+
+    # expressions
+    @v_args(meta=True)
+    def name(self, meta, children):
+        return ast.Name(str(children[0]), span=self._s(meta))
+
+    @v_args(meta=True)
+    def int(self, meta, children):
+        return ast.Int(int(children[0]), span=self._s(meta))
+
+    @v_args(meta=True)
+    def float(self, meta, children):
+        return ast.Float(float(children[0]), span=self._s(meta))
+
+    @v_args(meta=True)
+    def call(self, meta, children):
+        fn, *rest = children
+        args, kwargs, kw_spans = [], [], []
+        for item in rest:
+            if item is None:
+                continue
+            if isinstance(item, tuple) and len(item) == 3 and item[0] == "__kw__":
+                kwargs.append(item[1])
+                kw_spans.append(item[2])
+            else:
+                if kwargs:
+                    raise SpecSyntaxError("a positional argument cannot follow a keyword argument",
+                                          item.span)
+                args.append(item)
+        names = [k for k, _ in kwargs]
+        for (k, _), sp in zip(kwargs, kw_spans):
+            if names.count(k) > 1:
+                raise SpecSyntaxError(f"keyword argument `{k}` given twice", sp)
+        return ast.Call(str(fn), tuple(args), tuple(kwargs), span=self._s(meta),
+                        fn_span=_tok_span(self.source, fn), kw_spans=tuple(kw_spans))
+
+    @v_args(meta=True)
+    def kwarg(self, meta, children):
+        key, value = children
+        return ("__kw__", (str(key), value), _tok_span(self.source, key))
+
+    def _bin(op):
+        @v_args(meta=True)
+        def f(self, meta, children):
+            return ast.BinOp(op, children[0], children[1], span=self._s(meta))
+        return f
+
+    or_ = _bin("|")
+    and_ = _bin("&")
+    add = _bin("+")
+    sub = _bin("-")
+    mul = _bin("*")
+    div = _bin("/")
+    floordiv = _bin("//")
+    mod = _bin("%")
+
+    @v_args(meta=True)
+    def not_(self, meta, children):
+        return ast.UnOp("~", children[0], span=self._s(meta))
+
+    @v_args(meta=True)
+    def neg(self, meta, children):
+        return ast.UnOp("-", children[0], span=self._s(meta))
+
+    # statements
+    @v_args(meta=True)
+    def param_stmt(self, meta, children):
+        name, type_, value = children
+        return ast.Param(str(name), str(type_) if type_ is not None else None, value,
+                         span=self._s(meta))
+
+    @v_args(meta=True)
+    def input_stmt(self, meta, children):
+        name, default = children
+        return ast.Input(str(name), default, span=self._s(meta))
+
+    @v_args(meta=True)
+    def let_stmt(self, meta, children):
+        name, value = children
+        return ast.Let(str(name), value, span=self._s(meta))
+
+    @v_args(meta=True)
+    def out_stmt(self, meta, children):
+        return ast.Out(children[0], span=self._s(meta))
+
+    @v_args(meta=True)
+    def header(self, meta, children):
+        name, doc = children
+        return ("__header__", str(name), str(doc)[1:-1] if doc is not None else None, self._s(meta))
+
+    @v_args(meta=True)
+    def start(self, meta, children):
+        name = doc = None
+        span = None
+        stmts = []
+        for c in children:
+            if isinstance(c, tuple) and c[0] == "__header__":
+                _, name, doc, span = c
+            else:
+                stmts.append(c)
+        return ast.Spec(name, doc, tuple(stmts), span=span)
+
+
+def _attach_comments(spec: ast.Spec, comments: list[Token]) -> ast.Spec:
+    """Keep comments: those on a statement's own line trail it, the rest lead the next one."""
+    import dataclasses
+
+    items = list(spec.statements)
+    by_line = {}
+    for c in comments:
+        by_line.setdefault(c.line, []).append(str(c))
+    starts = [s.span.line for s in items]
+    ends = [s.span.end_line for s in items]
+    header_line = spec.span.line if spec.span else None
+    used = set()
+    new_items = []
+    prev_end = header_line or 0
+    head_comments = []
+    for idx, st in enumerate(items):
+        leading = []
+        for line in sorted(by_line):
+            if prev_end < line < starts[idx] and line not in used:
+                leading.append(by_line[line][0])
+                used.add(line)
+        trailing = None
+        if ends[idx] in by_line and ends[idx] not in used:
+            trailing = by_line[ends[idx]][0]
+            used.add(ends[idx])
+        new_items.append(dataclasses.replace(st, comments=tuple(leading), trailing=trailing))
+        prev_end = ends[idx]
+    for line in sorted(by_line):
+        if header_line is not None and line < header_line and line not in used:
+            head_comments.append(by_line[line][0])
+            used.add(line)
+    tail = tuple(by_line[l][0] for l in sorted(by_line) if l not in used)
+    return dataclasses.replace(spec, statements=tuple(new_items), comments=tuple(head_comments),
+                               end_comments=tail)
+
+
+def parse(text: str, name: str = "<spec>") -> ast.Spec:
+    """Parse the text of a spec; raise `SpecSyntaxError` on malformed input."""
+    source = Source(name, text)
+    try:
+        tree = _lark().parse(text)
+    except lark.exceptions.UnexpectedCharacters as e:
+        span = Span(source, e.line, e.column, e.line, e.column + 1)
+        ch = text[e.pos_in_stream] if e.pos_in_stream < len(text) else "?"
+        raise SpecSyntaxError(f"unexpected character `{ch}`", span) from None
+    except lark.exceptions.UnexpectedToken as e:
+        tok = e.token
+        expected = sorted({_TERMINALS.get(t, t) for t in e.expected if not t.startswith("__")})
+        if tok.type == "$END":
+            lines = text.splitlines() or [""]
+            ln = len(lines)
+            span = Span(source, ln, len(lines[-1]) + 1, ln, len(lines[-1]) + 2)
+            what = "end of file"
+        else:
+            span = _tok_span(source, tok)
+            what = f"`{tok}`"
+        exp = ", ".join(expected[:6]) + (", ..." if len(expected) > 6 else "")
+        raise SpecSyntaxError(f"unexpected {what}; expected {exp}", span) from None
+    except lark.exceptions.UnexpectedEOF as e:  # pragma: no cover - LALR reports UnexpectedToken
+        lines = text.splitlines() or [""]
+        span = Span(source, len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
+        raise SpecSyntaxError("unexpected end of file", span) from None
+    try:
+        spec = _ToAst(source).transform(tree)
+    except lark.exceptions.VisitError as e:
+        if isinstance(e.orig_exc, SpecSyntaxError):
+            raise e.orig_exc from None
+        raise
+    return _attach_comments(spec, _comments(text))
+
+
+def _comments(text: str) -> list[Token]:
+    """The comment tokens of a text (the parser ignores them; `fmt` keeps them)."""
+    out = []
+    for tok in _comment_lexer().lex(text):
+        if tok.type == "COMMENT":
+            out.append(tok)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _comment_lexer() -> Lark:
+    return Lark(r"""
+        start: (COMMENT | STRING | OTHER)*
+        COMMENT: /#[^\n]*/
+        STRING: /"[^"\n]*"/
+        OTHER: /[^#"\s]+/ | /"/
+        %import common.WS
+        %ignore WS
+    """, parser="lalr", lexer="basic")
