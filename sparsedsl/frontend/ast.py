@@ -64,6 +64,7 @@ class Param(Node):
     value: Expr  # Int, Float or Name
     comments: tuple[str, ...] = field(default=(), compare=False, kw_only=True)
     trailing: str | None = field(default=None, compare=False, kw_only=True)
+    blank_before: bool = field(default=False, compare=False, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class Input(Node):
     default: Expr | None
     comments: tuple[str, ...] = field(default=(), compare=False, kw_only=True)
     trailing: str | None = field(default=None, compare=False, kw_only=True)
+    blank_before: bool = field(default=False, compare=False, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class Let(Node):
     value: Expr
     comments: tuple[str, ...] = field(default=(), compare=False, kw_only=True)
     trailing: str | None = field(default=None, compare=False, kw_only=True)
+    blank_before: bool = field(default=False, compare=False, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class Out(Node):
     value: Expr
     comments: tuple[str, ...] = field(default=(), compare=False, kw_only=True)
     trailing: str | None = field(default=None, compare=False, kw_only=True)
+    blank_before: bool = field(default=False, compare=False, kw_only=True)
 
 
 Statement = Param | Input | Let | Out

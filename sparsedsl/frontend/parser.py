@@ -177,7 +177,10 @@ def _attach_comments(spec: ast.Spec, comments: list[Token]) -> ast.Spec:
         if ends[idx] in by_line and ends[idx] not in used:
             trailing = by_line[ends[idx]][0]
             used.add(ends[idx])
-        new_items.append(dataclasses.replace(st, comments=tuple(leading), trailing=trailing))
+        first_line = min([starts[idx]] + [ln for ln in by_line if prev_end < ln < starts[idx]])
+        blank = idx > 0 and first_line > prev_end + 1 and _has_blank(spec, prev_end, first_line)
+        new_items.append(dataclasses.replace(st, comments=tuple(leading), trailing=trailing,
+                                             blank_before=blank))
         prev_end = ends[idx]
     for line in sorted(by_line):
         if header_line is not None and line < header_line and line not in used:
@@ -186,6 +189,12 @@ def _attach_comments(spec: ast.Spec, comments: list[Token]) -> ast.Spec:
     tail = tuple(by_line[l][0] for l in sorted(by_line) if l not in used)
     return dataclasses.replace(spec, statements=tuple(new_items), comments=tuple(head_comments),
                                end_comments=tail)
+
+
+def _has_blank(spec: ast.Spec, after: int, before: int) -> bool:
+    """Whether an empty line lies strictly between two source lines."""
+    lines = spec.span.source.text.splitlines() if spec.span else []
+    return any(not lines[ln - 1].strip() for ln in range(after + 1, before) if ln - 1 < len(lines))
 
 
 def parse(text: str, name: str = "<spec>") -> ast.Spec:

@@ -76,17 +76,25 @@ def format_spec(spec: ast.Spec) -> str:
     lines: list[str] = list(spec.comments)
     if spec.name is not None:
         lines.append(f"pattern {spec.name}" + (f' "{spec.doc}"' if spec.doc else ""))
+    # paragraphs: a blank line where the kind of statement changes or the source had one;
+    # trailing comments of a paragraph are aligned two spaces after its longest statement
+    paragraphs: list[list] = []
     prev_kind = "header" if spec.name is not None else None
     for s in spec.statements:
         kind = type(s).__name__
-        if prev_kind is not None and (kind != prev_kind or s.comments):
-            lines.append("")
-        lines.extend(s.comments)
-        text = format_statement(s)
-        if s.trailing:
-            text = f"{text}  {s.trailing}"
-        lines.append(text)
+        if not paragraphs or kind != prev_kind or s.blank_before or s.comments:
+            paragraphs.append([])
+        paragraphs[-1].append(s)
         prev_kind = kind
+    for idx, para in enumerate(paragraphs):
+        if idx > 0 or spec.name is not None:
+            lines.append("")
+        texts = [format_statement(s) for s in para]
+        col = max(len(t) for t, s in zip(texts, para) if s.trailing) + 2 \
+            if any(s.trailing for s in para) else 0
+        for t, s in zip(texts, para):
+            lines.extend(s.comments)
+            lines.append(t.ljust(col) + s.trailing if s.trailing else t)
     if spec.end_comments:
         lines.append("")
         lines.extend(spec.end_comments)
