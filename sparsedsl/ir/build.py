@@ -301,9 +301,14 @@ class _Builder:
             if val.kind is not d.variadic:
                 raise SpecTypeError(f"`{e.fn}` combines branches; argument {i + 1} is "
                                     f"{val.kind.article()}", x.span)
-            if val.node in operands.values():
-                raise SpecTypeError(f"branch given twice to `{e.fn}`", x.span)
-            operands[str(i)] = val.node
+            # a union inside a union is the same softmax: splice its branches in
+            inner = [val.node]
+            if self.ir.node(val.node)["op"] == "union":
+                inner = list(self.ir.operands(val.node).values())
+            for b in inner:
+                if b in operands.values():
+                    raise SpecTypeError(f"branch given twice to `{e.fn}`", x.span)
+                operands[str(len(operands))] = b
         return _Value(node=self.ir.add(d.op, d.result, e.span, operands), kind=d.result)
 
     def _same_grid(self, a: int, b: int, span) -> None:
@@ -408,7 +413,9 @@ def build(spec: ast.Spec, source) -> IR:
     """The `build` stage: syntax tree -> graph IR."""
     ir = IR(source, spec.name, spec.doc)
     if not spec.statements:
-        raise StructureError("the spec is empty", None)
+        from ..errors import Span
+        raise StructureError("the spec is empty", spec.span or Span(source, 1, 1, 1, 2),
+                             note="a spec needs at least an `out` statement")
     try:
         return _Builder(spec, ir).run()
     except SpecError:

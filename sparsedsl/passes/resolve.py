@@ -6,19 +6,28 @@ is reported at the argument that received it, with where the value came from.
 """
 from __future__ import annotations
 
+import difflib
+import math
+
 from ..errors import SpecTypeError, UnknownNameError, ValueRangeError
 from ..ir.graph import IR, Const
 from ..ir.ops import OPS, POOL_METHODS
+
+# Largest integer argument: kernels (and the reference's index tensors) use 32-bit integers.
+MAX_INT = 2**31 - 1
 
 
 def coerce_param(ir: IR, name: str, raw, origin: str):
     """Convert an override (a Python value, or a string from the CLI) to the parameter's type."""
     if name not in ir.params:
         known = ", ".join(ir.params) or "none"
+        close = difflib.get_close_matches(str(name), list(ir.params), n=1, cutoff=0.6)
         raise UnknownNameError(f"spec `{ir.spec_name}` has no parameter `{name}` ({origin}); "
-                               f"its parameters are: {known}")
+                               f"its parameters are: {known}",
+                               note=f"did you mean `{close[0]}`?" if close else None)
     p = ir.params[name]
-    bad = SpecTypeError(f"parameter `{name}` is {_article(p.type)}; got {raw!r} ({origin})", p.span)
+    bad = SpecTypeError(f"parameter `{name}` is {_article(p.type)}; got {_repr(raw)} ({origin})",
+                        p.span)
     if p.type == "int":
         if isinstance(raw, bool):
             raise bad
@@ -51,7 +60,7 @@ def coerce_param(ir: IR, name: str, raw, origin: str):
         if isinstance(raw, str) and raw.strip() in POOL_METHODS:
             return raw.strip()
         raise SpecTypeError(f"parameter `{name}` is a method ({', '.join(POOL_METHODS)}); got "
-                            f"{raw!r} ({origin})", p.span)
+                            f"{_repr(raw)} ({origin})", p.span)
     raise AssertionError(p.type)  # pragma: no cover
 
 
@@ -83,6 +92,13 @@ class ResolveParams:
                 if arg is not None:
                     v = self._check(ir, n, arg, v, c)
                 n["args"][key] = v
+            if n["op"] == "strided" and n["args"]["offset"] >= n["args"]["step"]:
+                raise ValueRangeError(f"`strided` offset {n['args']['offset']} must be smaller than "
+                                      f"its step {n['args']['step']}: no key would match",
+                                      n["span"])
+            if n["op"] == "summary" and n["args"]["width"] > n["args"]["step"]:
+                raise ValueRangeError(f"`summary` width {n['args']['width']} is larger than its "
+                                      f"step {n['args']['step']}", n["span"])
             if n["op"] == "union":
                 scales = {ir.node(u)["args"].get("scale") for u in ir.operands(nid).values()
                           if ir.node(u)["op"] == "attend_tokens"}
@@ -111,7 +127,14 @@ class ResolveParams:
                 else:
                     raise SpecTypeError(f"{where} must be an integer, got {v!r}{origin}", c.span)
         elif Kind.FLOAT in arg.kinds:
-            v = float(v)
+            try:
+                v = float(v)
+            except OverflowError:
+                v = math.inf
+            if not math.isfinite(v):
+                raise ValueRangeError(f"{where} must be a finite number, got {v}{origin}", c.span)
+        if isinstance(v, int) and v > MAX_INT:
+            raise ValueRangeError(f"{where} is too large: {_num(v)} > {MAX_INT}{origin}", c.span)
         if arg.minimum is not None and v < arg.minimum:
             raise ValueRangeError(f"{where} must be >= {_num(arg.minimum)}, got {_num(v)}{origin}",
                                   c.span)
@@ -138,14 +161,25 @@ class ResolveParams:
         a, b = self._eval(ir, c.left, values), self._eval(ir, c.right, values)
         if c.op in ("/", "//", "%") and b == 0:
             raise ValueRangeError(f"division by zero{self._origin(ir, c)}", c.span)
-        return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a / b,
-                "//": lambda: a // b, "%": lambda: a % b}[c.op]()
+        try:
+            return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b,
+                    "/": lambda: a / b, "//": lambda: a // b, "%": lambda: a % b}[c.op]()
+        except OverflowError:
+            raise ValueRangeError(f"the result of `{c.op}` is out of range{self._origin(ir, c)}",
+                                  c.span) from None
 
 
 def _num(v) -> str:
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
-    return str(v)
+    return _repr(v, str)
+
+
+def _repr(v, fn=repr) -> str:
+    try:
+        return fn(v)
+    except ValueError:  # an int with more digits than Python prints
+        return "a number too large to print"
 
 
 def _call_name(op: str) -> str:

@@ -62,7 +62,7 @@ class _Grid:
 @dataclass
 class _Branch:
     out: torch.Tensor  # [B, T, Hq, Dv]
-    logits: torch.Tensor  # [B, Hq, T, K] with -inf where masked
+    logits: torch.Tensor  # [B, Hq, T, K] before masking
     values: torch.Tensor  # [B, Hq, K, Dv]
     mask: torch.Tensor  # bool [B|1, Hq|1, T, K]
     pooled: bool
@@ -375,9 +375,9 @@ class _Evaluator:
             pooled = False
             scale = parts[0].scale
         mask_full = mask.expand(*logits.shape)
-        probs, masked = _softmax_rows(logits, mask_full)
+        probs, _ = _softmax_rows(logits, mask_full)
         out = (probs @ values).permute(0, 2, 1, 3)  # [B, T, Hq, Dv]
-        return _Branch(out, masked, values, mask, pooled, scale, probs)
+        return _Branch(out, logits, values, mask, pooled, scale, probs)
 
 
 def needed_nodes(ir: IR, given: dict) -> set[int]:

@@ -1,0 +1,833 @@
+"""Kernel plan -> Triton source text.
+
+The generated module holds, in pipeline order:
+
+  * helpers (`_fdiv`, `_hash24`),
+  * one `pool_<name>_fwd_kernel` per pooled grid,
+  * one `select_<name>_fwd_kernel` per data-dependent block set (fused gate
+    scores + top-k into block index lists),
+  * one `attend_<name>_fwd_kernel` per attention stage (online softmax over
+    every key source of every branch, combined by union or gated sum),
+  * `forward(...)`: the host code that allocates buffers and launches them.
+
+Naming follows flash-linear-attention: `i_` program ids, `o_` offsets, `m_` masks,
+`p_` pointers, `b_` blocks, with `# [rows, cols]` shape comments. Masks are
+written out from the IR by `Exprs`; everything else is a fixed skeleton.
+"""
+from __future__ import annotations
+
+import math
+
+from sparsedsl.ir.graph import IR
+
+from .plan import (AttendStage, BlockList, BlockRange, BranchPlan, KernelPlan, PoolStage,
+                   SelectStage, TokenRange)
+
+TRITON_PRELUDE = '''
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _fdiv(a, b):
+    """Floor division that rounds toward -inf for negative numerators too."""
+    return tl.where(a >= 0, a // b, -((-a + b - 1) // b))
+
+
+@triton.jit
+def _hash24(seed, qb, kb):
+    """The seeded hash behind `random` (murmur3's finaliser, top 24 bits: exact in float32)."""
+    h = (seed * 0x9E3779B1 + qb.to(tl.int64) * 0x85EBCA77 + kb.to(tl.int64) * 0xC2B2AE3D) & 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    return (h >> 8).to(tl.float32)
+
+
+def _p2(x):
+    return max(16, triton.next_power_of_2(int(x)))
+'''
+
+
+class Code:
+    """Indented lines with fresh temporaries."""
+
+    def __init__(self, indent: int = 1):
+        self.lines: list[str] = []
+        self.level = indent
+        self._n = 0
+
+    def __call__(self, line: str = "") -> None:
+        self.lines.append(("    " * self.level + line) if line else "")
+
+    def fresh(self, base: str) -> str:
+        self._n += 1
+        return f"{base}{self._n}"
+
+    def indent(self):
+        code = self
+
+        class _Ctx:
+            def __enter__(self):
+                code.level += 1
+
+            def __exit__(self, *a):
+                code.level -= 1
+        return _Ctx()
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def _tl(expr: str) -> str:
+    """Plan bound expressions use max/min; in a kernel they are tl.maximum/tl.minimum."""
+    return expr.replace("max(", "tl.maximum(").replace("min(", "tl.minimum(")
+
+
+class Exprs:
+    """Boolean masks and scores of the IR, written as Triton expressions."""
+
+    def __init__(self, ir: IR, plan: KernelPlan):
+        self.ir = ir
+        self.plan = plan
+
+    def grid(self, nid: int):
+        return self.plan.grids[int(self.ir.node(nid)["facts"]["grid"][1:])]
+
+    # keys: [rows, BN] booleans from I ([rows, 1] query positions) and J ([1, BN] key positions)
+    def keys(self, nid: int, I: str, J: str) -> str:
+        n = self.ir.node(nid)
+        op, a = n["op"], n["args"]
+        ops = self.ir.operands(nid)
+        if op == "causal":
+            return f"({J} <= {I})"
+        if op == "window":
+            return f"(({I} - {J} >= 0) & ({I} - {J} < {a['size']}))"
+        if op == "sink":
+            return f"({J} < {a['n']})"
+        if op == "global":
+            return f"(({J} < {a['n']}) | ({I} < {a['n']}))"
+        if op == "strided":
+            s = a["step"]
+            return f"(((({I} - {J}) % {s}) + {s}) % {s} == {a['offset']})"
+        if op == "summary":
+            return f"({J} % {a['step']} >= {a['step'] - a['width']})"
+        if op == "tokens":
+            g = self.grid(ops["blocks"])
+            if g.overlap == 1:
+                return self.blocks(ops["blocks"], I, f"({J} // {g.stride})")
+            parts = []
+            for r in range(g.overlap):
+                nb = f"({J} // {g.stride} - {r})"
+                parts.append(f"(({nb} >= 0) & ({J} < {nb} * {g.stride} + {g.length}) & "
+                             f"{self.blocks(ops['blocks'], I, nb)})")
+            return "(" + " | ".join(parts) + ")"
+        if op == "and":
+            return f"({self.keys(ops['0'], I, J)} & {self.keys(ops['1'], I, J)})"
+        if op == "or":
+            return f"({self.keys(ops['0'], I, J)} | {self.keys(ops['1'], I, J)})"
+        if op == "not":
+            return f"(~{self.keys(ops['0'], I, J)})"
+        raise AssertionError(op)  # pragma: no cover
+
+    # blocks: [rows, BN] booleans from I and N (block indices)
+    def blocks(self, nid: int, I: str, N: str) -> str:
+        n = self.ir.node(nid)
+        op, a = n["op"], n["args"]
+        ops = self.ir.operands(nid)
+        g = self.grid(nid)
+        L, S = g.length, g.stride
+        if op == "past":
+            return f"({N} * {S} + {L - 1} <= {I})"
+        if op == "current":
+            return f"(({N} * {S} <= {I}) & ({I} < {N} * {S} + {L}))"
+        if op == "future":
+            return f"({N} * {S} > {I})"
+        if op == "first":
+            return f"({N} < {a['n']})"
+        if op == "recent":
+            return f"(({N} <= {I} // {S}) & ({N} > {I} // {S} - {a['n']}))"
+        if op in ("topk", "random"):
+            return f"(tl.sum(({N}[:, :, None] == b_sel{nid}[None, None, :]).to(tl.int32), 2) > 0)"
+        if op == "and":
+            return f"({self.blocks(ops['0'], I, N)} & {self.blocks(ops['1'], I, N)})"
+        if op == "or":
+            return f"({self.blocks(ops['0'], I, N)} | {self.blocks(ops['1'], I, N)})"
+        if op == "not":
+            return f"(~{self.blocks(ops['0'], I, N)})"
+        raise AssertionError(op)  # pragma: no cover
+
+    def lists(self, nid: int) -> set[int]:
+        """Select stages a mask expression reads."""
+        out, stack = set(), list(self.ir.operands(nid).values()) + [nid]
+        while stack:
+            u = stack.pop()
+            if self.ir.node(u)["op"] in ("topk", "random"):
+                out.add(u)
+            elif self.ir.node(u)["op"] not in ("blocks", "q"):
+                stack.extend(self.ir.operands(u).values())
+        return out
+
+
+def _p2(x: int) -> int:
+    return max(16, 1 << max(0, math.ceil(math.log2(max(1, x)))))
+
+
+# ------------------------------------------------------------------------- header
+def header(ir: IR, plan: KernelPlan) -> str:
+    src = ir.source
+    lines = [
+        f"# Generated by sparsedsl from spec `{ir.spec_name}` ({src.name}) -- do not edit.",
+        f"# parameters: {', '.join(f'{k}={v}' for k, v in plan.params.items())}",
+        f"# passes: {', '.join(plan.passes)}",
+        f"# strategy: {plan.strategy}",
+        "# kernel plan:",
+    ]
+    lines += ["#   " + ln for ln in plan.format().splitlines()[2:]]
+    lines += ["# deterministic: yes (each output element is written by one program, no atomics)",
+              "#", "# spec source:"]
+    lines += ["#   " + ln if ln else "#" for ln in src.text.splitlines()]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- pool
+def emit_pool(st: PoolStage) -> str:
+    g = st.grid
+    if st.method == "mean":
+        return f'''
+@triton.jit
+def pool_{st.name}_fwd_kernel(
+    x, xp, T, NB,
+    HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BNB: tl.constexpr, BL: tl.constexpr,
+):
+    """Mean of the tokens of each block of blocks(len={g.length}, stride={g.stride}):
+    xp[b, n, h] = mean(x[b, j, h] for j in [n*{g.stride}, n*{g.stride} + {g.length}) and j < T)."""
+    i_n, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_n = i_n * BNB + tl.arange(0, BNB)  # [BNB]
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    b_acc = tl.zeros([BNB, BD], dtype=tl.float32)
+    b_cnt = tl.zeros([BNB], dtype=tl.float32)
+    for l0 in range(0, {g.length}, BL):
+        o_l = l0 + tl.arange(0, BL)
+        o_j = o_n[:, None] * {g.stride} + o_l[None, :]  # [BNB, BL]
+        m_j = (o_l[None, :] < {g.length}) & (o_j < T) & (o_n[:, None] < NB)
+        p_x = x + ((i_b * T + o_j).to(tl.int64) * HKV + i_h)[:, :, None] * D + o_d[None, None, :]
+        b_x = tl.load(p_x, mask=m_j[:, :, None] & m_d[None, None, :], other=0.).to(tl.float32)
+        b_acc += tl.sum(b_x, 1)
+        b_cnt += tl.sum(m_j.to(tl.float32), 1)
+    b_acc = b_acc / tl.maximum(b_cnt, 1.0)[:, None]
+    p_o = xp + ((i_b * NB + o_n).to(tl.int64) * HKV + i_h)[:, None] * D + o_d[None, :]
+    tl.store(p_o, b_acc, mask=(o_n < NB)[:, None] & m_d[None, :])
+'''
+    return f'''
+@triton.jit
+def pool_{st.name}_fwd_kernel(
+    x, pe, w1, b1, w2, b2, xp, T, NB, HID,
+    HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BNB: tl.constexpr, BK: tl.constexpr,
+    BH: tl.constexpr,
+):
+    """Learned compression (NSA Eq. 7) of blocks(len={g.length}, stride={g.stride}):
+    xp[b, n, h] = w2 . gelu(w1 . flatten(x[b, block n, h] + pe) + b1) + b2, tokens past T as 0."""
+    i_n, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_n = i_n * BNB + tl.arange(0, BNB)  # [BNB]
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    b_out = tl.zeros([BNB, BD], dtype=tl.float32)
+    for h0 in range(0, HID, BH):
+        o_hid = h0 + tl.arange(0, BH)
+        m_hid = o_hid < HID
+        b_hid = tl.zeros([BNB, BH], dtype=tl.float32)
+        for f0 in range(0, {g.length} * D, BK):
+            o_f = f0 + tl.arange(0, BK)  # flat (token, dim) of the block
+            m_f = o_f < {g.length} * D
+            o_l = o_f // D
+            o_dd = o_f % D
+            o_j = o_n[:, None] * {g.stride} + o_l[None, :]  # [BNB, BK]
+            m_x = m_f[None, :] & (o_j < T) & (o_n[:, None] < NB)
+            p_x = x + ((i_b * T + o_j).to(tl.int64) * HKV + i_h) * D + o_dd[None, :]
+            b_x = tl.load(p_x, mask=m_x, other=0.).to(tl.float32)
+            b_pe = tl.load(pe + o_f, mask=m_f, other=0.).to(tl.float32)
+            b_x = tl.where(m_x, b_x + b_pe[None, :], 0.)
+            b_w1 = tl.load(w1 + o_f[:, None] * HID + o_hid[None, :],
+                           mask=m_f[:, None] & m_hid[None, :], other=0.).to(tl.float32)  # [BK, BH]
+            b_hid += tl.dot(b_x, b_w1, input_precision="ieee")
+        b_hid += tl.load(b1 + o_hid, mask=m_hid, other=0.).to(tl.float32)[None, :]
+        b_hid = 0.5 * b_hid * (1.0 + tl.erf(b_hid * 0.7071067811865476))  # exact gelu
+        b_w2 = tl.load(w2 + o_hid[:, None] * D + o_d[None, :], mask=m_hid[:, None] & m_d[None, :],
+                       other=0.).to(tl.float32)  # [BH, BD]
+        b_out += tl.dot(b_hid, b_w2, input_precision="ieee")
+    b_out += tl.load(b2 + o_d, mask=m_d, other=0.).to(tl.float32)[None, :]
+    p_o = xp + ((i_b * NB + o_n).to(tl.int64) * HKV + i_h)[:, None] * D + o_d[None, :]
+    tl.store(p_o, b_out, mask=(o_n < NB)[:, None] & m_d[None, :])
+'''
+
+
+# ------------------------------------------------------------------------ select
+class SelectEmitter:
+    def __init__(self, ir: IR, plan: KernelPlan, ex: Exprs, st: SelectStage):
+        self.ir, self.plan, self.ex, self.st = ir, plan, ex, st
+        self.c = Code()
+        self.args: list[str] = []  # extra pointer/scalar arguments, in order
+        self.pools: dict[int, str] = {}
+        self.branches: dict[int, str] = {}
+
+    def _pool(self, nid: int) -> str:
+        if nid not in self.pools:
+            self.pools[nid] = f"kp{nid}"
+            self.args.append(f"kp{nid}")
+        return self.pools[nid]
+
+    def score(self, nid: int, N: str) -> str:
+        """Emit lines computing the score node at block indices N ([C]); return the name of
+        a [RP, C] float32 block (rows: query heads; equal rows once summed over a group)."""
+        c, ir = self.c, self.ir
+        n = ir.node(nid)
+        op, a = n["op"], n["args"]
+        ops = ir.operands(nid)
+        if op == "dot":
+            pool = ops["pool"]
+            kp = self._pool(pool)
+            v = c.fresh("b_s")
+            grid = self.ex.grid(pool).node
+            c(f"m_nb = ({N} >= 0) & ({N} < NB{grid})  # [C]")
+            c(f"b_kp = tl.load({kp} + ((i_b * NB{grid} + {N}).to(tl.int64) * HKV + i_hk)[:, None] "
+              f"* D + o_d[None, :], mask=m_nb[:, None] & m_d[None, :], other=0.)  # [C, BD]")
+            c(f"{v} = tl.dot(b_q, tl.trans(b_kp), input_precision='ieee') * {float(a['scale'])!r}"
+              f"  # [RP, C]")
+            return v
+        if op == "probs":
+            br = ops["branch"]
+            bn = ir.node(br)
+            pool = ir.operand(br, "keys")
+            blocks = ir.operand(br, "blocks")
+            kp = self._pool(pool)
+            if br not in self.branches:
+                self.branches[br] = f"lse{br}"
+                self.args += [f"lse{br}", f"scale{br}"]
+            grid = self.ex.grid(pool).node
+            v = c.fresh("b_p")
+            c(f"m_nb = ({N} >= 0) & ({N} < NB{grid})  # [C]")
+            c(f"b_kp = tl.load({kp} + ((i_b * NB{grid} + {N}).to(tl.int64) * HKV + i_hk)[:, None]"
+              f" * D + o_d[None, :], mask=m_nb[:, None] & m_d[None, :], other=0.)  # [C, BD]")
+            c(f"b_lse = tl.load(lse{br} + (i_b * T + i_t).to(tl.int64) * H + o_h, mask=m_r, "
+              f"other=0.)  # [RP]")
+            vis = self.ex.blocks(blocks, "o_i[:, None]", f"{N}[None, :]")
+            c(f"{v} = tl.dot(b_q, tl.trans(b_kp), input_precision='ieee') * scale{br}")
+            c(f"{v} = tl.where(m_nb[None, :] & m_r[:, None] & {vis}, tl.exp({v} - b_lse[:, None]),"
+              f" 0.)  # [RP, C] probabilities of `{bn['name'] or br}`")
+            return v
+        if op == "remap":
+            src = ops["score"]
+            gs, gd = self.ex.grid(src), self.ex.grid(nid)
+            reach = math.ceil((gd.length + gs.length) / gs.stride) + 1
+            v = c.fresh("b_r")
+            c(f"{v} = tl.zeros([RP, C], dtype=tl.float32)")
+            first = c.fresh("o_first")
+            c(f"{first} = _fdiv({N} * {gd.stride} - {gs.length}, {gs.stride}) + 1  # [C]")
+            c(f"for r in tl.static_range({reach}):")
+            with c.indent():
+                ns = c.fresh("o_src")
+                c(f"{ns} = {first} + r")
+                c(f"b_w = (tl.minimum({ns} * {gs.stride} + {gs.length}, {N} * {gd.stride} + "
+                  f"{gd.length}) - tl.maximum({ns} * {gs.stride}, {N} * {gd.stride}))"
+                  f".to(tl.float32) / {gs.stride}")
+                c(f"b_w = tl.where(({ns} >= 0) & ({ns} < NB{gs.node}), tl.maximum(b_w, 0.), 0.)")
+                inner = self.score(src, ns)
+                c(f"{v} += b_w[None, :] * {inner}")
+            return v
+        if op == "groupsum":
+            inner = self.score(ops["score"], N)
+            v = c.fresh("b_g")
+            c(f"{v} = tl.sum(tl.where(m_r[:, None], {inner}, 0.), 0)[None, :] + "
+              f"tl.zeros([RP, C], dtype=tl.float32)  # [RP, C], equal rows: the group's sum")
+            return v
+        raise AssertionError(op)  # pragma: no cover
+
+    def emit(self) -> str:
+        st, ir, c = self.st, self.ir, self.c
+        n = ir.node(st.node)
+        ops = ir.operands(st.node)
+        g = st.grid
+        kname = f"select_{st.name}_fwd_kernel"
+        c("i_t, i_hs, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)")
+        c("# rows: the query heads this list serves (one head, or the GQA group)")
+        c("o_r = tl.arange(0, RP)")
+        c("m_r = o_r < R")
+        c("o_h = i_hs * R + o_r  # [RP] query heads")
+        c("i_hk = (i_hs * R) // G")
+        c("o_i = tl.zeros([RP], dtype=tl.int32) + i_t")
+        c("o_d = tl.arange(0, BD)")
+        c("m_d = o_d < D")
+        c("p_q = q + ((i_b * T + i_t).to(tl.int64) * H + o_h)[:, None] * D + o_d[None, :]")
+        c("b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.).to(tl.float32)  # [RP, BD]")
+        c("p_sel = sel + ((i_b * T + i_t).to(tl.int64) * HS + i_hs) * KS")
+        c("tl.store(p_sel + tl.arange(0, KSP), tl.full([KSP], -1, tl.int32), "
+          "mask=tl.arange(0, KSP) < KS)")
+        for dep in sorted(self.ex.lists(st.node) - {st.node}):
+            c(f"p_sel{dep} = sel{dep} + ((i_b * T + i_t).to(tl.int64) * HS{dep} + "
+              f"(i_hk if SH{dep} else i_hs * R)) * KS{dep}")
+            c(f"b_sel{dep} = tl.load(p_sel{dep} + tl.arange(0, KSP{dep}), "
+              f"mask=tl.arange(0, KSP{dep}) < KS{dep}, other=-1)")
+            self.args += [f"sel{dep}"]
+        c(f"NB = NB{g.node}")
+        c("n_forced = 0")
+        c("b_val = tl.full([KB], float('-inf'), tl.float32)  # the best free blocks so far")
+        c("b_idx = 2147483000 + tl.arange(0, KB)  # (distinct sentinels: empty slots)")
+        c("for n0 in range(0, NB, C):")
+        with c.indent():
+            c("o_n = n0 + tl.arange(0, C)")
+            c("N = o_n[None, :]  # [1, C]")
+            c("m_n = o_n < NB")
+            if st.op == "topk":
+                score = self.score(ops["score"], "o_n")
+                c(f"b_score = tl.sum(tl.where(o_r[:, None] == 0, {score}, 0.), 0)  # [C] (row 0: "
+                  f"the head, or the group once summed)")
+                force = self.ex.blocks(ops["force"], "i_t", "N") if "force" in ops else None
+                forbid = self.ex.blocks(ops["forbid"], "i_t", "N") if "forbid" in ops else None
+                c(f"m_force = m_n & {'tl.sum(' + force + '.to(tl.int32), 0) > 0' if force else 'False'}")
+                c(f"m_forbid = {'tl.sum(' + forbid + '.to(tl.int32), 0) > 0' if forbid else 'o_n < 0'}")
+            else:  # random: n blocks by hash among those ending before the query's block starts
+                a = n["args"]
+                c(f"i_qb = i_t // {g.stride}")
+                c(f"b_score = _hash24({a['seed']}, i_qb, o_n)")
+                c("m_force = o_n < 0")
+                c(f"m_forbid = ~(o_n * {g.stride} + {g.length - 1} < i_qb * {g.stride})")
+            c("m_cand = m_n & ~m_force & ~m_forbid")
+            c("o_pos = n_forced + tl.cumsum(m_force.to(tl.int32), 0) - 1")
+            c("tl.store(p_sel + o_pos, o_n, mask=m_force & (o_pos < KS))")
+            c("n_forced += tl.sum(m_force.to(tl.int32), 0)")
+            c("for _ in tl.static_range(K):  # merge the chunk's best candidates into the buffer")
+            with c.indent():
+                c("c_val = tl.max(tl.where(m_cand, b_score, float('-inf')), 0)")
+                c("c_idx = tl.min(tl.where(m_cand & (b_score == c_val), o_n, 2147483647), 0)")
+                c("w_val = tl.min(b_val, 0)")
+                c("w_idx = tl.max(tl.where(b_val == w_val, b_idx, -1), 0)")
+                c("better = (c_idx < 2147483647) & ((c_val > w_val) | ((c_val == w_val) & "
+                  "(c_idx < w_idx)))")
+                c("m_slot = (b_idx == w_idx) & better")
+                c("b_val = tl.where(m_slot, c_val, b_val)")
+                c("b_idx = tl.where(m_slot, c_idx, b_idx)")
+                c("m_cand = m_cand & (o_n != c_idx)")
+        c("# forced blocks first, then the best free blocks while slots remain")
+        c("n_free = tl.maximum(K - n_forced, 0)")
+        c("b_beats = ((b_val[:, None] > b_val[None, :]) | ((b_val[:, None] == b_val[None, :]) & "
+          "(b_idx[:, None] < b_idx[None, :])))  # [KB, KB]: row beats column")
+        c("b_rank = tl.sum(b_beats.to(tl.int32), 0)")
+        c("m_keep = (b_idx < 2147483000) & (b_rank < n_free)")
+        c("tl.store(p_sel + n_forced + b_rank, b_idx, mask=m_keep & (n_forced + b_rank < KS))")
+        body = c.text()
+        extra = "".join(f"{x}, " for x in self.args)
+        pools = {p: self.ex.grid(p).node for p in self.pools}
+        nbs = sorted({g.node} | set(pools.values()) | {
+            self.ex.grid(ir.operand(b, "keys")).node for b in self.branches})
+        list_deps = sorted(self.ex.lists(st.node) - {st.node})
+        consts = "".join(f"HS{d}: tl.constexpr, SH{d}: tl.constexpr, KS{d}, KSP{d}: tl.constexpr, "
+                         for d in list_deps)
+        sig = (f"q, sel, {extra}T, {''.join(f'NB{x}, ' for x in nbs)}{consts}"
+               f"H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, HS: tl.constexpr, "
+               f"R: tl.constexpr, RP: tl.constexpr, SHARED: tl.constexpr, D: tl.constexpr, "
+               f"BD: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, KS, KSP: tl.constexpr, "
+               f"C: tl.constexpr")
+        doc = (f'    """Gate scores and top-k for `{st.name}` ({st.op}, k={st.k}, one list per '
+               f'{st.heads}): writes the selected block indices of blocks(len={g.length}, '
+               f'stride={g.stride}) to sel[b, t, h, :KS], -1 padded."""')
+        self.signature = sig
+        self.nbs = nbs
+        self.list_deps = list_deps
+        return f"\n@triton.jit\ndef {kname}(\n    {sig},\n):\n{doc}\n{body}\n"
+
+
+# ------------------------------------------------------------------------ attend
+class AttendEmitter:
+    def __init__(self, ir: IR, plan: KernelPlan, ex: Exprs, st: AttendStage):
+        self.ir, self.plan, self.ex, self.st = ir, plan, ex, st
+        self.c = Code()
+        self.args: list[str] = []
+        self.nbs: set[int] = set()
+        self.lists: set[int] = set()
+
+    def _arg(self, name: str) -> None:
+        if name not in self.args:
+            self.args.append(name)
+
+    def emit(self) -> str:
+        st, c, ir = self.st, self.c, self.ir
+        tile = st.layout == "tile"
+        c("i_t, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)")
+        if tile:
+            c("# a tile of BM consecutive queries of one head")
+            c("o_i = i_t * BM + tl.arange(0, RP)  # [RP] query positions")
+            c("m_r = o_i < T")
+            c("o_h = tl.zeros([RP], dtype=tl.int32) + i_h")
+            c("i_hk = i_h // G")
+            c("i_lo = i_t * BM")
+            c("i_hi = tl.minimum(i_lo + BM, T)")
+        else:
+            c("# one query position; rows are the heads that share its block lists")
+            c("o_r = tl.arange(0, RP)")
+            c("m_r = o_r < R")
+            c("o_h = i_h * R + o_r  # [RP] query heads")
+            c("i_hk = (i_h * R) // G")
+            c("o_i = tl.zeros([RP], dtype=tl.int32) + i_t")
+            c("i_lo = i_t")
+            c("i_hi = i_t + 1")
+        c("o_d = tl.arange(0, BD)")
+        c("m_d = o_d < D")
+        c("o_dv = tl.arange(0, BDV)")
+        c("m_dv = o_dv < DV")
+        c("p_q = q + ((i_b * T + o_i).to(tl.int64) * H + o_h)[:, None] * D + o_d[None, :]")
+        c("b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.)  # [RP, BD]")
+        c("I = o_i[:, None]  # [RP, 1]")
+        # block lists read by this stage
+        for grp in st.groups:
+            for br in grp:
+                if not br.precomputed:
+                    self.lists |= self.ex.lists(br.node)
+        for s in sorted(self.lists):
+            self._arg(f"sel{s}")
+            c(f"p_sel{s} = sel{s} + ((i_b * T + i_t).to(tl.int64) * HS{s} + "
+              f"(i_hk if SH{s} else i_h * R)) * KS{s}")
+            c(f"b_sel{s} = tl.load(p_sel{s} + tl.arange(0, KSP{s}), "
+              f"mask=tl.arange(0, KSP{s}) < KS{s}, other=-1)  # [KSP{s}] listed blocks")
+        for gi, grp in enumerate(st.groups):
+            self._group(gi, grp)
+        self._finish()
+        body = c.text()
+        name = f"attend_{st.name}_fwd_kernel"
+        consts = "".join(f"HS{s}: tl.constexpr, SH{s}: tl.constexpr, KS{s}, KSP{s}: tl.constexpr, "
+                         for s in sorted(self.lists))
+        sig = (f"q, k, v, o, {''.join(a + ', ' for a in self.args)}T, "
+               f"{''.join(f'NB{x}, ' for x in sorted(self.nbs))}{consts}"
+               f"H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, R: tl.constexpr, "
+               f"RP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, "
+               f"BDV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr")
+        self.signature = sig
+        combine = {"single": "one branch", "union": "one softmax over the union of the branches",
+                   "mix": "a gated sum of separately normalised branches"}[st.combine]
+        doc = (f'    """Attention `{st.name}` ({st.layout} layout): {combine}.'
+               f'{" Also writes the log-sum-exp for the gates that read its probabilities." if st.writes_lse else ""}"""')
+        return f"\n@triton.jit\ndef {name}(\n    {sig},\n):\n{doc}\n{body}\n"
+
+    # one softmax group: online softmax over every source of every branch in it
+    def _group(self, gi: int, grp: tuple[BranchPlan, ...]) -> None:
+        c, ir = self.c, self.ir
+        c("")
+        c(f"# ---- softmax group {gi}: {' + '.join(b.name for b in grp)}")
+        c(f"m{gi} = tl.full([RP], float('-inf'), tl.float32)")
+        c(f"l{gi} = tl.zeros([RP], dtype=tl.float32)")
+        c(f"acc{gi} = tl.zeros([RP, BDV], dtype=tl.float32)")
+        tokens = [b for b in grp if not b.pooled and not b.precomputed]
+        if tokens:
+            # a real token counts once: the union's mask is the OR of the branches' masks
+            masks = [self.ex.keys(ir.operand(b.node, "keys"), "I", "J") for b in tokens]
+            mask = masks[0] if len(masks) == 1 else "(" + " | ".join(masks) + ")"
+            sources = []
+            for b in tokens:
+                sources += [s for s in b.sources if s not in sources]
+            scale = f"scale{tokens[0].node}"
+            self._arg(scale)
+            self._walk(gi, sources, mask, scale, pooled=None)
+        for b in grp:
+            if b.pooled and not b.precomputed:
+                blocks = ir.operand(b.node, "blocks")
+                pool = ir.operand(b.node, "keys")
+                self._arg(f"kp{pool}")
+                self._arg(f"vp{pool}")
+                self._arg(f"scale{b.node}")
+                self.nbs.add(b.grid.node)
+                mask = self.ex.blocks(blocks, "I", "J")
+                self._walk(gi, list(b.sources), mask, f"scale{b.node}", pooled=(pool, b.grid))
+        for b in grp:
+            if b.precomputed:
+                self._arg(f"o{b.node}")
+                self._arg(f"lse{b.node}")
+                c(f"# `{b.name}` was computed by an earlier stage: merge its (output, lse)")
+                c(f"p_pre = ((i_b * T + o_i).to(tl.int64) * H + o_h)")
+                c(f"b_lse = tl.load(lse{b.node} + p_pre, mask=m_r, other=float('-inf'))")
+                c(f"b_pre = tl.load(o{b.node} + p_pre[:, None] * DV + o_dv[None, :], "
+                  f"mask=m_r[:, None] & m_dv[None, :], other=0.)")
+                c(f"m_new = tl.maximum(m{gi}, b_lse)")
+                c(f"m_use = tl.where(m_new == float('-inf'), 0., m_new)")
+                c(f"b_a = tl.exp(m{gi} - m_use)")
+                c(f"b_b = tl.exp(b_lse - m_use)")
+                c(f"acc{gi} = acc{gi} * b_a[:, None] + b_pre * b_b[:, None]")
+                c(f"l{gi} = l{gi} * b_a + b_b")
+                c(f"m{gi} = m_new")
+
+    def _walk(self, gi, sources, mask, scale, pooled) -> None:
+        """Loops over each source's keys, each key visited once across sources."""
+        c = self.c
+        seen: list = []
+        for si, s in enumerate(sources):
+            excl = self._exclusion(seen, pooled)
+            if isinstance(s, (TokenRange, BlockRange)):
+                lo, hi = _tl(s.lo), _tl(s.hi)
+                limit = "T" if isinstance(s, TokenRange) else f"NB{s.grid}"
+                if isinstance(s, BlockRange):
+                    self.nbs.add(s.grid)
+                    c(f"NB = NB{s.grid}")
+                c(f"# source {si}: {'keys' if pooled is None else 'blocks'} [{s.lo}, {s.hi})")
+                c(f"lo{si} = tl.maximum({lo}, 0)")
+                c(f"hi{si} = tl.minimum({hi}, {limit})")
+                c(f"for j0 in range((lo{si} // BN) * BN, hi{si}, BN):")
+                with c.indent():
+                    c("o_j = j0 + tl.arange(0, BN)")
+                    c("J = o_j[None, :]  # [1, BN]")
+                    c(f"m_s = (J >= lo{si}) & (J < hi{si}) & m_r[:, None]{excl}")
+                    self._update(gi, mask, scale, pooled, "o_j")
+            else:
+                self.lists.add(s.select)
+                g = self.plan.grids[s.grid]
+                if pooled is None:
+                    c(f"# source {si}: tokens of the blocks listed by `{self.ex.ir.node(s.select)['name'] or s.select}`")
+                    c(f"for t0 in range(0, KS{s.select} * {g.length}, BN):")
+                    with c.indent():
+                        c("o_t = t0 + tl.arange(0, BN)")
+                        c(f"o_s = o_t // {g.length}")
+                        c(f"b_n = tl.load(p_sel{s.select} + o_s, mask=o_s < KS{s.select}, other=-1)"
+                          f"  # [BN] block of each slot")
+                        c(f"o_j = tl.where(b_n >= 0, b_n * {g.stride} + o_t % {g.length}, 0)")
+                        c("J = o_j[None, :]")
+                        dup = ""
+                        if g.overlap > 1:
+                            dup = (f" & ~(tl.sum(((b_sel{s.select}[None, :] >= 0) & (tl.arange(0, "
+                                   f"KSP{s.select})[None, :] < o_s[:, None]) & (b_sel{s.select}"
+                                   f"[None, :] * {g.stride} <= o_j[:, None]) & (o_j[:, None] < "
+                                   f"b_sel{s.select}[None, :] * {g.stride} + {g.length}))"
+                                   f".to(tl.int32), 1) > 0)[None, :]")
+                        c(f"m_s = (b_n >= 0)[None, :] & (J < T) & m_r[:, None]{dup}{excl}")
+                        self._update(gi, mask, scale, pooled, "o_j")
+                else:
+                    self.nbs.add(s.grid)
+                    c(f"# source {si}: the blocks listed by `{self.ex.ir.node(s.select)['name'] or s.select}`")
+                    c(f"NB = NB{s.grid}")
+                    c(f"for t0 in range(0, KS{s.select}, BN):")
+                    with c.indent():
+                        c("o_t = t0 + tl.arange(0, BN)")
+                        c(f"o_j = tl.load(p_sel{s.select} + o_t, mask=o_t < KS{s.select}, other=-1)")
+                        c("J = o_j[None, :]")
+                        c(f"m_s = (J >= 0) & (J < NB) & m_r[:, None]{excl}")
+                        self._update(gi, mask, scale, pooled, "tl.maximum(o_j, 0)")
+            seen.append((si, s))
+
+    def _exclusion(self, seen, pooled) -> str:
+        parts = []
+        for si, s in seen:
+            if isinstance(s, (TokenRange, BlockRange)):
+                parts.append(f" & ~((J >= lo{si}) & (J < hi{si}))")
+            else:
+                g = self.plan.grids[s.grid]
+                if pooled is None:
+                    parts.append(f" & ~(tl.sum(((b_sel{s.select}[None, None, :] >= 0) & "
+                                 f"(b_sel{s.select}[None, None, :] * {g.stride} <= J[:, :, None]) & "
+                                 f"(J[:, :, None] < b_sel{s.select}[None, None, :] * {g.stride} + "
+                                 f"{g.length})).to(tl.int32), 2) > 0)")
+                else:
+                    parts.append(f" & ~(tl.sum((J[:, :, None] == b_sel{s.select}[None, None, :])"
+                                 f".to(tl.int32), 2) > 0)")
+        return "".join(parts)
+
+    def _update(self, gi, mask, scale, pooled, idx) -> None:
+        c = self.c
+        if pooled is None:
+            c("p_k = k + ((i_b * T + " + idx + ").to(tl.int64) * HKV + i_hk)[:, None] * D + o_d[None, :]")
+            c("p_v = v + ((i_b * T + " + idx + ").to(tl.int64) * HKV + i_hk)[:, None] * DV + o_dv[None, :]")
+            c("m_k = (" + idx + " < T)[:, None]")
+            kt, vt = "k", "v"
+        else:
+            pool, g = pooled
+            c(f"p_k = kp{pool} + ((i_b * NB{g.node} + {idx}).to(tl.int64) * HKV + i_hk)[:, None] * D "
+              f"+ o_d[None, :]")
+            c(f"p_v = vp{pool} + ((i_b * NB{g.node} + {idx}).to(tl.int64) * HKV + i_hk)[:, None] "
+              f"* DV + o_dv[None, :]")
+            c(f"m_k = ({idx} < NB{g.node})[:, None]")
+            kt = vt = None
+        c("b_k = tl.load(p_k, mask=m_k & m_d[None, :], other=0.)  # [BN, BD]")
+        c("b_v = tl.load(p_v, mask=m_k & m_dv[None, :], other=0.)  # [BN, BDV]")
+        if pooled is None:
+            c("b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * "
+              f"{scale}  # [RP, BN]")
+        else:
+            c(f"b_s = tl.dot(b_q.to(tl.float32), tl.trans(b_k), input_precision='ieee' if IEEE "
+              f"else 'tf32') * {scale}")
+        c(f"m_a = m_s & {mask}")
+        c("b_s = tl.where(m_a, b_s, float('-inf'))")
+        c(f"m_new = tl.maximum(m{gi}, tl.max(b_s, 1))")
+        c("m_use = tl.where(m_new == float('-inf'), 0., m_new)")
+        c(f"b_alpha = tl.exp(m{gi} - m_use)")
+        c("b_p = tl.exp(b_s - m_use[:, None])  # [RP, BN]")
+        c(f"l{gi} = l{gi} * b_alpha + tl.sum(b_p, 1)")
+        if pooled is None:
+            c(f"acc{gi} = acc{gi} * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, "
+              "input_precision='ieee' if IEEE else 'tf32')")
+        else:
+            c(f"acc{gi} = acc{gi} * b_alpha[:, None] + tl.dot(b_p, b_v, input_precision='ieee' "
+              "if IEEE else 'tf32')")
+        c(f"m{gi} = m_new")
+
+    def _finish(self) -> None:
+        st, c = self.st, self.c
+        c("")
+        c("# ---- combine and write")
+        c("p_o = ((i_b * T + o_i).to(tl.int64) * H + o_h)  # [RP]")
+        if st.combine == "mix":
+            c("b_o = tl.zeros([RP, BDV], dtype=tl.float32)")
+            for gi, gate in enumerate(st.gates):
+                c(f"b_og = tl.where(l{gi}[:, None] > 0, acc{gi} / tl.where(l{gi} > 0, l{gi}, 1.)"
+                  f"[:, None], 0.)")
+                if gate is None:
+                    c("b_o += b_og")
+                else:
+                    self._arg(f"gate_{gate}")
+                    c(f"b_g = tl.load(gate_{gate} + p_o, mask=m_r, other=0.).to(tl.float32)")
+                    c("b_o += b_g[:, None] * b_og")
+        else:
+            c("b_o = tl.where(l0[:, None] > 0, acc0 / tl.where(l0 > 0, l0, 1.)[:, None], 0.)")
+        c("tl.store(o + p_o[:, None] * DV + o_dv[None, :], b_o.to(o.dtype.element_ty), "
+          "mask=m_r[:, None] & m_dv[None, :])")
+        if st.writes_lse:
+            self._arg("lse")
+            c("b_lse = tl.where(l0 > 0, m0 + tl.log(tl.where(l0 > 0, l0, 1.)), float('-inf'))")
+            c("tl.store(lse + p_o, b_lse, mask=m_r)")
+
+
+# -------------------------------------------------------------------------- host
+class HostEmitter:
+    """The `forward` function of the generated module: buffers and launches."""
+
+    def __init__(self, ir: IR, plan: KernelPlan):
+        self.ir, self.plan = ir, plan
+        self.c = Code()
+
+    def emit(self, select_emitters: dict, attend_emitters: dict) -> str:
+        c, ir, plan = self.c, self.ir, self.plan
+        c('"""Run every stage of the plan. q, k, v: contiguous [B, T, heads, head_dim];')
+        c("gates: name -> [B, T, H] tensors; params: learnable tensors by name.")
+        c('Returns the output [B, T, H, DV] in q\'s dtype and the selected block lists."""')
+        c("B, T, H, D = q.shape")
+        c("HKV, DV = k.shape[2], v.shape[3]")
+        c("G = H // HKV")
+        c("dev = q.device")
+        c("BD, BDV = _p2(D), _p2(DV)")
+        c("IEEE = q.dtype == torch.float32")
+        c("f32 = torch.float32")
+        c("lists = {}")
+        for gid, g in sorted(plan.grids.items()):
+            c(f"NB{gid} = triton.cdiv(T, {g.stride})  # blocks(len={g.length}, stride={g.stride})")
+        for st in plan.stages:
+            c("")
+            if st.kind == "pool":
+                self._pool(st)
+            elif st.kind == "select":
+                self._select(st, select_emitters[st.node])
+            else:
+                self._attend(st, attend_emitters[id(st)])
+        c("return o, lists")
+        return "\n\ndef forward(q, k, v, gates, params):\n" + c.text() + "\n"
+
+    def _scale(self, node: int) -> str:
+        s = self.ir.node(node)["args"]["scale"]
+        return f"{s!r}" if s else "D ** -0.5"
+
+    def _pool(self, st: PoolStage) -> None:
+        c = self.c
+        g = st.grid
+        c(f"# pool `{st.name}`: {st.method} over blocks(len={g.length}, stride={g.stride})")
+        for side, x, d, bd in (("k", "k", "D", "BD"), ("v", "v", "DV", "BDV")):
+            c(f"{side}p{st.node} = torch.empty(B, NB{g.node}, HKV, {d}, device=dev, dtype=f32)")
+            if st.method == "mean":
+                c(f"pool_{st.name}_fwd_kernel[(triton.cdiv(NB{g.node}, 16), HKV, B)]({x}, "
+                  f"{side}p{st.node}, T, NB{g.node}, HKV=HKV, D={d}, BD={bd}, BNB=16, "
+                  f"BL=min(16, triton.next_power_of_2({g.length})))")
+            else:
+                pre = f"'{st.owner}.{side}."
+                c(f"pool_{st.name}_fwd_kernel[(triton.cdiv(NB{g.node}, 16), HKV, B)]({x}, "
+                  f"params[{pre}pe'], params[{pre}w1'], params[{pre}b1'], params[{pre}w2'], "
+                  f"params[{pre}b2'], {side}p{st.node}, T, NB{g.node}, params[{pre}w1'].shape[1], "
+                  f"HKV=HKV, D={d}, BD={bd}, BNB=16, BK=32, BH=32)")
+
+    def _select(self, st: SelectStage, em: SelectEmitter) -> None:
+        c = self.c
+        shared = st.heads == "group"
+        c(f"# select `{st.name}`: {st.op} k={st.k}, one list per {st.heads}")
+        c(f"NB = NB{st.grid.node}")
+        c(f"KS{st.node} = max(1, {st.slots})")
+        c(f"HS{st.node} = {'HKV' if shared else 'H'}")
+        c(f"R = {'G' if shared else '1'}")
+        c(f"sel{st.node} = torch.empty(B, T, HS{st.node}, KS{st.node}, device=dev, dtype=torch.int32)")
+        extra = []
+        for a in em.args:
+            if a.startswith("scale"):
+                extra.append(self._scale(int(a[5:])))
+            else:
+                extra.append(a)
+        deps = "".join(f"HS{d}=HS{d}, SH{d}={self._shared(d)}, KS{d}=KS{d}, "
+                       f"KSP{d}=triton.next_power_of_2(KS{d}), " for d in em.list_deps)
+        c(f"select_{st.name}_fwd_kernel[(T, HS{st.node}, B)](q, sel{st.node}, "
+          f"{''.join(x + ', ' for x in extra)}T, {''.join(f'NB{x}, ' for x in em.nbs)}{deps}"
+          f"H=H, HKV=HKV, G=G, HS=HS{st.node}, R=R, RP=_p2(R), SHARED={shared}, D=D, BD=BD, "
+          f"K={st.k}, KB=max(2, triton.next_power_of_2({st.k})), KS=KS{st.node}, "
+          f"KSP=triton.next_power_of_2(KS{st.node}), C=32)")
+        c(f"lists[{st.name!r}] = sel{st.node}")
+
+    def _shared(self, sel_node: int) -> str:
+        st = next(s for s in self.plan.stages if s.kind == "select" and s.node == sel_node)
+        return "True" if st.heads == "group" else "False"
+
+    def _attend(self, st: AttendStage, em: AttendEmitter) -> None:
+        c = self.c
+        c(f"# attend `{st.name}`: {st.layout} layout, {st.combine}")
+        if st.writes_lse:
+            c(f"o = o{st.node} = torch.empty(B, T, H, DV, device=dev, dtype=f32)")
+            c(f"lse = lse{st.node} = torch.empty(B, T, H, device=dev, dtype=f32)")
+        else:
+            c("o = torch.empty(B, T, H, DV, device=dev, dtype=q.dtype)")
+        if st.layout == "tile":
+            c("R, BM = 1, 32")
+            c("RP = BM")
+            grid = "(triton.cdiv(T, BM), H, B)"
+        else:
+            c(f"R, BM = {'1' if st.rows == 'head' else 'G'}, 1")
+            c("RP = _p2(R)")
+            grid = "(T, H // R, B)"
+        args = []
+        for a in em.args:
+            if a.startswith("scale"):
+                args.append(self._scale(int(a[5:])))
+            elif a.startswith("gate_"):
+                args.append(f"gates[{a[5:]!r}]")
+            else:
+                args.append(a)
+        deps = "".join(f"HS{d}=HS{d}, SH{d}={self._shared(d)}, KS{d}=KS{d}, "
+                       f"KSP{d}=triton.next_power_of_2(KS{d}), " for d in sorted(em.lists))
+        c(f"attend_{st.name}_fwd_kernel[{grid}](q, k, v, o, {''.join(x + ', ' for x in args)}T, "
+          f"{''.join(f'NB{x}, ' for x in sorted(em.nbs))}{deps}H=H, HKV=HKV, G=G, R=R, RP=RP, "
+          f"D=D, DV=DV, BD=BD, BDV=BDV, BM=BM, BN=32, IEEE=IEEE)")
+
+
+def generate(ir: IR, plan: KernelPlan | None = None) -> tuple[str, KernelPlan]:
+    """The whole generated module for a verified IR: header, kernels, host code."""
+    from .plan import plan_kernels
+    plan = plan or plan_kernels(ir)
+    ex = Exprs(ir, plan)
+    parts = [header(ir, plan), TRITON_PRELUDE]
+    selects, attends = {}, {}
+    for st in plan.stages:
+        if st.kind == "pool":
+            parts.append(emit_pool(st))
+        elif st.kind == "select":
+            em = SelectEmitter(ir, plan, ex, st)
+            parts.append(em.emit())
+            selects[st.node] = em
+        else:
+            em = AttendEmitter(ir, plan, ex, st)
+            parts.append(em.emit())
+            attends[id(st)] = em
+    parts.append(HostEmitter(ir, plan).emit(selects, attends))
+    return "".join(parts), plan

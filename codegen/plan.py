@@ -1,0 +1,395 @@
+"""Kernel plan: the small IR between the graph and the Triton source.
+
+`plan_kernels(ir)` reads the verified graph and decides
+
+  * which kernels run, in order (`stages`):
+      pool     one per pooled grid: mean or MLP compression of key/value blocks
+      attend   an attention kernel; a branch whose probabilities feed a gate runs
+               in its own `attend` stage first (it must finish before the gate)
+      select   one per data-dependent block set (`topk`, `random`): fused gate
+               scores + top-k, writing block index lists [B, T, H, KS]
+      attend   the final kernel: every remaining branch, combined (one softmax
+               over a union, or a gated sum), loading each query once
+  * how each attention kernel walks the sparsity (`layout`):
+      tile     BM consecutive queries of one head; key tiles are skipped by
+               interval bounds derived from the pattern (static patterns)
+      row      one query position and the query heads that share its block
+               lists: the whole GQA group when selections are per group (NSA's
+               kernel design), one head when selections are per head
+  * where keys come from (`sources` of each branch): token ranges with bounds
+    that are affine in the query position, block ranges, or block index lists.
+
+Everything here is plain data and prints as text (`KernelPlan.format`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from sparsedsl.ir.graph import IR
+from sparsedsl.ir.ops import Kind
+
+
+# ------------------------------------------------------------------ key sources
+@dataclass(frozen=True)
+class TokenRange:
+    """Keys [lo, hi) for a query tile [i_lo, i_hi): `lo`/`hi` are source expressions."""
+    lo: str
+    hi: str
+
+
+@dataclass(frozen=True)
+class BlockRange:
+    """Blocks [lo, hi) of a grid for a query tile (expressions)."""
+    grid: int
+    lo: str
+    hi: str
+
+
+@dataclass(frozen=True)
+class BlockList:
+    """The blocks listed by a select stage for the query (row layout only)."""
+    grid: int
+    select: int  # the select stage's node
+
+
+Source = TokenRange | BlockRange | BlockList
+
+
+@dataclass(frozen=True)
+class Grid:
+    node: int
+    length: int
+    stride: int
+
+    @property
+    def overlap(self) -> int:
+        """The most blocks one token can lie in."""
+        return math.ceil(self.length / self.stride)
+
+
+# ------------------------------------------------------------------------ stages
+@dataclass(frozen=True)
+class PoolStage:
+    node: int
+    grid: Grid
+    method: str  # "mean" | "mlp"
+    owner: str | None
+    name: str
+
+    kind = "pool"
+
+
+@dataclass(frozen=True)
+class SelectStage:
+    node: int
+    grid: Grid
+    op: str  # "topk" | "random"
+    k: int
+    heads: str  # "head" | "group": one list per query head or per kv head
+    slots: str  # expression for the list length KS (may depend on the block count NB)
+    name: str
+
+    kind = "select"
+
+
+@dataclass(frozen=True)
+class BranchPlan:
+    node: int
+    name: str
+    pooled: bool
+    sources: tuple[Source, ...]
+    scale: float  # 0: 1/sqrt(head_dim)
+    grid: Grid | None = None  # pooled branches
+    precomputed: bool = False  # computed by an earlier attend stage (its probs feed a gate)
+
+
+@dataclass(frozen=True)
+class AttendStage:
+    name: str
+    layout: str  # "tile" | "row"
+    rows: str  # "group" | "head": with the row layout, heads per program
+    combine: str  # "single" | "union" | "mix"
+    groups: tuple[tuple[BranchPlan, ...], ...]  # each group shares one softmax (a union)
+    gates: tuple  # per group: the gate input's name, or None (weight 1)
+    writes_lse: bool  # an earlier stage: writes o and lse for later stages
+    node: int  # the IR node whose value this stage produces
+
+    kind = "attend"
+
+
+@dataclass
+class KernelPlan:
+    spec: str
+    params: dict
+    passes: list[str]
+    stages: list = field(default_factory=list)
+    grids: dict[int, Grid] = field(default_factory=dict)
+    strategy: str = ""
+
+    def format(self) -> str:
+        lines = [f"plan {self.spec}({', '.join(f'{k}={v}' for k, v in self.params.items())})",
+                 f"  strategy: {self.strategy}"]
+        for s in self.stages:
+            if s.kind == "pool":
+                lines.append(f"  pool   {s.name}: {s.method} over blocks(len={s.grid.length}, "
+                             f"stride={s.grid.stride})")
+            elif s.kind == "select":
+                lines.append(f"  select {s.name}: {s.op} k={s.k} per {s.heads} over blocks("
+                             f"len={s.grid.length}, stride={s.grid.stride}), slots={s.slots}")
+            else:
+                br = " + ".join(
+                    (f"{gate} * " if gate else "") + "union(" * (len(grp) > 1) + ", ".join(
+                        f"{b.name}{'*' if b.precomputed else ''}[{_fmt_sources(b.sources)}]"
+                        for b in grp) + ")" * (len(grp) > 1)
+                    for grp, gate in zip(s.groups, s.gates))
+                lines.append(f"  attend {s.name}: layout={s.layout}"
+                             f"{'/' + s.rows if s.layout == 'row' else ''} combine={s.combine} "
+                             f"branches: {br}")
+        return "\n".join(lines) + "\n"
+
+
+def _fmt_sources(sources) -> str:
+    out = []
+    for s in sources:
+        if isinstance(s, TokenRange):
+            out.append(f"tokens[{s.lo}, {s.hi})")
+        elif isinstance(s, BlockRange):
+            out.append(f"blocks%{s.grid}[{s.lo}, {s.hi})")
+        else:
+            out.append(f"list%{s.select}")
+    return " + ".join(out)
+
+
+# ---------------------------------------------------------------------- analysis
+class Planner:
+    """Derives the stages, layouts and key sources from a verified IR."""
+
+    def __init__(self, ir: IR):
+        self.ir = ir
+        self.grids: dict[int, Grid] = {}
+        for nid in ir.order():
+            n = ir.node(nid)
+            if n["op"] == "blocks":
+                self.grids[nid] = Grid(nid, n["args"]["len"], n["args"]["stride"])
+
+    def grid_of(self, nid: int) -> Grid:
+        return self.grids[int(self.ir.node(nid)["facts"]["grid"][1:])]
+
+    def name(self, nid: int) -> str:
+        return self.ir.node(nid)["name"] or f"n{nid}"
+
+    # dynamic block sets: topk and random produce lists
+    def is_list(self, nid: int) -> bool:
+        return self.ir.node(nid)["op"] in ("topk", "random")
+
+    # ---- sources: where the keys of a key set / the blocks of a block set can be
+    def token_sources(self, nid: int) -> list[Source]:
+        n = self.ir.node(nid)
+        op, a = n["op"], n["args"]
+        ops = self.ir.operands(nid)
+        if op == "causal":
+            return [TokenRange("0", "i_hi")]
+        if op == "window":
+            return [TokenRange(f"i_lo - {a['size'] - 1}", "i_hi")]
+        if op == "sink":
+            return [TokenRange("0", str(a["n"]))]
+        if op in ("global", "strided", "summary", "not"):
+            return [TokenRange("0", "T")]
+        if op == "tokens":
+            g = self.grid_of(ops["blocks"])
+            out = []
+            for s in self.block_sources(ops["blocks"]):
+                if isinstance(s, BlockRange):
+                    out.append(TokenRange(f"({s.lo}) * {g.stride}",
+                                          f"({s.hi} - 1) * {g.stride} + {g.length}"))
+                else:
+                    out.append(s)
+            return out
+        if op == "or":
+            return self.token_sources(ops["0"]) + self.token_sources(ops["1"])
+        if op == "and":
+            return _intersect(self.token_sources(ops["0"]), self.token_sources(ops["1"]))
+        raise AssertionError(op)  # pragma: no cover
+
+    def block_sources(self, nid: int) -> list[Source]:
+        n = self.ir.node(nid)
+        op, a = n["op"], n["args"]
+        ops = self.ir.operands(nid)
+        g = self.grid_of(nid)
+        L, S = g.length, g.stride
+        if op == "past":
+            return [BlockRange(g.node, "0", f"_fdiv(i_hi - {L}, {S}) + 1")]
+        if op == "current":
+            return [BlockRange(g.node, f"_fdiv(i_lo - {L}, {S}) + 1", f"_fdiv(i_hi - 1, {S}) + 1")]
+        if op == "future":
+            return [BlockRange(g.node, f"_fdiv(i_lo, {S}) + 1", "NB")]
+        if op == "first":
+            return [BlockRange(g.node, "0", str(a["n"]))]
+        if op == "recent":
+            return [BlockRange(g.node, f"_fdiv(i_lo, {S}) - {a['n'] - 1}",
+                               f"_fdiv(i_hi - 1, {S}) + 1")]
+        if op in ("topk", "random"):
+            return [BlockList(g.node, nid)]
+        if op == "not":
+            return [BlockRange(g.node, "0", "NB")]
+        if op == "or":
+            return self.block_sources(ops["0"]) + self.block_sources(ops["1"])
+        if op == "and":
+            return _intersect(self.block_sources(ops["0"]), self.block_sources(ops["1"]))
+        raise AssertionError(op)  # pragma: no cover
+
+    # ---- the count bound of a block set (list slots for forced blocks)
+    def max_count(self, nid: int) -> str:
+        n = self.ir.node(nid)
+        op, a = n["op"], n["args"]
+        ops = self.ir.operands(nid)
+        g = self.grid_of(nid)
+        if op == "current":
+            return str(g.overlap)
+        if op in ("first", "recent", "random"):
+            return str(a["n"])
+        if op == "topk":
+            return f"max({a['k']}, {self.max_count(ops['force'])})" if "force" in ops else str(a["k"])
+        if op == "or":
+            return f"({self.max_count(ops['0'])} + {self.max_count(ops['1'])})"
+        if op == "and":
+            return f"min({self.max_count(ops['0'])}, {self.max_count(ops['1'])})"
+        return "NB"
+
+    def lists_in(self, nid: int) -> set[int]:
+        """Select nodes whose lists a value depends on (through masks and block sets)."""
+        out = set()
+        stack = list(self.ir.operands(nid).values())
+        while stack:
+            u = stack.pop()
+            if self.is_list(u):
+                out.add(u)
+                continue
+            if self.ir.node(u)["kind"] in (Kind.KEYS, Kind.BLOCKS):
+                stack.extend(self.ir.operands(u).values())
+        return out
+
+    # ---- the plan
+    def plan(self) -> KernelPlan:
+        ir = self.ir
+        plan = KernelPlan(ir.spec_name, ir.param_values(), list(ir.passes_run), grids=self.grids)
+        order = ir.order()
+        # branches whose probabilities feed a score run first, in their own stage
+        early = {ir.operand(n, "branch") for n in order if ir.node(n)["op"] == "probs"}
+        for nid in order:
+            n = ir.node(nid)
+            if n["op"] == "pool":
+                plan.stages.append(PoolStage(nid, self.grid_of(nid), n["args"]["method"],
+                                             n["facts"].get("params"), self.name(nid)))
+        emitted_early = set()
+        for nid in order:
+            n = ir.node(nid)
+            if n["op"] in ("topk", "random"):
+                for b in sorted(self._early_deps(nid, early) - emitted_early):
+                    plan.stages.append(self._attend_stage([[b]], "single", (None,),
+                                                          writes_lse=True, node=b))
+                    emitted_early.add(b)
+                heads = n["facts"].get("heads", "static")
+                if n["op"] == "random":
+                    heads = "group"  # the same for every head; one list per kv head
+                slots = f"min({self.max_count(nid)}, NB)"
+                plan.stages.append(SelectStage(nid, self.grid_of(nid), n["op"], n["args"].get(
+                    "k", n["args"].get("n")), "group" if heads in ("group", "static") else "head",
+                    slots, self.name(nid)))
+        out = ir.out
+        on = ir.node(out)
+        if on["op"] == "mix":
+            terms = on["args"]["terms"]
+            groups = [self._flatten(ir.operand(out, f"branch.{t}")) for t in range(terms)]
+            gates = tuple(self._gate_name(ir.operand(out, f"gate.{t}")) for t in range(terms))
+            stage = self._attend_stage(groups, "mix", gates, False, out, precomputed=emitted_early)
+        else:
+            groups = [self._flatten(out)]
+            stage = self._attend_stage(groups, "union" if len(groups[0]) > 1 else "single",
+                                       (None,), False, out, precomputed=emitted_early)
+        plan.stages.append(stage)
+        plan.strategy = self._describe(plan)
+        return plan
+
+    def _early_deps(self, select: int, early: set) -> set:
+        import networkx as nx
+        return {b for b in early if b in nx.ancestors(self.ir.g, select)}
+
+    def _flatten(self, nid: int) -> list[int]:
+        """The attend nodes of a branch: itself, or every branch under a (nested) union."""
+        if self.ir.node(nid)["op"] == "union":
+            out = []
+            for u in self.ir.operands(nid).values():
+                out.extend(b for b in self._flatten(u) if b not in out)
+            return out
+        return [nid]
+
+    def _gate_name(self, nid):
+        if nid is None:
+            return None
+        return self.ir.node(nid)["args"]["name"]
+
+    def _branch(self, nid: int, precomputed: bool) -> BranchPlan:
+        n = self.ir.node(nid)
+        ops = self.ir.operands(nid)
+        if n["op"] == "attend_tokens":
+            return BranchPlan(nid, self.name(nid), False, tuple(self.token_sources(ops["keys"])),
+                              n["args"]["scale"], precomputed=precomputed)
+        if n["op"] == "attend_pooled":
+            return BranchPlan(nid, self.name(nid), True, tuple(self.block_sources(ops["blocks"])),
+                              n["args"]["scale"], grid=self.grid_of(nid), precomputed=precomputed)
+        raise AssertionError(n["op"])  # unions inside unions are flattened by the builder
+
+    def _attend_stage(self, groups, combine, gates, writes_lse, node, precomputed=()):
+        plans = tuple(tuple(self._branch(b, b in precomputed) for b in grp) for grp in groups)
+        lists = set()
+        for grp in groups:
+            for b in grp:
+                if b not in precomputed:
+                    lists |= self.lists_in(b)
+        per_head = any(self.ir.node(s)["facts"].get("heads") == "head" and
+                       self.ir.node(s)["op"] == "topk" for s in lists)
+        layout = "row" if lists else "tile"
+        rows = "head" if per_head else "group"
+        name = self.name(node) if writes_lse else "out"
+        return AttendStage(name, layout, rows, combine, plans, tuple(gates), writes_lse, node)
+
+    def _describe(self, plan: KernelPlan) -> str:
+        final = plan.stages[-1]
+        sel = [s for s in plan.stages if s.kind == "select"]
+        if final.layout == "tile":
+            return ("static pattern: query tiles of one head walk key tiles between interval "
+                    "bounds derived from the pattern; fully masked tiles are skipped")
+        if final.rows == "group":
+            return ("selection shared by each GQA group: one program per (query, kv head) loads "
+                    f"the group's query heads together and walks {len(sel)} block list(s)")
+        return ("per-head selection: one program per (query, head) walks its own block list(s)")
+
+
+def _intersect(a: list, b: list) -> list:
+    """Sources of A & B: every pair intersected (lists stay lists: they are short)."""
+    out = []
+    for x in a:
+        for y in b:
+            if isinstance(x, BlockList):
+                out.append(x)
+            elif isinstance(y, BlockList):
+                out.append(y)
+            elif isinstance(x, TokenRange) and isinstance(y, TokenRange):
+                out.append(TokenRange(f"max({x.lo}, {y.lo})", f"min({x.hi}, {y.hi})"))
+            elif isinstance(x, BlockRange) and isinstance(y, BlockRange):
+                out.append(BlockRange(x.grid, f"max({x.lo}, {y.lo})", f"min({x.hi}, {y.hi})"))
+            else:  # pragma: no cover - kinds never mix
+                raise AssertionError((x, y))
+    # identical sources visit the same keys: keep one
+    seen, uniq = set(), []
+    for s in out:
+        if s not in seen:
+            seen.add(s)
+            uniq.append(s)
+    return uniq
+
+
+def plan_kernels(ir: IR) -> KernelPlan:
+    return Planner(ir).plan()

@@ -1,0 +1,100 @@
+"""The on-disk kernel cache.
+
+Generated modules are stored under `$SPARSEDSL_CACHE_DIR` (default
+`~/.cache/sparsedsl`) in a directory named by a hash of what determines the
+source: the spec text, its resolved parameters, the generator's version and
+Triton's version. (Triton compiles and caches each kernel per dtype and
+shape itself.) Each file starts with a checksum line over the rest, so a
+truncated or corrupt entry is detected and rebuilt; files are written to a
+temporary name and renamed into place, so concurrent writers never expose a
+half-written file and all of them succeed.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+GENERATOR_VERSION = "1"
+_MAGIC = "# sparsedsl-checksum: "
+_loaded: dict[str, object] = {}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SPARSEDSL_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "sparsedsl"
+
+
+def cache_key(spec_text: str, params: dict) -> str:
+    import triton
+    h = hashlib.sha256()
+    for part in (spec_text, repr(sorted(params.items())), GENERATOR_VERSION, triton.__version__,
+                 _codegen_fingerprint()):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:24]
+
+
+def _codegen_fingerprint() -> str:
+    """Hash of the code generator's own source, so editing it invalidates the cache."""
+    global _fingerprint
+    if _fingerprint is None:
+        pkg = Path(importlib.util.find_spec("sparsedsl.codegen").origin).parent
+        h = hashlib.sha256()
+        for f in sorted(pkg.glob("*.py")):
+            h.update(f.read_bytes())
+        _fingerprint = h.hexdigest()
+    return _fingerprint
+
+
+_fingerprint: str | None = None
+
+
+def _checksum(body: str) -> str:
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _read_valid(path: Path) -> str | None:
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    first, _, body = text.partition("\n")
+    if not first.startswith(_MAGIC) or first[len(_MAGIC):].strip() != _checksum(body):
+        return None
+    return body
+
+
+def store(key: str, source: str) -> Path:
+    d = cache_dir() / key
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / "kernels.py"
+    if _read_valid(path) == source:
+        return path
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".kernels-", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{_MAGIC}{_checksum(source)}\n{source}")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_module(key: str, make_source):
+    """The generated module for `key`: from memory, from disk if intact, else built anew."""
+    if key in _loaded:
+        return _loaded[key]
+    path = cache_dir() / key / "kernels.py"
+    body = _read_valid(path)
+    if body is None:
+        path = store(key, make_source())
+    name = f"sparsedsl_kernels_{key}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    _loaded[key] = module
+    return module
