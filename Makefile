@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test venv clean
+.PHONY: demo test gpu-test venv clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	# the CPU build of torch (a pinned version keeps pip off the multi-GB CUDA build);
 	# pyproject.toml keeps a range for users
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q triton==3.6.0 -e ".[test,plot]"
+	$(PY) -m pip install -q triton==3.6.0 "numpy<2.3" -e ".[test,plot]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -24,6 +24,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# On a CUDA machine: the kernel tests in bfloat16 on the GPU (uses the python3 there)
+gpu-test:
+	SPARSEDSL_TEST_DEVICE=cuda SPARSEDSL_TEST_DTYPE=bfloat16 $(GPU_PY) -m pytest -q tests/test_kernels.py
+	SPARSEDSL_TEST_DEVICE=cuda SPARSEDSL_TEST_DTYPE=float32 $(GPU_PY) -m pytest -q tests/test_kernels.py
+
+GPU_PY ?= python3
 
 clean:
 	rm -rf $(VENV) build *.egg-info

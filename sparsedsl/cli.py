@@ -2,6 +2,7 @@
 
     sparsedsl check FILE|BUILTIN... [--set NAME=VALUE]   parse and verify
     sparsedsl ir FILE|BUILTIN [--dot] [--after PASS]     print the IR after the pass pipeline
+    sparsedsl emit FILE|BUILTIN [--set ...] [--plan]     print the generated Triton source
     sparsedsl fmt FILE|BUILTIN [--check]                 print the spec in canonical form
 
 A spec error prints a compiler-style diagnostic (file:line:col, the line, a
@@ -90,6 +91,17 @@ def cmd_ir(args) -> int:
     return 0
 
 
+def cmd_emit(args) -> int:
+    from .codegen.emit import generate
+    ir = _lower(args.spec, parse_sets(args.set))
+    source, plan = generate(ir)
+    if args.plan:
+        sys.stdout.write(plan.format())
+    else:
+        sys.stdout.write(source)
+    return 0
+
+
 def cmd_fmt(args) -> int:
     from .frontend.load import load_source
     from .frontend.parser import parse
@@ -138,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--after", choices=("build",) + PASS_NAMES,
                     help="stop after this pass (default: all)")
     sp.set_defaults(fn=cmd_ir)
+
+    sp = sub.add_parser("emit", help="print the generated Triton source")
+    sp.add_argument("spec", metavar="FILE|BUILTIN")
+    sp.add_argument("--set", action="append", metavar="NAME=VALUE",
+                    help="override a parameter (repeatable)")
+    sp.add_argument("--plan", action="store_true", help="print the kernel plan instead")
+    sp.set_defaults(fn=cmd_emit)
 
     sp = sub.add_parser("fmt", help="print a spec in canonical form")
     sp.add_argument("spec", metavar="FILE|BUILTIN")

@@ -151,15 +151,16 @@ def mask_longformer(i, j, p):
     return j <= i and (i - j < p["window"] or j < g or i < g)
 
 
-def _hash32(seed: int, a: int, b: int) -> int:
-    """murmur3's 32-bit finaliser over seed * 0x9E3779B1 + a * 0x85EBCA77 + b * 0xC2B2AE3D."""
+def _hash24(seed: int, a: int, b: int) -> int:
+    """murmur3's 32-bit finaliser over seed * 0x9E3779B1 + a * 0x85EBCA77 + b * 0xC2B2AE3D,
+    top 24 bits."""
     h = (seed * 0x9E3779B1 + a * 0x85EBCA77 + b * 0xC2B2AE3D) % 2**32
     h ^= h >> 16
     h = (h * 0x85EBCA6B) % 2**32
     h ^= h >> 13
     h = (h * 0xC2B2AE35) % 2**32
     h ^= h >> 16
-    return h
+    return h >> 8
 
 
 @functools.lru_cache(maxsize=None)
@@ -167,7 +168,7 @@ def _bigbird_blocks(c: int, bl: int, seed: int, n_random: int, n_window: int) ->
     """Blocks a query in block c attends: random ones (largest hash first, ties to the lower
     index) among the blocks that end before block c starts, and the window blocks."""
     earlier = [m for m in range(c) if m * bl + bl - 1 < c * bl]
-    rnd = sorted(earlier, key=lambda m: (-_hash32(seed, c, m), m))[:n_random]
+    rnd = sorted(earlier, key=lambda m: (-_hash24(seed, c, m), m))[:n_random]
     return frozenset(rnd) | {m for m in range(c - n_window + 1, c + 1) if m >= 0}
 
 

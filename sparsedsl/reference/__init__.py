@@ -9,14 +9,17 @@ from .params import Dims, init_params, param_shapes
 
 
 def reference(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, params=None,
-              return_details: bool = False, **inputs_and_overrides):
+              return_details: bool = False, selections: dict | None = None,
+              **inputs_and_overrides):
     """Evaluate a spec exactly (float64, full masks) on q, k, v [batch, seq, heads, head_dim].
 
     Keyword arguments are the spec's declared inputs (tensors such as `x` or `g_cmp`) and
     parameter overrides (`block=256`). `params` maps learnable tensor names
     (see `param_shapes`) to values. Returns the output [batch, seq, q_heads, head_dim_v]
     in q's dtype, or a `Details` (float64) with per-branch outputs, selected block
-    indices and masks when `return_details=True`.
+    indices and masks when `return_details=True`. `selections` (name -> [B, T, H, S]
+    block indices) replaces what a `topk` would select: tests use it to evaluate the
+    reference on a kernel's own selection.
     """
     from ..pipeline import lower
 
@@ -51,7 +54,7 @@ def reference(spec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, params
         if shape is not None and tuple(params[name].shape) != tuple(shape):
             raise ValueError(f"learnable tensor `{name}` must have shape {list(shape)}, "
                              f"got {list(params[name].shape)}")
-    details = _Evaluator(ir, q, k, v, tensors, params, dims).run()
+    details = _Evaluator(ir, q, k, v, tensors, params, dims, selections).run()
     details.density = _density(details, q.shape[1])
     if return_details:
         return details

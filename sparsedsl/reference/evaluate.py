@@ -47,6 +47,7 @@ class Details:
     selections: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B, T, H, S], -1 pad
     blocksets: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> bool [B, Hq, T, N]
     keys: dict[str, torch.Tensor] = field(default_factory=dict)  # branch -> bool [B, Hq, T, T]
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # top-k -> [B, Hq, T, N]
     density: float = 0.0  # attended (query, real key) pairs / causal pairs, averaged over heads
 
 
@@ -81,9 +82,9 @@ def _softmax_rows(logits: torch.Tensor, mask: torch.Tensor):
                        torch.zeros_like(p)), logits
 
 
-def hash32(seed: int, qblock: torch.Tensor, kblock: torch.Tensor) -> torch.Tensor:
-    """The seeded hash behind `random`: murmur3's finaliser over a mix of the three numbers.
-    Kernels compute the same function with 32-bit unsigned arithmetic."""
+def hash24(seed: int, qblock: torch.Tensor, kblock: torch.Tensor) -> torch.Tensor:
+    """The seeded hash behind `random`: murmur3's finaliser over a mix of the three numbers,
+    top 24 bits (exact in float32, so kernels rank blocks exactly as the reference does)."""
     mask = 0xFFFFFFFF
     h = (seed * 0x9E3779B1 + qblock * 0x85EBCA77 + kblock * 0xC2B2AE3D) & mask
     h = h ^ (h >> 16)
@@ -91,11 +92,12 @@ def hash32(seed: int, qblock: torch.Tensor, kblock: torch.Tensor) -> torch.Tenso
     h = h ^ (h >> 13)
     h = (h * 0xC2B2AE35) & mask
     h = h ^ (h >> 16)
-    return h
+    return h >> 8
 
 
 class _Evaluator:
-    def __init__(self, ir: IR, q, k, v, tensors: dict, params: dict, dims: Dims):
+    def __init__(self, ir: IR, q, k, v, tensors: dict, params: dict, dims: Dims,
+                 selections: dict | None = None):
         self.ir = ir
         self.B, self.T, self.Hq, self.Dk = q.shape
         self.Hkv = k.shape[2]
@@ -108,6 +110,7 @@ class _Evaluator:
         self.device = q.device
         self.i = torch.arange(self.T, device=self.device)
         self.env: dict[int, object] = {}
+        self.given = dict(selections or {})  # name -> [B, T, H, S] indices that replace a top-k
         self.details = Details(out=None)
 
     # helpers ----------------------------------------------------------------------
@@ -236,6 +239,8 @@ class _Evaluator:
             m = (idx <= c) & (idx > c - a["n"])
         elif op == "random":
             m = self._random(g, a["n"], a["seed"])
+        elif op == "topk" and self.name(nid) in self.given:
+            return self._from_indices(nid, self.given[self.name(nid)], g)
         elif op == "topk":
             return self._topk(nid, a, g)
         elif op in ("and", "or"):
@@ -251,7 +256,7 @@ class _Evaluator:
         c = torch.div(self.i, g.stride, rounding_mode="floor")[:, None]  # query's block [T, 1]
         m = torch.arange(g.n, device=self.device)[None, :]
         eligible = m * g.stride + g.length - 1 < c * g.stride
-        h = hash32(seed, c, m).to(F64)
+        h = hash24(seed, c, m).to(F64)
         score = torch.where(eligible, h, torch.full_like(h, -1.0))
         return self._take_best(score, eligible, torch.full((self.T,), count, device=self.device))
 
@@ -265,8 +270,18 @@ class _Evaluator:
                       .expand_as(order).contiguous())
         return candidates & (rank < count[..., None])
 
+    def _from_indices(self, nid: int, idx: torch.Tensor, g: _Grid) -> torch.Tensor:
+        """A block set from index lists [B, T, H, S] (-1 padded), H = q or kv heads."""
+        idx = idx.to(self.device).long()
+        if idx.shape[2] != self.Hq:
+            idx = idx.repeat_interleave(self.Hq // idx.shape[2], dim=2)
+        m = torch.zeros(self.B, self.T, self.Hq, g.n + 1, dtype=torch.bool, device=self.device)
+        m.scatter_(-1, torch.where(idx >= 0, idx, g.n), True)
+        return m[..., : g.n].permute(0, 2, 1, 3)
+
     def _topk(self, nid, a, g: _Grid) -> torch.Tensor:
         score = self.arg(nid, "score")  # [B, Hq, T, N]
+        self.details.scores[self.name(nid)] = score
         shape = score.shape
         force = self.arg(nid, "force")
         forbid = self.arg(nid, "forbid")

@@ -130,12 +130,12 @@ class SparseAttention(torch.nn.Module):
         out, lists = self._kernels().forward(q, k, v, gates, params)
         return (out, lists) if return_lists else out
 
-    def reference(self, q, k, v, return_details: bool = False, **inputs):
+    def reference(self, q, k, v, return_details: bool = False, selections=None, **inputs):
         """The dense float64 reference with this layer's own parameters."""
         from ..reference import reference
         return reference(self.ir, q, k, v, params={n: p.detach() for n, p in
                                                    self.learnable().items()},
-                         return_details=return_details, **inputs)
+                         return_details=return_details, selections=selections, **inputs)
 
     def extra_repr(self) -> str:
         pv = ", ".join(f"{k}={v}" for k, v in self.ir.param_values().items())
