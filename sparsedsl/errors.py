@@ -23,8 +23,9 @@ class Source:
     text: str
 
     def line(self, lineno: int) -> str:
-        lines = self.text.splitlines()
-        return lines[lineno - 1] if 0 < lineno <= len(lines) else ""
+        # split at "\n" only, as the lexer counts lines (not at form feeds, U+2028, ...)
+        lines = self.text.split("\n")
+        return lines[lineno - 1].removesuffix("\r") if 0 < lineno <= len(lines) else ""
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,9 @@ class Span:
         end = self.end_col if self.end_line == self.line else len(src) + 1
         width = max(1, end - self.col)
         carets = "^" + "~" * (width - 1)
-        return f"    {src}\n    {' ' * (self.col - 1)}{carets}"
+        # keep the tabs of the line, so that the caret lands under the column on any tab width
+        pad = "".join(c if c == "\t" else " " for c in src[:self.col - 1])
+        return f"    {src}\n    {pad}{carets}"
 
 
 class SpecError(Exception):

@@ -11,8 +11,12 @@ from importlib import resources
 import lark
 from lark import Lark, Token, Transformer, v_args
 
-from ..errors import Source, Span, SpecSyntaxError
+from ..errors import Source, Span, SpecError, SpecSyntaxError, ValueRangeError
 from . import ast
+
+# Deepest expression nesting accepted: later stages walk expressions recursively, and a
+# deeper tree would exhaust Python's stack (a RecursionError instead of a diagnostic).
+MAX_DEPTH = 100
 
 # Human names for the grammar's terminals, used in "expected ..." messages.
 _TERMINALS = {
@@ -57,7 +61,12 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def int(self, meta, children):
-        return ast.Int(int(children[0]), span=self._s(meta))
+        try:
+            value = int(children[0])
+        except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+            raise ValueRangeError(f"integer literal with {len(children[0])} digits is too large",
+                                  self._s(meta)) from None
+        return ast.Int(value, span=self._s(meta))
 
     @v_args(meta=True)
     def float(self, meta, children):
@@ -78,10 +87,11 @@ class _ToAst(Transformer):
                     raise SpecSyntaxError("a positional argument cannot follow a keyword argument",
                                           item.span)
                 args.append(item)
-        names = [k for k, _ in kwargs]
+        seen = set()
         for (k, _), sp in zip(kwargs, kw_spans):
-            if names.count(k) > 1:
+            if k in seen:  # point at the repetition, not at the first use
                 raise SpecSyntaxError(f"keyword argument `{k}` given twice", sp)
+            seen.add(k)
         return ast.Call(str(fn), tuple(args), tuple(kwargs), span=self._s(meta),
                         fn_span=_tok_span(self.source, fn), kw_spans=tuple(kw_spans))
 
@@ -193,7 +203,10 @@ def _attach_comments(spec: ast.Spec, comments: list[Token]) -> ast.Spec:
 
 def _has_blank(spec: ast.Spec, after: int, before: int) -> bool:
     """Whether an empty line lies strictly between two source lines."""
-    lines = spec.span.source.text.splitlines() if spec.span else []
+    # the source comes from a statement: `spec.span` is the header's, None without a header;
+    # lines are split at "\n" only, as the lexer counts them (not at U+2028 and the like)
+    source = next((s.span.source for s in spec.statements if s.span is not None), None)
+    lines = source.text.split("\n") if source is not None else []
     return any(not lines[ln - 1].strip() for ln in range(after + 1, before) if ln - 1 < len(lines))
 
 
@@ -205,14 +218,18 @@ def parse(text: str, name: str = "<spec>") -> ast.Spec:
     except lark.exceptions.UnexpectedCharacters as e:
         span = Span(source, e.line, e.column, e.line, e.column + 1)
         ch = text[e.pos_in_stream] if e.pos_in_stream < len(text) else "?"
-        raise SpecSyntaxError(f"unexpected character `{ch}`", span) from None
+        what = f"`{ch}`" if ch.isprintable() else f"U+{ord(ch):04X}"
+        raise SpecSyntaxError(f"unexpected character {what}", span) from None
     except lark.exceptions.UnexpectedToken as e:
         tok = e.token
         expected = sorted({_TERMINALS.get(t, t) for t in e.expected if not t.startswith("__")})
         if tok.type == "$END":
-            lines = text.splitlines() or [""]
-            ln = len(lines)
-            span = Span(source, ln, len(lines[-1]) + 1, ln, len(lines[-1]) + 2)
+            if getattr(tok, "end_line", None):  # lark places $END at the last token: point after it
+                span = Span(source, tok.end_line, tok.end_column, tok.end_line, tok.end_column + 1)
+            else:
+                lines = text.splitlines() or [""]
+                ln = len(lines)
+                span = Span(source, ln, len(lines[-1]) + 1, ln, len(lines[-1]) + 2)
             what = "end of file"
         else:
             span = _tok_span(source, tok)
@@ -223,13 +240,26 @@ def parse(text: str, name: str = "<spec>") -> ast.Spec:
         lines = text.splitlines() or [""]
         span = Span(source, len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
         raise SpecSyntaxError("unexpected end of file", span) from None
+    _check_depth(tree, source)
     try:
         spec = _ToAst(source).transform(tree)
     except lark.exceptions.VisitError as e:
-        if isinstance(e.orig_exc, SpecSyntaxError):
+        if isinstance(e.orig_exc, SpecError):
             raise e.orig_exc from None
         raise
     return _attach_comments(spec, _comments(text))
+
+
+def _check_depth(tree: lark.Tree, source: Source) -> None:
+    """Reject expressions nested deeper than `MAX_DEPTH` (checked without recursion)."""
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise SpecSyntaxError(f"expression nested too deeply (more than {MAX_DEPTH} levels)",
+                                  _span(source, node.meta),
+                                  note="split it into `let` statements")
+        stack.extend((c, depth + 1) for c in reversed(node.children) if isinstance(c, lark.Tree))
 
 
 def _comments(text: str) -> list[Token]:
@@ -243,11 +273,12 @@ def _comments(text: str) -> list[Token]:
 
 @functools.lru_cache(maxsize=1)
 def _comment_lexer() -> Lark:
+    # STRING outranks OTHER so that a `#` inside a doc string is not a comment; any Unicode
+    # whitespace is skipped (the main grammar accepts it inside strings and comments)
     return Lark(r"""
         start: (COMMENT | STRING | OTHER)*
         COMMENT: /#[^\n]*/
-        STRING: /"[^"\n]*"/
+        STRING.2: /"[^"\n]*"/
         OTHER: /[^#"\s]+/ | /"/
-        %import common.WS
-        %ignore WS
+        %ignore /\s+/
     """, parser="lalr", lexer="basic")

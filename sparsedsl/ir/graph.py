@@ -1,4 +1,4 @@
-"""The graph IR: a networkx DiGraph of operations.
+"""The graph IR: a networkx MultiDiGraph of operations.
 
 Each node is an operation with attributes:
 
@@ -74,7 +74,8 @@ class InputInfo:
 # ----------------------------------------------------------------------- IR
 class IR:
     def __init__(self, source: Source, spec_name: str | None, doc: str | None = None):
-        self.g = nx.DiGraph()
+        # a multigraph: one node can feed two arguments of another (`a & a`, `g * x + g * y`)
+        self.g = nx.MultiDiGraph()
         self.source = source
         self.spec_name = spec_name or "spec"
         self.doc = doc
@@ -166,7 +167,7 @@ class IR:
                 label += f" [{n['name']}]"
             style = ', style=bold' if nid == self.out else ""
             lines.append(f'  n{nid} [label="{_esc(label)}"{style}];')
-        for u, v, d in sorted(self.g.edges(data=True)):
+        for u, v, d in sorted(self.g.edges(data=True), key=lambda e: (e[0], e[1], e[2]["arg"])):
             lines.append(f'  n{u} -> n{v} [label="{_esc(d["arg"])}"];')
         lines.append("}")
         return "\n".join(lines) + "\n"

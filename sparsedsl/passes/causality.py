@@ -22,6 +22,9 @@ Rules (sound, not complete: a spec the proof cannot accept is rejected):
   ~B                                 covers both when B is past_only
   dot(q, pool(g))                    safe on past blocks (a block's pool reads all its tokens)
   probs(branch)                      safe everywhere when the branch is causal
+  remap(s, g)                        safe everywhere when s is; otherwise safe nowhere (a block
+                                     wholly in the past can overlap source blocks that end
+                                     after the query), and a top-k over it is rejected
   topk(s, k, force, forbid)          the blocks it may choose freely, those neither forced nor
                                      forbidden, must be safe under s: unless s is safe
                                      everywhere, force | forbid must cover the future and the
@@ -119,6 +122,15 @@ class Causality:
             cov_f = any(s is not None and s["covers_future"] for s in (force, forbid))
             cov_c = any(s is not None and s["covers_current"] for s in (force, forbid))
             free_is_past = cov_f and cov_c
+            if sub("score")["safe"] == "none":
+                score = ir.node(ops["score"])
+                raise CausalityError(
+                    "this selection can depend on future tokens: its scores "
+                    f"(`{score['span'].text}`) can read tokens after the query even for blocks "
+                    "wholly in the past (a remapped block overlaps source blocks that end later)",
+                    n["span"],
+                    note="score the blocks on the grid they are selected from, or remap the "
+                         "probabilities of a causal branch: `remap(probs(...), g)`")
             if sub("score")["safe"] != "all" and not free_is_past:
                 score = ir.node(ops["score"])
                 raise CausalityError(

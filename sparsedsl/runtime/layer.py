@@ -133,7 +133,7 @@ class SparseAttention(torch.nn.Module):
     def reference(self, q, k, v, return_details: bool = False, selections=None, **inputs):
         """The dense float64 reference with this layer's own parameters."""
         from ..reference import reference
-        return reference(self.ir, q, k, v, params={n: p.detach() for n, p in
+        return reference(self.ir, q, k, v, params={n: p.detach().to(q.device) for n, p in
                                                    self.learnable().items()},
                          return_details=return_details, selections=selections, **inputs)
 
