@@ -111,7 +111,7 @@ class AttendStage:
     rows: str  # "group" | "head": with the row layout, heads per program
     combine: str  # "single" | "union" | "mix"
     groups: tuple[tuple[BranchPlan, ...], ...]  # each group shares one softmax (a union)
-    gates: tuple  # per group: the gate input's name, or None (weight 1)
+    gates: tuple  # per group: the gate's key (`g<node>`) in the host's `gates`, or None
     writes_lse: bool  # an earlier stage: writes o and lse for later stages
     node: int  # the IR node whose value this stage produces
 
@@ -177,7 +177,7 @@ class Planner:
         return self.grids[int(self.ir.node(nid)["facts"]["grid"][1:])]
 
     def name(self, nid: int) -> str:
-        return self.ir.node(nid)["name"] or f"n{nid}"
+        return self.ir.label(nid)
 
     # dynamic block sets: topk and random produce lists
     def is_list(self, nid: int) -> bool:
@@ -302,7 +302,7 @@ class Planner:
         if on["op"] == "mix":
             terms = on["args"]["terms"]
             groups = [self._flatten(ir.operand(out, f"branch.{t}")) for t in range(terms)]
-            gates = tuple(self._gate_name(ir.operand(out, f"gate.{t}")) for t in range(terms))
+            gates = tuple(self._gate_key(ir.operand(out, f"gate.{t}")) for t in range(terms))
             stage = self._attend_stage(groups, "mix", gates, False, out, precomputed=emitted_early)
         else:
             groups = [self._flatten(out)]
@@ -325,10 +325,9 @@ class Planner:
             return out
         return [nid]
 
-    def _gate_name(self, nid):
-        if nid is None:
-            return None
-        return self.ir.node(nid)["args"]["name"]
+    def _gate_key(self, nid):
+        """Gates reach the kernels as [B, T, H] tensors named by their IR node."""
+        return None if nid is None else f"g{nid}"
 
     def _branch(self, nid: int, precomputed: bool) -> BranchPlan:
         n = self.ir.node(nid)

@@ -20,7 +20,7 @@ def load_source(spec) -> Source:
         return _read(spec)
     if not isinstance(spec, str):
         raise TypeError(f"a spec is a built-in name, a path or spec text, not {type(spec).__name__}")
-    if "\n" in spec or "=" in spec:
+    if "\n" in spec or "=" in spec or not spec.strip():
         return Source("<string>", spec)
     if spec in builtin_names():
         text = resources.files("sparsedsl.builtins").joinpath(f"{spec}.attn").read_text()

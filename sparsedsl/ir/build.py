@@ -40,6 +40,7 @@ class _Builder:
         self.singletons: dict[str, int] = {}
         self.grid_of: dict[int, int] = {}
         self.owner: str | None = None  # name of the statement being built (names parameters)
+        self.owners: dict[str, int] = {}  # learnable-parameter owners used so far
 
     # ------------------------------------------------------------ statements
     def run(self) -> IR:
@@ -280,7 +281,12 @@ class _Builder:
         param_owner = self.owner if e.fn in ("pool", "linear") else None
         nid = self.ir.add(op, kind, e.span, operands, args)
         if param_owner is not None:
-            self.ir.node(nid)["facts"]["params"] = param_owner
+            # learnable tensors are named `<owner>.<role>`; a second one in the same statement
+            # gets `<owner>.1`, ... (named here, once, so every later stage agrees)
+            count = self.owners.get(param_owner, 0)
+            self.owners[param_owner] = count + 1
+            self.ir.node(nid)["facts"]["params"] = \
+                param_owner if count == 0 else f"{param_owner}.{count}"
         if grid is not None:
             self.grid_of[nid] = self.grid_of.get(grid, grid)
         if op == "blocks":

@@ -109,6 +109,10 @@ class IR:
     def operand(self, nid: int, arg: str) -> int | None:
         return self.operands(nid).get(arg)
 
+    def label(self, nid: int) -> str:
+        """A node's name for people and for result dictionaries: its `let` name, or n<id>."""
+        return self.g.nodes[nid]["name"] or f"n{nid}"
+
     def users(self, nid: int) -> list[int]:
         return sorted(self.g.successors(nid))
 

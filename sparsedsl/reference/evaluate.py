@@ -119,7 +119,7 @@ class _Evaluator:
         return t.repeat_interleave(self.G, dim=dim)
 
     def name(self, nid: int) -> str:
-        return self.ir.node(nid)["name"] or f"%{nid}"
+        return self.ir.label(nid)
 
     def run(self) -> Details:
         needed = needed_nodes(self.ir, self.tensors)
@@ -156,7 +156,7 @@ class _Evaluator:
         if n["kind"] is Kind.BLOCKS:
             out = self._blockset(nid, op, a)
             self.details.blocksets[self.name(nid)] = out.expand(self.B, self.Hq, -1, -1)
-            if op == "topk":
+            if op in ("topk", "random"):
                 self.details.selections[self.name(nid)] = self._indices(nid, out)
             return out
         if op == "pool":
@@ -297,8 +297,8 @@ class _Evaluator:
         """Selected blocks as ascending index lists [B, T, H, S], -1 padded (H = kv heads when the
         selection is shared by a GQA group)."""
         sel = sel.expand(self.B, self.Hq, -1, -1)
-        if self.ir.node(nid)["facts"].get("heads") == "group":
-            sel = sel[:, :: self.G]
+        if self.ir.node(nid)["facts"].get("heads") in ("group", "static"):
+            sel = sel[:, :: self.G]  # one list per kv head
         n = sel.shape[-1]
         s = max(int(sel.sum(-1).max().item()), 1)
         idx = torch.arange(n, device=self.device).expand_as(sel)
@@ -419,6 +419,9 @@ def check_inputs(ir: IR, q, k, v, tensors: dict) -> None:
         if t.dim() != 4:
             raise ValueError(f"`{name}` must have 4 dimensions [batch, seq, heads, head_dim], "
                              f"got shape {tuple(t.shape)}")
+    if 0 in q.shape or 0 in k.shape or 0 in v.shape:
+        raise ValueError(f"`q`, `k`, `v` must not be empty, got shapes {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
     B, T, Hq, D = q.shape
     if k.shape[:2] != (B, T) or v.shape[:2] != (B, T):
         bad, t = ("k", k) if k.shape[:2] != (B, T) else ("v", v)

@@ -34,11 +34,10 @@ def _owner(ir: IR, nid: int) -> str:
 def param_shapes(ir: IR, dims: Dims) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every learnable tensor the (resolved) IR needs."""
     shapes: dict[str, tuple[int, ...]] = {}
-    owners: dict[str, int] = {}
     for nid in ir.order():
         n = ir.node(nid)
         if n["op"] == "pool" and n["args"]["method"] == "mlp":
-            owner = _unique(owners, _owner(ir, nid))
+            owner = _owner(ir, nid)
             grid = ir.node(ir.operand(nid, "grid"))["args"]
             length = grid["len"]
             hidden = n["args"]["hidden"] or dims.head_dim
@@ -48,21 +47,14 @@ def param_shapes(ir: IR, dims: Dims) -> dict[str, tuple[int, ...]]:
                 shapes[f"{owner}.{side}.b1"] = (hidden,)
                 shapes[f"{owner}.{side}.w2"] = (hidden, d)
                 shapes[f"{owner}.{side}.b2"] = (d,)
-            n["facts"]["params"] = owner
         elif n["op"] == "linear":
-            owner = _unique(owners, _owner(ir, nid))
+            owner = _owner(ir, nid)
             if dims.d_model is None:
                 raise ValueError("this spec has learnable gates `linear(x)`: give d_model "
                                  "(the last dimension of x)")
             shapes[f"{owner}.weight"] = (dims.q_heads, dims.d_model)
             shapes[f"{owner}.bias"] = (dims.q_heads,)
-            n["facts"]["params"] = owner
     return shapes
-
-
-def _unique(owners: dict, owner: str) -> str:
-    owners[owner] = owners.get(owner, 0) + 1
-    return owner if owners[owner] == 1 else f"{owner}.{owners[owner] - 1}"
 
 
 def init_param(name: str, shape: tuple[int, ...], generator: torch.Generator | None = None,

@@ -39,13 +39,17 @@ def cache_key(spec_text: str, params: dict) -> str:
 
 
 def _codegen_fingerprint() -> str:
-    """Hash of the code generator's own source, so editing it invalidates the cache."""
+    """Hash of the compiler's own source (front end, IR, passes and the generator all shape
+    the generated text), so any change to it invalidates the cache."""
     global _fingerprint
     if _fingerprint is None:
-        pkg = Path(importlib.util.find_spec("sparsedsl.codegen").origin).parent
+        roots = [Path(importlib.util.find_spec(p).origin).parent
+                 for p in ("sparsedsl", "sparsedsl.codegen")]
         h = hashlib.sha256()
-        for f in sorted(pkg.glob("*.py")):
-            h.update(f.read_bytes())
+        for root in roots:
+            for f in sorted(root.rglob("*.py")):
+                h.update(str(f.relative_to(root)).encode())
+                h.update(f.read_bytes())
         _fingerprint = h.hexdigest()
     return _fingerprint
 
@@ -83,18 +87,24 @@ def store(key: str, source: str) -> Path:
     return path
 
 
-def load_module(key: str, make_source):
-    """The generated module for `key`: from memory, from disk if intact, else built anew."""
-    if key in _loaded:
-        return _loaded[key]
+def load_module(key: str, make_source, interpret: bool = False):
+    """The generated module for `key`: from memory, from disk if intact, else built anew.
+    With `interpret`, its jit functions are made for Triton's interpreter."""
+    if (key, interpret) in _loaded:
+        return _loaded[key, interpret]
     path = cache_dir() / key / "kernels.py"
     body = _read_valid(path)
     if body is None:
-        path = store(key, make_source())
-    name = f"sparsedsl_kernels_{key}"
+        body = make_source()
+        path = store(key, body)
+    name = f"sparsedsl_kernels_{key}{'_interp' if interpret else ''}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    # Run the text whose checksum was just verified, as the file holds it (line numbers match
+    # for inspect.getsource): not a bytecode cache beside it, which nothing checks, nor the
+    # file read again.
+    code = compile(f"{_MAGIC}{_checksum(body)}\n{body}", str(path), "exec")
     sys.modules[name] = module
-    spec.loader.exec_module(module)
-    _loaded[key] = module
+    exec(code, module.__dict__)
+    _loaded[key, interpret] = module
     return module

@@ -17,11 +17,19 @@ from ..reference.evaluate import check_inputs
 from ..reference.params import Dims, init_param, param_shapes
 
 
-def _ensure_backend(device: torch.device) -> None:
-    """Off the GPU, the generated kernels run in Triton's interpreter."""
+def _interpreted(device: torch.device) -> bool:
+    """Whether kernels for `device` run in Triton's interpreter: off the GPU, yes.
+
+    Triton decides at `import triton` (from TRITON_INTERPRET) whether its own library
+    functions are interpreted, so the choice is per process: `sparsedsl.runtime` sets
+    TRITON_INTERPRET=1 on a machine without a GPU before anything imports Triton."""
     if device.type == "cuda":
-        return
-    os.environ["TRITON_INTERPRET"] = "1"
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "tensors on the CPU need Triton's interpreter, but Triton was loaded for the GPU in "
+            "this process: move q, k, v to CUDA, or set TRITON_INTERPRET=1 before importing "
+            "triton")
     from .interp import install_speedups
     install_speedups()
     import numpy
@@ -29,6 +37,7 @@ def _ensure_backend(device: torch.device) -> None:
     if (major, minor) >= (2, 3):
         raise RuntimeError(f"Triton's interpreter (used without a GPU) needs numpy < 2.3, found "
                            f"{numpy.__version__}: pip install 'numpy<2.3' (or sparsedsl[cpu])")
+    return True
 
 
 class SparseAttention(torch.nn.Module):
@@ -42,7 +51,7 @@ class SparseAttention(torch.nn.Module):
         self._spec_text = spec_text
         from ..codegen.plan import plan_kernels
         self.plan = plan_kernels(ir)
-        self._module = None
+        self._modules = {}  # interpreted? -> generated module
         self.dims = None
         self._param_names: dict[str, str] = {}
         needs_dims = bool(param_shapes_needed(ir))
@@ -67,12 +76,16 @@ class SparseAttention(torch.nn.Module):
         from ..codegen.emit import generate
         return generate(self.ir, self.plan)[0]
 
-    def _kernels(self):
-        if self._module is None:
+    def _kernels(self, device: torch.device | None = None):
+        """The generated module for a device: native kernels for CUDA, interpreted ones
+        elsewhere (one process can hold both)."""
+        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        interpret = _interpreted(device)
+        if interpret not in self._modules:
             from .cache import cache_key, load_module
             key = cache_key(self._spec_text, self.ir.param_values())
-            self._module = load_module(key, lambda: self.source)
-        return self._module
+            self._modules[interpret] = load_module(key, lambda: self.source, interpret)
+        return self._modules[interpret]
 
     def learnable(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, safe) for name, safe in self._param_names.items()}
@@ -91,6 +104,12 @@ class SparseAttention(torch.nn.Module):
         for name, t in inputs.items():
             if t.dtype != q.dtype and name in self.ir.inputs and self.ir.inputs[name].role == "x":
                 raise ValueError(f"input `{name}` must have q's dtype {q.dtype}, got {t.dtype}")
+        if self.dims is not None and self.dims.d_model is not None:
+            for name, t in inputs.items():
+                if self.ir.inputs[name].role == "x" and t.shape[-1] != self.dims.d_model:
+                    raise ValueError(f"input `{name}` must be [batch={q.shape[0]}, "
+                                     f"seq={q.shape[1]}, d_model={self.dims.d_model}] (this "
+                                     f"layer's d_model), got {tuple(t.shape)}")
         if self.dims is not None:
             if q.shape[-1] != self.dims.head_dim or q.shape[2] != self.dims.q_heads or \
                     v.shape[-1] != self.dims.head_dim_v:
@@ -101,33 +120,45 @@ class SparseAttention(torch.nn.Module):
         if not 1 <= q.shape[-1] <= 256 or not 1 <= v.shape[-1] <= 256:
             raise ValueError(f"head dims up to 256 are supported, got {q.shape[-1]}, {v.shape[-1]}")
 
-    def _gates(self, q, inputs: dict) -> dict:
-        """Gate tensors [B, T, H] (fp32): given ones, else sigmoid(linear(x)) with our weights."""
+    def _gates(self, inputs: dict) -> dict:
+        """Every gate of the output's gated sum as a [B, T, H] float32 tensor, keyed `g<node>`:
+        a given tensor, else sigmoid(linear(x)) with this layer's weights."""
         gates = {}
-        for name, info in self.ir.inputs.items():
-            if info.role != "gate":
-                continue
-            if name in inputs:
-                gates[name] = inputs[name].float().contiguous()
-                continue
-            node = self.ir.node(info.node) if info.node is not None else None
-            if node is None:
-                continue
-            lin = self.ir.operand(self.ir.operand(info.node, "default"), "logits")
-            owner = self.ir.node(lin)["facts"]["params"]
-            x = inputs[self.ir.node(self.ir.operand(lin, "x"))["args"]["name"]]
-            w, b = self.learnable()[f"{owner}.weight"], self.learnable()[f"{owner}.bias"]
-            gates[name] = torch.sigmoid(x.float() @ w.float().T + b.float()).contiguous()
+        out = self.ir.out
+        if self.ir.node(out)["op"] != "mix":
+            return gates
+        for arg, nid in self.ir.operands(out).items():
+            if arg.startswith("gate."):
+                gates[f"g{nid}"] = self._gate(nid, inputs).float().contiguous()
         return gates
+
+    def _gate(self, nid: int, inputs: dict) -> torch.Tensor:
+        n = self.ir.node(nid)
+        if n["op"] == "input":
+            if n["args"]["name"] in inputs:
+                return inputs[n["args"]["name"]]
+            return self._gate(self.ir.operand(nid, "default"), inputs)
+        assert n["op"] == "sigmoid", n["op"]
+        lin = self.ir.operand(nid, "logits")
+        owner = self.ir.node(lin)["facts"]["params"]
+        x = inputs[self.ir.node(self.ir.operand(lin, "x"))["args"]["name"]]
+        w, b = self.learnable()[f"{owner}.weight"], self.learnable()[f"{owner}.bias"]
+        return torch.sigmoid(x.float() @ w.float().T + b.float())
 
     def forward(self, q, k, v, return_lists: bool = False, **inputs):
         inputs = self._inputs(inputs)
         self._check(q, k, v, inputs)
-        _ensure_backend(q.device)
+        kernels = self._kernels(q.device)
+        dtype = q.dtype
+        if dtype == torch.bfloat16 and q.device.type != "cuda":
+            # Triton 3.6's interpreter multiplies bfloat16 matrices wrongly (triton-lang/triton
+            # issue 11584): off the GPU, compute in float32 and round the output to bfloat16
+            q, k, v = q.float(), k.float(), v.float()
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        gates = self._gates(q, inputs)
+        gates = self._gates(inputs)
         params = {n: p.detach().float().contiguous() for n, p in self.learnable().items()}
-        out, lists = self._kernels().forward(q, k, v, gates, params)
+        out, lists = kernels.forward(q, k, v, gates, params)
+        out = out.to(dtype)
         return (out, lists) if return_lists else out
 
     def reference(self, q, k, v, return_details: bool = False, selections=None, **inputs):
