@@ -445,12 +445,28 @@ class SelectEmitter:
 
 # ------------------------------------------------------------------------ attend
 class AttendEmitter:
+    """The forward attention kernel of a stage: online softmax over every key source."""
+
+    mode = "fwd"
+    head_args = "o"
+    extra_consts = ", SAVE: tl.constexpr"
+
     def __init__(self, ir: IR, plan: KernelPlan, ex: Exprs, st: AttendStage):
         self.ir, self.plan, self.ex, self.st = ir, plan, ex, st
         self.c = Code()
         self.args: list[str] = []
         self.nbs: set[int] = set()
         self.lists: set[int] = set()
+
+    def _doc(self, combine: str) -> str:
+        st = self.st
+        extra = (" Also writes the log-sum-exp for the gates that read its probabilities."
+                 if st.writes_lse else
+                 " With SAVE, also writes each group's output and log-sum-exp for the backward.")
+        return f'    """Attention `{st.name}` ({st.layout} layout): {combine}.{extra}"""'
+
+    def _prologue(self) -> None:
+        pass
 
     def _arg(self, name: str) -> None:
         if name not in self.args:
@@ -495,23 +511,24 @@ class AttendEmitter:
               f"(i_hk if SH{s} else i_h * R)) * KS{s}")
             c(f"b_sel{s} = tl.load(p_sel{s} + tl.arange(0, KSP{s}), "
               f"mask=tl.arange(0, KSP{s}) < KS{s}, other=-1)  # [KSP{s}] listed blocks")
+        self._prologue()
         for gi, grp in enumerate(st.groups):
             self._group(gi, grp)
         self._finish()
         body = c.text()
-        name = f"attend_{st.name}_fwd_kernel"
+        name = f"attend_{st.name}_{self.mode}_kernel"
         consts = "".join(f"HS{s}: tl.constexpr, SH{s}: tl.constexpr, KS{s}, KSP{s}: tl.constexpr, "
                          for s in sorted(self.lists))
-        sig = (f"q, k, v, o, {''.join(a + ', ' for a in self.args)}T, "
+        sig = (f"q, k, v, {self.head_args}, {''.join(a + ', ' for a in self.args)}T, "
                f"{''.join(f'NB{x}, ' for x in sorted(self.nbs))}{consts}"
                f"H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, R: tl.constexpr, "
                f"RP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, "
-               f"BDV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr")
+               f"BDV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr"
+               f"{self.extra_consts}")
         self.signature = sig
         combine = {"single": "one branch", "union": "one softmax over the union of the branches",
                    "mix": "a gated sum of separately normalised branches"}[st.combine]
-        doc = (f'    """Attention `{st.name}` ({st.layout} layout): {combine}.'
-               f'{" Also writes the log-sum-exp for the gates that read its probabilities." if st.writes_lse else ""}"""')
+        doc = self._doc(combine)
         return f"\n@triton.jit\ndef {name}(\n    {sig},\n):\n{doc}\n{body}\n"
 
     # one softmax group: online softmax over every source of every branch in it
@@ -676,6 +693,19 @@ class AttendEmitter:
         c("")
         c("# ---- combine and write")
         c("p_o = ((i_b * T + o_i).to(tl.int64) * H + o_h)  # [RP]")
+        if not st.writes_lse:
+            self._arg("osave")
+            self._arg("lsave")
+            c("if SAVE:  # each group's normalised output and log-sum-exp, for the backward")
+            with c.indent():
+                c("n_rows = T * H * tl.num_programs(2)  # B * T * H rows per group")
+                for gi in range(len(st.groups)):
+                    c(f"b_og = tl.where(l{gi}[:, None] > 0, acc{gi} / tl.where(l{gi} > 0, l{gi}, "
+                      f"1.)[:, None], 0.)")
+                    c(f"tl.store(osave + ({gi} * n_rows + p_o)[:, None] * DV + o_dv[None, :], b_og, "
+                      f"mask=m_r[:, None] & m_dv[None, :])")
+                    c(f"tl.store(lsave + {gi} * n_rows + p_o, tl.where(l{gi} > 0, m{gi} + "
+                      f"tl.log(tl.where(l{gi} > 0, l{gi}, 1.)), float('-inf')), mask=m_r)")
         if st.combine == "mix":
             c("b_o = tl.zeros([RP, BDV], dtype=tl.float32)")
             for gi, gate in enumerate(st.gates):
@@ -697,6 +727,233 @@ class AttendEmitter:
             c("tl.store(lse + p_o, b_lse, mask=m_r)")
 
 
+class AttendBwdEmitter(AttendEmitter):
+    """The backward of an attention stage: the same walk over the same key sources.
+
+    Per softmax group g (do_g = gate_g * dO in a gated sum, else dO; o_g, lse_g saved by
+    the forward; delta_g = rowsum(do_g * o_g)), for each key tile:
+        p = exp(scale * q.k - lse_g),  dp = do_g . v,  ds = p * (dp - delta_g)
+        dq += scale * ds . k          (this program owns its rows: plain stores)
+        dk += scale * ds^T . q,  dv += p^T . do_g   (keys are shared: atomic adds)
+    A branch computed by an earlier stage gets (do_g, lse_g, delta_g) written out for its
+    own backward. The top-k selections are not differentiated.
+    """
+
+    mode = "bwd"
+    head_args = "do, dq, dk, dv"
+    extra_consts = ""
+
+    def _doc(self, combine: str) -> str:
+        st = self.st
+        return (f'    """Backward of attention `{st.name}` ({st.layout} layout, {combine}): dq, and '
+                f'dk, dv (and pooled dk, dv) by atomic adds: not deterministic."""')
+
+    def _prologue(self) -> None:
+        c = self.c
+        c("p_row = ((i_b * T + o_i).to(tl.int64) * H + o_h)  # [RP]")
+        c("b_q = b_q.to(tl.float32)")
+        c("b_dq = tl.zeros([RP, BD], dtype=tl.float32)")
+        c("b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & "
+          "m_dv[None, :], other=0.).to(tl.float32)  # [RP, BDV] dO")
+        if not self.st.writes_lse:
+            c("n_rows = T * H * tl.num_programs(2)")
+
+    def _group(self, gi: int, grp) -> None:
+        c, st = self.c, self.st
+        c("")
+        c(f"# ---- softmax group {gi}: {' + '.join(b.name for b in grp)}")
+        if st.writes_lse:  # an earlier stage: do, lse, delta come from the stage that used it
+            self._arg("xdo")
+            self._arg("xlse")
+            self._arg("xdelta")
+            c(f"b_do{gi} = tl.load(xdo + p_row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & "
+              f"m_dv[None, :], other=0.)")
+            c(f"b_lse{gi} = tl.load(xlse + p_row, mask=m_r, other=float('-inf'))")
+            c(f"b_delta{gi} = tl.load(xdelta + p_row, mask=m_r, other=0.)")
+        else:
+            self._arg("osave")
+            self._arg("lsave")
+            gate = st.gates[gi] if st.combine == "mix" else None
+            if gate is not None:
+                self._arg(f"gate_{gate}")
+                c(f"b_g = tl.load(gate_{gate} + p_row, mask=m_r, other=0.).to(tl.float32)")
+                c(f"b_do{gi} = b_do * b_g[:, None]")
+            else:
+                c(f"b_do{gi} = b_do")
+            c(f"b_o{gi} = tl.load(osave + ({gi} * n_rows + p_row)[:, None] * DV + o_dv[None, :], "
+              f"mask=m_r[:, None] & m_dv[None, :], other=0.)")
+            c(f"b_lse{gi} = tl.load(lsave + {gi} * n_rows + p_row, mask=m_r, other=float('-inf'))")
+            c(f"b_delta{gi} = tl.sum(b_do{gi} * b_o{gi}, 1)  # [RP]")
+            for b in grp:
+                if b.precomputed:
+                    for kind in ("do", "lse", "delta"):
+                        self._arg(f"x{kind}{b.node}")
+                    c(f"# `{b.name}` runs its own backward with this group's do, lse, delta")
+                    c(f"tl.store(xdo{b.node} + p_row[:, None] * DV + o_dv[None, :], b_do{gi}, "
+                      f"mask=m_r[:, None] & m_dv[None, :])")
+                    c(f"tl.store(xlse{b.node} + p_row, b_lse{gi}, mask=m_r)")
+                    c(f"tl.store(xdelta{b.node} + p_row, b_delta{gi}, mask=m_r)")
+        tokens = [b for b in grp if not b.pooled and not b.precomputed]
+        if tokens:
+            masks = [self.ex.keys(self.ir.operand(b.node, "keys"), "I", "J") for b in tokens]
+            mask = masks[0] if len(masks) == 1 else "(" + " | ".join(masks) + ")"
+            sources = []
+            for b in tokens:
+                sources += [x for x in b.sources if x not in sources]
+            scale = f"scale{tokens[0].node}"
+            self._arg(scale)
+            self._walk(gi, sources, mask, scale, pooled=None)
+        for b in grp:
+            if b.pooled and not b.precomputed:
+                blocks = self.ir.operand(b.node, "blocks")
+                pool = self.ir.operand(b.node, "keys")
+                for a in (f"kp{pool}", f"vp{pool}", f"dkp{pool}", f"dvp{pool}", f"scale{b.node}"):
+                    self._arg(a)
+                self.nbs.add(b.grid.node)
+                mask = self.ex.blocks(blocks, "I", "J")
+                self._walk(gi, list(b.sources), mask, f"scale{b.node}", pooled=(pool, b.grid))
+
+    def _update(self, gi, mask, scale, pooled, idx) -> None:
+        c = self.c
+        if pooled is None:
+            base = f"((i_b * T + {idx}).to(tl.int64) * HKV + i_hk)"
+            kptr, vptr, dkptr, dvptr = "k", "v", "dk", "dv"
+            c(f"m_k = ({idx} < T)[:, None]")
+        else:
+            pool, g = pooled
+            base = f"((i_b * NB{g.node} + {idx}).to(tl.int64) * HKV + i_hk)"
+            kptr, vptr, dkptr, dvptr = f"kp{pool}", f"vp{pool}", f"dkp{pool}", f"dvp{pool}"
+            c(f"m_k = ({idx} < NB{g.node})[:, None]")
+        c(f"o_kv = {base}  # [BN]")
+        c(f"b_k = tl.load({kptr} + o_kv[:, None] * D + o_d[None, :], mask=m_k & m_d[None, :], "
+          f"other=0.).to(tl.float32)")
+        c(f"b_v = tl.load({vptr} + o_kv[:, None] * DV + o_dv[None, :], mask=m_k & m_dv[None, :], "
+          f"other=0.).to(tl.float32)")
+        c(f"b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * {scale}")
+        c(f"m_a = m_s & {mask}")
+        c(f"b_p = tl.where(m_a, tl.exp(b_s - b_lse{gi}[:, None]), 0.)  # [RP, BN]")
+        c(f"b_dp = tl.dot(b_do{gi}, tl.trans(b_v), input_precision='ieee' if IEEE else 'tf32')")
+        c(f"b_ds = b_p * (b_dp - b_delta{gi}[:, None])")
+        c(f"b_dq += tl.dot(b_ds, b_k, input_precision='ieee' if IEEE else 'tf32') * {scale}")
+        c(f"b_dk = tl.dot(tl.trans(b_ds), b_q, input_precision='ieee' if IEEE else 'tf32') * {scale}")
+        c(f"b_dv = tl.dot(tl.trans(b_p), b_do{gi}, input_precision='ieee' if IEEE else 'tf32')")
+        c(f"m_w = m_k & (tl.sum(m_a.to(tl.int32), 0) > 0)[:, None]  # keys some row attended")
+        c(f"tl.atomic_add({dkptr} + o_kv[:, None] * D + o_d[None, :], b_dk, mask=m_w & m_d[None, :])")
+        c(f"tl.atomic_add({dvptr} + o_kv[:, None] * DV + o_dv[None, :], b_dv, "
+          f"mask=m_w & m_dv[None, :])")
+
+    def _finish(self) -> None:
+        c = self.c
+        c("")
+        c("p_dq = dq + p_row[:, None] * D + o_d[None, :]")
+        c("m_dq = m_r[:, None] & m_d[None, :]")
+        c("tl.store(p_dq, tl.load(p_dq, mask=m_dq, other=0.) + b_dq, mask=m_dq)")
+
+
+def emit_pool_bwd(st: PoolStage) -> str:
+    g = st.grid
+    if st.method == "mean":
+        return f'''
+@triton.jit
+def pool_{st.name}_bwd_kernel(
+    dxp, dx, T, NB,
+    HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
+):
+    """Backward of the mean over blocks(len={g.length}, stride={g.stride}): each token gathers
+    dxp[n] / |block n| from the blocks that hold it (deterministic)."""
+    i_j, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_j = i_j * BT + tl.arange(0, BT)  # [BT]
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    b_dx = tl.zeros([BT, BD], dtype=tl.float32)
+    for r in tl.static_range({g.overlap}):
+        o_n = o_j // {g.stride} - r
+        m_n = (o_n >= 0) & (o_n < NB) & (o_j < o_n * {g.stride} + {g.length}) & (o_j < T)
+        b_cnt = tl.minimum({g.length}, T - o_n * {g.stride}).to(tl.float32)
+        p = dxp + ((i_b * NB + tl.maximum(o_n, 0)).to(tl.int64) * HKV + i_h)[:, None] * D + o_d[None, :]
+        b_g = tl.load(p, mask=m_n[:, None] & m_d[None, :], other=0.)
+        b_dx += b_g / tl.where(m_n, b_cnt, 1.)[:, None]
+    p_dx = dx + ((i_b * T + o_j).to(tl.int64) * HKV + i_h)[:, None] * D + o_d[None, :]
+    m_x = (o_j < T)[:, None] & m_d[None, :]
+    tl.store(p_dx, tl.load(p_dx, mask=m_x, other=0.) + b_dx, mask=m_x)
+'''
+    return f'''
+@triton.jit
+def pool_{st.name}_bwd_kernel(
+    x, pe, w1, b1, w2, dxp, dx, dpe, dw1, db1, dw2, db2, dh, T, NB, HID,
+    HKV: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BNB: tl.constexpr, BK: tl.constexpr,
+    BH: tl.constexpr,
+):
+    """Backward of the learned compression of blocks(len={g.length}, stride={g.stride}):
+    recomputes the hidden layer, then dW2, db2, db1, dW1, dpe (atomic adds over blocks) and
+    dx scattered to the tokens of each block (atomic: blocks may overlap)."""
+    i_n, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_n = i_n * BNB + tl.arange(0, BNB)  # [BNB]
+    m_n = o_n < NB
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_row = ((i_b * NB + o_n).to(tl.int64) * HKV + i_h)  # [BNB]
+    b_dy = tl.load(dxp + o_row[:, None] * D + o_d[None, :], mask=m_n[:, None] & m_d[None, :],
+                   other=0.)  # [BNB, BD]
+    tl.atomic_add(db2 + o_d, tl.sum(b_dy, 0), mask=m_d)
+    # pass 1: per hidden chunk, recompute h, then dW2, db1 and dh (kept in a scratch buffer)
+    for h0 in range(0, HID, BH):
+        o_hid = h0 + tl.arange(0, BH)
+        m_hid = o_hid < HID
+        b_h = tl.zeros([BNB, BH], dtype=tl.float32)
+        for f0 in range(0, {g.length} * D, BK):
+            o_f = f0 + tl.arange(0, BK)
+            m_f = o_f < {g.length} * D
+            o_j = o_n[:, None] * {g.stride} + (o_f // D)[None, :]
+            m_x = m_f[None, :] & (o_j < T) & m_n[:, None]
+            b_x = tl.load(x + ((i_b * T + o_j).to(tl.int64) * HKV + i_h) * D + (o_f % D)[None, :],
+                          mask=m_x, other=0.).to(tl.float32)
+            b_pe = tl.load(pe + o_f, mask=m_f, other=0.)
+            b_x = tl.where(m_x, b_x + b_pe[None, :], 0.)
+            b_w1 = tl.load(w1 + o_f[:, None] * HID + o_hid[None, :],
+                           mask=m_f[:, None] & m_hid[None, :], other=0.)
+            b_h += tl.dot(b_x, b_w1, input_precision="ieee")
+        b_h += tl.load(b1 + o_hid, mask=m_hid, other=0.)[None, :]
+        b_cdf = 0.5 * (1.0 + tl.erf(b_h * 0.7071067811865476))
+        b_a = b_h * b_cdf
+        b_gelu1 = b_cdf + b_h * tl.exp(-0.5 * b_h * b_h) * 0.3989422804014327  # gelu'(h)
+        b_w2 = tl.load(w2 + o_hid[:, None] * D + o_d[None, :], mask=m_hid[:, None] & m_d[None, :],
+                       other=0.)  # [BH, BD]
+        tl.atomic_add(dw2 + o_hid[:, None] * D + o_d[None, :],
+                      tl.dot(tl.trans(b_a), b_dy, input_precision="ieee"),
+                      mask=m_hid[:, None] & m_d[None, :])
+        b_dh = tl.dot(b_dy, tl.trans(b_w2), input_precision="ieee") * b_gelu1
+        b_dh = tl.where(m_n[:, None], b_dh, 0.)
+        tl.atomic_add(db1 + o_hid, tl.sum(b_dh, 0), mask=m_hid)
+        tl.store(dh + o_row[:, None] * HID + o_hid[None, :], b_dh, mask=m_n[:, None] & m_hid[None, :])
+    # pass 2: per input chunk, dW1 += x^T dh, dx = dh W1^T -> dpe and the tokens
+    for f0 in range(0, {g.length} * D, BK):
+        o_f = f0 + tl.arange(0, BK)
+        m_f = o_f < {g.length} * D
+        o_j = o_n[:, None] * {g.stride} + (o_f // D)[None, :]
+        m_x = m_f[None, :] & (o_j < T) & m_n[:, None]
+        p_x = ((i_b * T + o_j).to(tl.int64) * HKV + i_h) * D + (o_f % D)[None, :]
+        b_x = tl.load(x + p_x, mask=m_x, other=0.).to(tl.float32)
+        b_pe = tl.load(pe + o_f, mask=m_f, other=0.)
+        b_x = tl.where(m_x, b_x + b_pe[None, :], 0.)
+        b_dx = tl.zeros([BNB, BK], dtype=tl.float32)
+        for h0 in range(0, HID, BH):
+            o_hid = h0 + tl.arange(0, BH)
+            m_hid = o_hid < HID
+            b_dh = tl.load(dh + o_row[:, None] * HID + o_hid[None, :],
+                           mask=m_n[:, None] & m_hid[None, :], other=0.)
+            b_w1 = tl.load(w1 + o_f[:, None] * HID + o_hid[None, :],
+                           mask=m_f[:, None] & m_hid[None, :], other=0.)
+            tl.atomic_add(dw1 + o_f[:, None] * HID + o_hid[None, :],
+                          tl.dot(tl.trans(b_x), b_dh, input_precision="ieee"),
+                          mask=m_f[:, None] & m_hid[None, :])
+            b_dx += tl.dot(b_dh, tl.trans(b_w1), input_precision="ieee")
+        b_dx = tl.where(m_x, b_dx, 0.)
+        tl.atomic_add(dpe + o_f, tl.sum(b_dx, 0), mask=m_f)
+        tl.atomic_add(dx + p_x, b_dx, mask=m_x)
+'''
+
+
 # -------------------------------------------------------------------------- host
 class HostEmitter:
     """The `forward` function of the generated module: buffers and launches."""
@@ -709,7 +966,8 @@ class HostEmitter:
         c, ir, plan = self.c, self.ir, self.plan
         c('"""Run every stage of the plan. q, k, v: contiguous [B, T, heads, head_dim];')
         c("gates: name -> [B, T, H] tensors; params: learnable tensors by name.")
-        c('Returns the output [B, T, H, DV] in q\'s dtype and the selected block lists."""')
+        c("Returns the output [B, T, H, DV] in q's dtype, the selected block lists and, with")
+        c('`save`, what `backward` needs."""')
         c("B, T, H, D = q.shape")
         c("HKV, DV = k.shape[2], v.shape[3]")
         c("G = H // HKV")
@@ -728,8 +986,13 @@ class HostEmitter:
                 self._select(st, select_emitters[st.node])
             else:
                 self._attend(st, attend_emitters[id(st)])
-        c("return o, lists")
-        return "\n\ndef forward(q, k, v, gates, params):\n" + c.text() + "\n"
+        saved = [f"kp{st.node}" for st in plan.stages if st.kind == "pool"]
+        saved += [f"vp{st.node}" for st in plan.stages if st.kind == "pool"]
+        saved += [f"sel{st.node}" for st in plan.stages if st.kind == "select"]
+        saved += ["osave", "lsave"]
+        c("saved = dict(" + ", ".join(f"{x}={x}" for x in saved) + ") if save else None")
+        c("return o, lists, saved")
+        return "\n\ndef forward(q, k, v, gates, params, save=False):\n" + c.text() + "\n"
 
     def _scale(self, node: int) -> str:
         s = self.ir.node(node)["args"]["scale"]
@@ -788,6 +1051,9 @@ class HostEmitter:
             c(f"lse = lse{st.node} = torch.empty(B, T, H, device=dev, dtype=f32)")
         else:
             c("o = torch.empty(B, T, H, DV, device=dev, dtype=q.dtype)")
+            ng = len(st.groups)
+            c(f"osave = torch.empty({ng}, B, T, H, DV, device=dev, dtype=f32) if save else o")
+            c(f"lsave = torch.empty({ng}, B, T, H, device=dev, dtype=f32) if save else o")
         if st.layout == "tile":
             c("R, BM = 1, 32")
             c("RP = BM")
@@ -808,7 +1074,109 @@ class HostEmitter:
                        f"KSP{d}=triton.next_power_of_2(KS{d}), " for d in sorted(em.lists))
         c(f"attend_{st.name}_fwd_kernel[{grid}](q, k, v, o, {''.join(x + ', ' for x in args)}T, "
           f"{''.join(f'NB{x}, ' for x in sorted(em.nbs))}{deps}H=H, HKV=HKV, G=G, R=R, RP=RP, "
-          f"D=D, DV=DV, BD=BD, BDV=BDV, BM=BM, BN=32, IEEE=IEEE)")
+          f"D=D, DV=DV, BD=BD, BDV=BDV, BM=BM, BN=32, IEEE=IEEE, SAVE=save)")
+
+
+class HostBwdEmitter(HostEmitter):
+    """The `backward` function: gradients of everything `forward` read."""
+
+    def emit(self, attend_bwd: dict) -> str:
+        c, plan = self.c, self.plan
+        c('"""dO [B, T, H, DV] -> (dq, dk, dv, dgates, dparams). Top-k selections are not')
+        c('differentiated; the kernels add into shared keys atomically (not deterministic)."""')
+        c("B, T, H, D = q.shape")
+        c("HKV, DV = k.shape[2], v.shape[3]")
+        c("G = H // HKV")
+        c("dev = q.device")
+        c("BD, BDV = _p2(D), _p2(DV)")
+        c("IEEE = q.dtype == torch.float32")
+        c("f32 = torch.float32")
+        c("do = do.contiguous()")
+        c("dq = torch.zeros(B, T, H, D, device=dev, dtype=f32)")
+        c("dk = torch.zeros(B, T, HKV, D, device=dev, dtype=f32)")
+        c("dv = torch.zeros(B, T, HKV, DV, device=dev, dtype=f32)")
+        c("dparams = {}")
+        c("osave, lsave = saved['osave'], saved['lsave']")
+        for gid, g in sorted(plan.grids.items()):
+            c(f"NB{gid} = triton.cdiv(T, {g.stride})")
+        for st in plan.stages:
+            if st.kind == "pool":
+                c(f"kp{st.node}, vp{st.node} = saved['kp{st.node}'], saved['vp{st.node}']")
+                c(f"dkp{st.node}, dvp{st.node} = torch.zeros_like(kp{st.node}), "
+                  f"torch.zeros_like(vp{st.node})")
+            elif st.kind == "select":
+                c(f"sel{st.node} = saved['sel{st.node}']")
+                c(f"HS{st.node}, KS{st.node} = sel{st.node}.shape[2], sel{st.node}.shape[3]")
+        attends = [st for st in plan.stages if st.kind == "attend"]
+        for st in attends:
+            if st.writes_lse:
+                c(f"xdo{st.node} = torch.zeros(B, T, H, DV, device=dev, dtype=f32)")
+                c(f"xlse{st.node} = torch.full((B, T, H), float('-inf'), device=dev, dtype=f32)")
+                c(f"xdelta{st.node} = torch.zeros(B, T, H, device=dev, dtype=f32)")
+        for st in reversed(attends):
+            c("")
+            self._attend_bwd(st, attend_bwd[id(st)])
+        for st in reversed([x for x in plan.stages if x.kind == "pool"]):
+            c("")
+            self._pool_bwd(st)
+        final = attends[-1]
+        c("")
+        c("# gates: d(gate_g) = sum over v's dims of dO * o_g")
+        c("dgates = {}")
+        for gi, gate in enumerate(final.gates):
+            if gate is not None and final.combine == "mix":
+                c(f"dgates[{gate!r}] = (do.float() * osave[{gi}]).sum(-1)")
+        c("return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgates, dparams")
+        return "\n\ndef backward(q, k, v, gates, params, saved, do):\n" + c.text() + "\n"
+
+    def _attend_bwd(self, st: AttendStage, em: "AttendBwdEmitter") -> None:
+        c = self.c
+        c(f"# backward of attend `{st.name}`")
+        if st.layout == "tile":
+            c("R, BM = 1, 32")
+            c("RP = BM")
+            grid = "(triton.cdiv(T, BM), H, B)"
+        else:
+            c(f"R, BM = {'1' if st.rows == 'head' else 'G'}, 1")
+            c("RP = _p2(R)")
+            grid = "(T, H // R, B)"
+        args = []
+        for a in em.args:
+            if a.startswith("scale"):
+                args.append(self._scale(int(a[5:])))
+            elif a.startswith("gate_"):
+                args.append(f"gates[{a[5:]!r}]")
+            elif a in ("xdo", "xlse", "xdelta"):
+                args.append(f"{a}{st.node}")
+            else:
+                args.append(a)
+        do = f"xdo{st.node}" if st.writes_lse else "do"
+        deps = "".join(f"HS{d}=HS{d}, SH{d}={self._shared(d)}, KS{d}=KS{d}, "
+                       f"KSP{d}=triton.next_power_of_2(KS{d}), " for d in sorted(em.lists))
+        c(f"attend_{st.name}_bwd_kernel[{grid}](q, k, v, {do}, dq, dk, dv, "
+          f"{''.join(x + ', ' for x in args)}T, {''.join(f'NB{x}, ' for x in sorted(em.nbs))}"
+          f"{deps}H=H, HKV=HKV, G=G, R=R, RP=RP, D=D, DV=DV, BD=BD, BDV=BDV, BM=BM, BN=32, "
+          f"IEEE=IEEE)")
+
+    def _pool_bwd(self, st: PoolStage) -> None:
+        c = self.c
+        g = st.grid
+        c(f"# backward of pool `{st.name}` ({st.method})")
+        for side, x, d, bd, dx in (("k", "k", "D", "BD", "dk"), ("v", "v", "DV", "BDV", "dv")):
+            if st.method == "mean":
+                c(f"pool_{st.name}_bwd_kernel[(triton.cdiv(T, 32), HKV, B)](d{side}p{st.node}, {dx}, "
+                  f"T, NB{g.node}, HKV=HKV, D={d}, BD={bd}, BT=32)")
+            else:
+                pre = f"{st.owner}.{side}."
+                c(f"w1 = params['{pre}w1']")
+                c(f"grads = {{n: torch.zeros_like(params['{pre}' + n], dtype=f32) "
+                  f"for n in ('pe', 'w1', 'b1', 'w2', 'b2')}}")
+                c(f"dh = torch.empty(B * NB{g.node} * HKV, w1.shape[1], device=dev, dtype=f32)")
+                c(f"pool_{st.name}_bwd_kernel[(triton.cdiv(NB{g.node}, 16), HKV, B)]({x}, "
+                  f"params['{pre}pe'], w1, params['{pre}b1'], params['{pre}w2'], d{side}p{st.node}, "
+                  f"{dx}, grads['pe'], grads['w1'], grads['b1'], grads['w2'], grads['b2'], dh, T, "
+                  f"NB{g.node}, w1.shape[1], HKV=HKV, D={d}, BD={bd}, BNB=16, BK=32, BH=32)")
+                c(f"dparams.update({{'{pre}' + n: t for n, t in grads.items()}})")
 
 
 def generate(ir: IR, plan: KernelPlan | None = None) -> tuple[str, KernelPlan]:
@@ -829,5 +1197,14 @@ def generate(ir: IR, plan: KernelPlan | None = None) -> tuple[str, KernelPlan]:
             em = AttendEmitter(ir, plan, ex, st)
             parts.append(em.emit())
             attends[id(st)] = em
+    attends_bwd = {}
+    for st in plan.stages:
+        if st.kind == "attend":
+            em = AttendBwdEmitter(ir, plan, ex, st)
+            parts.append(em.emit())
+            attends_bwd[id(st)] = em
+        elif st.kind == "pool":
+            parts.append(emit_pool_bwd(st))
     parts.append(HostEmitter(ir, plan).emit(selects, attends))
+    parts.append(HostBwdEmitter(ir, plan).emit(attends_bwd))
     return "".join(parts), plan

@@ -3,7 +3,7 @@ learnable parameters, given gates, half precision, odd shapes, and the `emit` ve
 
 Kernels run in Triton's interpreter without a GPU, so shapes are tiny. Input checks are
 tested to fail before anything is launched: the layer's `_kernels` is replaced by a function
-that fails the test, its `_modules` stays empty and the (fresh) cache directory stays empty.
+that fails the test, its `_kernel_modules` stays empty and the (fresh) cache directory stays empty.
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def _expect_error(layer, monkeypatch, cache_dir, match, *args, **inputs):
     _guard(layer, monkeypatch)
     with pytest.raises(ValueError, match=match):
         layer(*args, **inputs)
-    assert layer._modules == {}
+    assert layer._kernel_modules == {}
     assert not cache_dir.exists() or not any(cache_dir.iterdir())
 
 
@@ -379,7 +379,8 @@ def test_emit_prints_the_module(capsys):
                         "init_blocks=1, local_blocks=2, window=512")
     assert lines[2].startswith("# passes: build, ")
     assert "@triton.jit" in out
-    assert "\ndef forward(q, k, v, gates, params):\n" in out
+    assert "\ndef forward(q, k, v, gates, params, save=False):\n" in out
+    assert "\ndef backward(q, k, v, gates, params, saved, do):\n" in out
     for kernel in ("pool_", "select_sel_fwd_kernel", "attend_out_fwd_kernel"):
         assert f"def {kernel}" in out
     compile(out, "<emit nsa>", "exec")  # valid Python

@@ -18,7 +18,7 @@ Semantics of each construct, over query position i and key position j
   blocks(l, d)          block n = [n d, n d + l), n < ceil(T / d); tokens past T are absent
   past / current / future / first / recent / random / topk: see `_blockset`
   pool(g, mean)         mean of a block's tokens that exist (a final block may be partial)
-  pool(g, mlp)          w2 . gelu(w1 . flatten(k[block] + pe) + b1) + b2, missing tokens as 0
+  pool(g, mlp)          w2 . gelu(w1 . flatten(k[block] + pe) + b1) + b2; tokens past T are 0
   attend(M)             softmax over keys in M of scale * q.k, then . v; a row with no key is 0
   attend(P, B)          the same over pooled keys/values of the blocks in B
   union(a, b, ...)      one softmax over all keys of all branches (a real token counts once)
@@ -325,7 +325,8 @@ class _Evaluator:
         xp = torch.cat([x, x.new_zeros(B, max(pad, 0), H, D)], dim=1)
         tok = g.start[:, None] + torch.arange(g.length, device=self.device)[None, :]  # [N, L]
         blocks = xp[:, tok]  # [B, N, L, H, D]
-        blocks = blocks + p("pe")[None, None, :, None, :]
+        exists = (tok < T)[None, :, :, None, None]  # tokens past the end contribute 0
+        blocks = torch.where(exists, blocks + p("pe")[None, None, :, None, :], 0.0)
         flat = blocks.permute(0, 1, 3, 2, 4).reshape(B, g.n, H, g.length * D)
         hidden = torch.nn.functional.gelu(flat @ p("w1") + p("b1"))
         return hidden @ p("w2") + p("b2")  # [B, N, H, D]

@@ -40,6 +40,40 @@ def _interpreted(device: torch.device) -> bool:
     return True
 
 
+class _Attend(torch.autograd.Function):
+    """The generated forward and backward kernels as one autograd node.
+
+    Inputs: q, k, v, then the gate tensors and the learnable tensors (in the order of
+    their names). The backward keeps O(T * k) state: block lists, each group's output and
+    log-sum-exp, pooled keys; never an attention matrix."""
+
+    @staticmethod
+    def forward(ctx, kernels, lists, gate_names, param_names, q, k, v, *tensors):
+        ng = len(gate_names)
+        gates = {n: t.float().contiguous() for n, t in zip(gate_names, tensors[:ng])}
+        params = {n: t.detach().float().contiguous() for n, t in zip(param_names, tensors[ng:])}
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        save = any(ctx.needs_input_grad[4:])
+        out, sel, saved = kernels.forward(q, k, v, gates, params, save=save)
+        lists.update(sel)
+        ctx.kernels, ctx.names, ctx.saved = kernels, (gate_names, param_names), saved
+        ctx.dtypes = [t.dtype for t in tensors]
+        ctx.gates, ctx.params = gates, params
+        if save:
+            ctx.save_for_backward(q, k, v)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v = ctx.saved_tensors
+        gate_names, param_names = ctx.names
+        dq, dk, dv, dgates, dparams = ctx.kernels.backward(q, k, v, ctx.gates, ctx.params,
+                                                           ctx.saved, do.to(q.dtype))
+        grads = [dgates.get(n) for n in gate_names] + [dparams.get(n) for n in param_names]
+        grads = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
+        return (None, None, None, None, dq, dk, dv, *grads)
+
+
 class SparseAttention(torch.nn.Module):
     """A compiled spec. forward(q, k, v, **inputs) -> [batch, seq, q_heads, head_dim_v]."""
 
@@ -51,7 +85,7 @@ class SparseAttention(torch.nn.Module):
         self._spec_text = spec_text
         from ..codegen.plan import plan_kernels
         self.plan = plan_kernels(ir)
-        self._modules = {}  # interpreted? -> generated module
+        self._kernel_modules = {}  # interpreted? -> generated module
         self.dims = None
         self._param_names: dict[str, str] = {}
         needs_dims = bool(param_shapes_needed(ir))
@@ -81,11 +115,11 @@ class SparseAttention(torch.nn.Module):
         elsewhere (one process can hold both)."""
         device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         interpret = _interpreted(device)
-        if interpret not in self._modules:
+        if interpret not in self._kernel_modules:
             from .cache import cache_key, load_module
             key = cache_key(self._spec_text, self.ir.param_values())
-            self._modules[interpret] = load_module(key, lambda: self.source, interpret)
-        return self._modules[interpret]
+            self._kernel_modules[interpret] = load_module(key, lambda: self.source, interpret)
+        return self._kernel_modules[interpret]
 
     def learnable(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, safe) for name, safe in self._param_names.items()}
@@ -154,10 +188,15 @@ class SparseAttention(torch.nn.Module):
             # Triton 3.6's interpreter multiplies bfloat16 matrices wrongly (triton-lang/triton
             # issue 11584): off the GPU, compute in float32 and round the output to bfloat16
             q, k, v = q.float(), k.float(), v.float()
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        if torch.is_autocast_enabled(q.device.type):  # attention runs in the autocast dtype
+            cast = torch.get_autocast_dtype(q.device.type)
+            q, k, v = q.to(cast), k.to(cast), v.to(cast)
+            dtype = cast
         gates = self._gates(inputs)
-        params = {n: p.detach().float().contiguous() for n, p in self.learnable().items()}
-        out, lists = kernels.forward(q, k, v, gates, params)
+        params = self.learnable()
+        lists: dict = {}
+        out = _Attend.apply(kernels, lists, tuple(gates), tuple(params), q, k, v,
+                            *gates.values(), *params.values())
         out = out.to(dtype)
         return (out, lists) if return_lists else out
 
