@@ -276,6 +276,7 @@ class SelectEmitter:
         self.args: list[str] = []  # extra pointer/scalar arguments, in order
         self.pools: dict[int, str] = {}
         self.branches: dict[int, str] = {}
+        self.grids: set[int] = set()  # grids whose block counts the scores read
 
     def _pool(self, nid: int) -> str:
         if nid not in self.pools:
@@ -325,21 +326,23 @@ class SelectEmitter:
         if op == "remap":
             src = ops["score"]
             gs, gd = self.ex.grid(src), self.ex.grid(nid)
+            self.grids.add(gs.node)
             reach = math.ceil((gd.length + gs.length) / gs.stride) + 1
             v = c.fresh("b_r")
+            r, w = c.fresh("r"), c.fresh("b_w")  # fresh names: remaps can nest
             c(f"{v} = tl.zeros([RP, C], dtype=tl.float32)")
             first = c.fresh("o_first")
             c(f"{first} = _fdiv({N} * {gd.stride} - {gs.length}, {gs.stride}) + 1  # [C]")
-            c(f"for r in tl.static_range({reach}):")
+            c(f"for {r} in tl.static_range({reach}):")
             with c.indent():
                 ns = c.fresh("o_src")
-                c(f"{ns} = {first} + r")
-                c(f"b_w = (tl.minimum({ns} * {gs.stride} + {gs.length}, {N} * {gd.stride} + "
+                c(f"{ns} = {first} + {r}")
+                c(f"{w} = (tl.minimum({ns} * {gs.stride} + {gs.length}, {N} * {gd.stride} + "
                   f"{gd.length}) - tl.maximum({ns} * {gs.stride}, {N} * {gd.stride}))"
                   f".to(tl.float32) / {gs.stride}")
-                c(f"b_w = tl.where(({ns} >= 0) & ({ns} < NB{gs.node}), tl.maximum(b_w, 0.), 0.)")
+                c(f"{w} = tl.where(({ns} >= 0) & ({ns} < NB{gs.node}), tl.maximum({w}, 0.), 0.)")
                 inner = self.score(src, ns)
-                c(f"{v} += b_w[None, :] * {inner}")
+                c(f"{v} += {w}[None, :] * {inner}")
             return v
         if op == "groupsum":
             inner = self.score(ops["score"], N)
@@ -377,6 +380,7 @@ class SelectEmitter:
             self.args += [f"sel{dep}"]
         c(f"NB = NB{g.node}")
         c("n_forced = 0")
+        c("n_counted = 0")
         c("b_val = tl.full([KB], float('-inf'), tl.float32)  # the best free blocks so far")
         c("b_idx = 2147483000 + tl.arange(0, KB)  # (distinct sentinels: empty slots)")
         c("for n0 in range(0, NB, C):")
@@ -402,6 +406,8 @@ class SelectEmitter:
             c("o_pos = n_forced + tl.cumsum(m_force.to(tl.int32), 0) - 1")
             c("tl.store(p_sel + o_pos, o_n, mask=m_force & (o_pos < KS))")
             c("n_forced += tl.sum(m_force.to(tl.int32), 0)")
+            c(f"n_counted += tl.sum((m_force & (o_n * {g.stride} <= i_t)).to(tl.int32), 0)"
+              "  # forced blocks that have started count against k")
             c("for _ in tl.static_range(K):  # merge the chunk's best candidates into the buffer")
             with c.indent():
                 c("c_val = tl.max(tl.where(m_cand, b_score, float('-inf')), 0)")
@@ -415,7 +421,7 @@ class SelectEmitter:
                 c("b_idx = tl.where(m_slot, c_idx, b_idx)")
                 c("m_cand = m_cand & (o_n != c_idx)")
         c("# forced blocks first, then the best free blocks while slots remain")
-        c("n_free = tl.maximum(K - n_forced, 0)")
+        c("n_free = tl.maximum(K - n_counted, 0)")
         c("b_beats = ((b_val[:, None] > b_val[None, :]) | ((b_val[:, None] == b_val[None, :]) & "
           "(b_idx[:, None] < b_idx[None, :])))  # [KB, KB]: row beats column")
         c("b_rank = tl.sum(b_beats.to(tl.int32), 0)")
@@ -424,7 +430,7 @@ class SelectEmitter:
         body = c.text()
         extra = "".join(f"{x}, " for x in self.args)
         pools = {p: self.ex.grid(p).node for p in self.pools}
-        nbs = sorted({g.node} | set(pools.values()) | {
+        nbs = sorted({g.node} | set(pools.values()) | self.grids | {
             self.ex.grid(ir.operand(b, "keys")).node for b in self.branches})
         list_deps = sorted(self.ex.lists(st.node) - {st.node})
         consts = "".join(f"HS{d}: tl.constexpr, SH{d}: tl.constexpr, KS{d}, KSP{d}: tl.constexpr, "
@@ -831,6 +837,7 @@ class AttendBwdEmitter(AttendEmitter):
           f"other=0.).to(tl.float32)")
         c(f"b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * {scale}")
         c(f"m_a = m_s & {mask}")
+        c(f"m_a = m_a & (b_lse{gi} > float('-inf'))[:, None]  # a row that saw no key has none")
         c(f"b_p = tl.where(m_a, tl.exp(b_s - b_lse{gi}[:, None]), 0.)  # [RP, BN]")
         c(f"b_dp = tl.dot(b_do{gi}, tl.trans(b_v), input_precision='ieee' if IEEE else 'tf32')")
         c(f"b_ds = b_p * (b_dp - b_delta{gi}[:, None])")
@@ -973,7 +980,7 @@ class HostEmitter:
         c("G = H // HKV")
         c("dev = q.device")
         c("BD, BDV = _p2(D), _p2(DV)")
-        c("IEEE = q.dtype == torch.float32")
+        c("IEEE = q.dtype in (torch.float32, torch.float64)")
         c("f32 = torch.float32")
         c("lists = {}")
         for gid, g in sorted(plan.grids.items()):
@@ -1036,7 +1043,7 @@ class HostEmitter:
           f"{''.join(x + ', ' for x in extra)}T, {''.join(f'NB{x}, ' for x in em.nbs)}{deps}"
           f"H=H, HKV=HKV, G=G, HS=HS{st.node}, R=R, RP=_p2(R), SHARED={shared}, D=D, BD=BD, "
           f"K={st.k}, KB=max(2, triton.next_power_of_2({st.k})), KS=KS{st.node}, "
-          f"KSP=triton.next_power_of_2(KS{st.node}), C=32)")
+          f"KSP=triton.next_power_of_2(KS{st.node}), C=32, num_stages=1)")
         c(f"lists[{st.name!r}] = sel{st.node}")
 
     def _shared(self, sel_node: int) -> str:
@@ -1089,7 +1096,7 @@ class HostBwdEmitter(HostEmitter):
         c("G = H // HKV")
         c("dev = q.device")
         c("BD, BDV = _p2(D), _p2(DV)")
-        c("IEEE = q.dtype == torch.float32")
+        c("IEEE = q.dtype in (torch.float32, torch.float64)")
         c("f32 = torch.float32")
         c("do = do.contiguous()")
         c("dq = torch.zeros(B, T, H, D, device=dev, dtype=f32)")
@@ -1113,7 +1120,12 @@ class HostBwdEmitter(HostEmitter):
                 c(f"xdo{st.node} = torch.zeros(B, T, H, DV, device=dev, dtype=f32)")
                 c(f"xlse{st.node} = torch.full((B, T, H), float('-inf'), device=dev, dtype=f32)")
                 c(f"xdelta{st.node} = torch.zeros(B, T, H, device=dev, dtype=f32)")
+        # an earlier stage needs a backward only if the output uses its branch (a branch
+        # that only feeds a gate's scores gets no gradient: the selection is not differentiated)
+        used = {b.node for grp in attends[-1].groups for b in grp if b.precomputed}
         for st in reversed(attends):
+            if st.writes_lse and st.node not in used:
+                continue
             c("")
             self._attend_bwd(st, attend_bwd[id(st)])
         for st in reversed([x for x in plan.stages if x.kind == "pool"]):
@@ -1125,7 +1137,7 @@ class HostBwdEmitter(HostEmitter):
         c("dgates = {}")
         for gi, gate in enumerate(final.gates):
             if gate is not None and final.combine == "mix":
-                c(f"dgates[{gate!r}] = (do.float() * osave[{gi}]).sum(-1)")
+                c(f"dgates[{gate!r}] = (do.to(osave.dtype) * osave[{gi}]).sum(-1)")
         c("return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgates, dparams")
         return "\n\ndef backward(q, k, v, gates, params, saved, do):\n" + c.text() + "\n"
 
@@ -1205,6 +1217,25 @@ def generate(ir: IR, plan: KernelPlan | None = None) -> tuple[str, KernelPlan]:
             attends_bwd[id(st)] = em
         elif st.kind == "pool":
             parts.append(emit_pool_bwd(st))
-    parts.append(HostEmitter(ir, plan).emit(selects, attends))
-    parts.append(HostBwdEmitter(ir, plan).emit(attends_bwd))
-    return "".join(parts), plan
+    kernels = [_with_acc(x) for x in parts[2:]]
+    host = [HostEmitter(ir, plan).emit(selects, attends),
+            HostBwdEmitter(ir, plan).emit(attends_bwd)]
+    return "".join(parts[:2] + kernels + [_launch_acc(h) for h in host]), plan
+
+
+def _with_acc(kernel: str) -> str:
+    """Accumulate in ACC: float32, or float64 for float64 inputs (exact gradient checks)."""
+    kernel = kernel.replace("tl.float32", "ACC")
+    return kernel.replace(",\n):\n", ", ACC: tl.constexpr,\n):\n", 1)
+
+
+def _launch_acc(host: str) -> str:
+    lines = []
+    for line in host.splitlines():
+        if "_kernel[" in line and line.rstrip().endswith(")"):
+            line = line.rstrip()[:-1] + ", ACC=ACC)"
+        lines.append(line)
+    text = "\n".join(lines) + "\n"
+    return text.replace("    f32 = torch.float32\n",
+                        "    f32 = torch.float64 if q.dtype == torch.float64 else torch.float32\n"
+                        "    ACC = tl.float64 if q.dtype == torch.float64 else tl.float32\n")

@@ -112,3 +112,57 @@ def test_non_contiguous_inputs():
     assert not q.is_contiguous() and not k.is_contiguous()
     rep = check_layer(layer, q, k, v, {}, OUT_TOL, SCORE_TOL)
     assert rep.error < OUT_TOL
+
+
+# ------------------------------------------------------------------------ gradients
+# relative to each gradient's scale, with a floor at 1% of the q/k/v gradients' scale: some
+# gradients are zero in theory and only rounding noise here (the compressed keys' output
+# bias: a softmax does not change when every logit of a row moves by the same amount)
+GRAD_TOL = 1e-4 if DTYPE == torch.float32 else 5e-2
+
+
+def _grad_errors(spec, B, T, Hq, Hkv, D, **params):
+    """Kernel gradients (at the test dtype) against float64 autograd of the reference on the
+    kernels' own selections: the largest error relative to each gradient's scale."""
+    layer = sparsedsl.compile(spec, head_dim=D, q_heads=Hq, d_model=16, **params).to(DEVICE)
+    q, k, v, extra = _inputs(B, T, Hq, Hkv, D, layer, seed=5)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    extra = {n: t.requires_grad_() for n, t in extra.items()}
+    out, lists = layer(q, k, v, return_lists=True, **extra)
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(6)).to(DEVICE, DTYPE)
+    leaves = [q, k, v, *extra.values(), *layer.parameters()]
+    mine = torch.autograd.grad(out, leaves, do, allow_unused=True)
+    cpu = lambda t: t.detach().double().cpu().requires_grad_()  # noqa: E731
+    q2, k2, v2 = cpu(q), cpu(k), cpu(v)
+    ex2 = {n: cpu(t) for n, t in extra.items()}
+    p2 = {n: cpu(p) for n, p in layer.learnable().items()}
+    ref = sparsedsl.reference(layer.ir, q2, k2, v2, params=p2, **ex2,
+                              selections={n: s.long().cpu() for n, s in lists.items()})
+    by_safe = {safe: n for n, safe in layer._param_names.items()}
+    names = [n for n, _ in layer.named_parameters()]
+    theirs = torch.autograd.grad(ref, [q2, k2, v2, *ex2.values(), *[p2[by_safe[n]] for n in names]],
+                                 do.double().cpu(), allow_unused=True)
+    scale = max(float(t.abs().max()) for t in theirs[:3])
+    errs = {}
+    for label, a, b in zip(["q", "k", "v", *extra, *names], mine, theirs):
+        a = torch.zeros_like(b) if a is None else a.detach().double().cpu()
+        b = torch.zeros_like(a) if b is None else b
+        errs[label] = float((a - b).abs().max()) / max(float(b.abs().max()), 1e-2 * scale)
+    return errs
+
+
+GRAD_CASES = {
+    "moba-gqa4": ("moba", (1, 40, 4, 1, 16), dict(block=8, topk=3)),
+    "nsa-mlp": ("nsa", (1, 40, 4, 2, 16), dict(cmp_len=8, cmp_stride=4, sel_len=8, topn=3,
+                                                window=8)),
+    "static-sink-window": ("out = attend((sink(3) & causal) | window(6))", (2, 33, 2, 1, 16), {}),
+}
+
+
+@pytest.mark.parametrize("name", list(GRAD_CASES))
+def test_gradients(name):
+    spec, shape, params = GRAD_CASES[name]
+    errs = _grad_errors(spec, *shape, **params)
+    worst = max(errs, key=errs.get)
+    assert errs[worst] < GRAD_TOL, f"worst: d{worst} {errs[worst]:.3g}; all: " + \
+        ", ".join(f"{k}={v:.2g}" for k, v in errs.items())

@@ -290,7 +290,10 @@ class _Evaluator:
         forbid = torch.zeros(shape, dtype=torch.bool, device=self.device) if forbid is None \
             else forbid.expand(shape)
         cand = ~force & ~forbid
-        left = (a["k"] - force.sum(-1)).clamp(min=0)
+        # k counts the forced blocks that have started (start <= i): how many forced blocks
+        # lie in the future depends on the sequence length, and must not change a selection
+        started = g.start[None, :] <= self.i[:, None]  # [T, N]
+        left = (a["k"] - (force & started).sum(-1)).clamp(min=0)
         return force | self._take_best(score, cand, left)
 
     def _indices(self, nid: int, sel: torch.Tensor) -> torch.Tensor:

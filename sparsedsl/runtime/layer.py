@@ -50,8 +50,9 @@ class _Attend(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernels, lists, gate_names, param_names, q, k, v, *tensors):
         ng = len(gate_names)
-        gates = {n: t.float().contiguous() for n, t in zip(gate_names, tensors[:ng])}
-        params = {n: t.detach().float().contiguous() for n, t in zip(param_names, tensors[ng:])}
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        gates = {n: t.to(acc).contiguous() for n, t in zip(gate_names, tensors[:ng])}
+        params = {n: t.detach().to(acc).contiguous() for n, t in zip(param_names, tensors[ng:])}
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         save = any(ctx.needs_input_grad[4:])
         out, sel, saved = kernels.forward(q, k, v, gates, params, save=save)
@@ -133,8 +134,8 @@ class SparseAttention(torch.nn.Module):
 
     def _check(self, q, k, v, inputs):
         check_inputs(self.ir, q, k, v, inputs)
-        if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"`q` must be float32, float16 or bfloat16, got {q.dtype}")
+        if q.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise ValueError(f"`q` must be float32, float16, bfloat16 or float64, got {q.dtype}")
         for name, t in inputs.items():
             if t.dtype != q.dtype and name in self.ir.inputs and self.ir.inputs[name].role == "x":
                 raise ValueError(f"input `{name}` must have q's dtype {q.dtype}, got {t.dtype}")
@@ -155,7 +156,7 @@ class SparseAttention(torch.nn.Module):
             raise ValueError(f"head dims up to 256 are supported, got {q.shape[-1]}, {v.shape[-1]}")
 
     def _gates(self, inputs: dict) -> dict:
-        """Every gate of the output's gated sum as a [B, T, H] float32 tensor, keyed `g<node>`:
+        """Every gate of the output's gated sum as a [B, T, H] tensor, keyed `g<node>`:
         a given tensor, else sigmoid(linear(x)) with this layer's weights."""
         gates = {}
         out = self.ir.out
@@ -163,7 +164,7 @@ class SparseAttention(torch.nn.Module):
             return gates
         for arg, nid in self.ir.operands(out).items():
             if arg.startswith("gate."):
-                gates[f"g{nid}"] = self._gate(nid, inputs).float().contiguous()
+                gates[f"g{nid}"] = self._gate(nid, inputs).contiguous()
         return gates
 
     def _gate(self, nid: int, inputs: dict) -> torch.Tensor:
@@ -177,7 +178,8 @@ class SparseAttention(torch.nn.Module):
         owner = self.ir.node(lin)["facts"]["params"]
         x = inputs[self.ir.node(self.ir.operand(lin, "x"))["args"]["name"]]
         w, b = self.learnable()[f"{owner}.weight"], self.learnable()[f"{owner}.bias"]
-        return torch.sigmoid(x.float() @ w.float().T + b.float())
+        dt = torch.promote_types(x.dtype, torch.float32)
+        return torch.sigmoid(x.to(dt) @ w.to(dt).T + b.to(dt))
 
     def forward(self, q, k, v, return_lists: bool = False, **inputs):
         inputs = self._inputs(inputs)

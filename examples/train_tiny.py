@@ -1,0 +1,492 @@
+"""Train a tiny causal language model whose attention is a compiled `.attn` spec.
+
+    python examples/train_tiny.py SPEC [--set NAME=VALUE ...] [--steps N] [--seq T]
+        [--d-model D] [--heads H] [--kv-heads HK] [--layers L] [--batch B] [--lr LR]
+        [--pairs P] [--vocab V] [--seed S] [--device cpu|cuda] [--dtype float32|bfloat16]
+        [--size auto|gpu|cpu] [--out DIR] [--json FILE] [--log-every N]
+
+SPEC is a `.attn` file, spec text or a built-in name (`moba`, `nsa`). Every attention
+layer of the model is `sparsedsl.compile(SPEC, ...)`: its generated Triton kernels run the
+forward and the backward pass (natively on a CUDA GPU, in Triton's interpreter on the CPU).
+
+The task is associative recall over a long context. A sequence of length T holds P
+key/value token pairs `k1 v1 k2 v2 ...` at a random even offset in its first half, random
+filler tokens everywhere else, and ends with a query marker and one of the P keys:
+
+    f f f k1 v1 k2 v2 ... kP vP f f f f f ... f f ? kj     ->  the model must say vj
+
+The loss and the accuracy count only that answer (the prediction at the last position).
+The pairs lie at least T/2 tokens before the query, outside any local window, so a sparse
+pattern learns the task only if its block selection finds the blocks holding the pairs
+(MoBA's top-k router, NSA's compression scores), and keys, values and filler come from
+disjoint parts of the vocabulary, so the blocks that hold the pairs look different from the
+filler blocks. Two layers suffice: one copies each key into the position of its value
+(previous-token attention, local), the next matches the query key against them (far).
+
+Sizes: `--size auto` (the default) picks a GPU size on a CUDA device (seq 2048, a few
+minutes on an H100) and a tiny CPU size otherwise (the interpreter runs every Triton program
+in Python: tens of milliseconds per query position, head and layer). Any flag given
+overrides the size's default. Spec parameters that set sizes (MoBA's `block`, `topk`; NSA's
+`cmp_len`, `cmp_stride`, `sel_len`, `topn`, `init_blocks`, `local_blocks`, `window`) are
+scaled to the sequence length unless given with `--set`, so the sparse patterns select
+among several blocks.
+
+Outputs: one line per step (a one-line progress display on a terminal, plain lines every
+`--log-every` steps otherwise), `<out>/<pattern>.png` with the loss and accuracy curves and,
+with `--json FILE`, a summary: spec, parameters, steps, final loss, accuracy over the last
+steps, steps to 90% accuracy, wall time, device, and the per-step curves.
+
+`--seed` fixes the weights and the data: on the CPU runs repeat exactly; on a GPU the
+backward kernels add into shared key gradients atomically, so runs agree only closely.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# A size's defaults: flags that are not given take these.
+SIZES = {
+    # A few minutes on one H100 for dense causal, MoBA and NSA each.
+    "gpu": dict(steps=600, seq=2048, d_model=256, heads=4, kv_heads=2, layers=2, batch=32,
+                lr=1e-3, pairs=16, vocab=128, dtype="bfloat16"),
+    # Triton's interpreter: every kernel program runs in Python, so keep it tiny. This
+    # learns the answer distribution (the loss falls to about log(values)), not the recall.
+    "cpu": dict(steps=20, seq=32, d_model=32, heads=2, kv_heads=1, layers=2, batch=4,
+                lr=3e-3, pairs=4, vocab=32, dtype="float32"),
+}
+LAST_N = 20  # the accuracy (and loss) reported "over the last steps" averages this many
+TARGET_ACC = 0.9
+JSON_KEYS = ("spec", "pattern", "spec_params", "params", "steps", "final_loss", "final_acc",
+             "last_n", "loss_last_n", "acc_last_n", "steps_to_90", "chance_acc",
+             "wall_time_s", "step_time_s", "device", "device_name", "dtype", "png", "history")
+
+
+# ---------------------------------------------------------------------------- the task
+class Task:
+    """Token ids: 0 is the query marker, then keys, values and filler, disjoint."""
+
+    def __init__(self, vocab: int, seq: int, pairs: int):
+        self.vocab, self.seq, self.pairs = vocab, seq, pairs
+        self.n_keys = self.n_values = (self.vocab - 1) // 3
+        self.key0, self.value0 = 1, 1 + self.n_keys
+        self.filler0 = self.value0 + self.n_values
+        self.n_filler = self.vocab - self.filler0
+        if self.n_keys < 2 or self.n_filler < 1:
+            raise ValueError(f"--vocab {self.vocab} is too small: it needs a marker and at least "
+                             "2 keys, 2 values and a filler token (vocab >= 7)")
+        if self.pairs < 1 or self.pairs > self.n_keys:
+            raise ValueError(f"--pairs must be in 1..{self.n_keys} (the keys of vocab "
+                             f"{self.vocab}), got {self.pairs}")
+        if 2 * self.pairs > self.seq // 2:
+            raise ValueError(f"--pairs {self.pairs} do not fit in the first half of --seq "
+                             f"{self.seq}: need 4 * pairs <= seq")
+
+    def batch(self, batch: int, g: torch.Generator):
+        """tokens [batch, seq] and the answers [batch] (the value of the queried key)."""
+        B, T, P = batch, self.seq, self.pairs
+        tokens = self.filler0 + torch.randint(self.n_filler, (B, T), generator=g)
+        keys = self.key0 + torch.rand(B, self.n_keys, generator=g).argsort(1)[:, :P]
+        values = self.value0 + torch.randint(self.n_values, (B, P), generator=g)
+        # an even offset: a pair never straddles a block boundary of an even block size
+        offset = 2 * torch.randint((T // 2 - 2 * P) // 2 + 1, (B, 1), generator=g)
+        pos = offset + 2 * torch.arange(P)  # [B, P]
+        tokens.scatter_(1, pos, keys)
+        tokens.scatter_(1, pos + 1, values)
+        which = torch.randint(P, (B, 1), generator=g)
+        tokens[:, -2] = 0
+        tokens[:, -1] = keys.gather(1, which)[:, 0]
+        return tokens, values.gather(1, which)[:, 0]
+
+
+# ---------------------------------------------------------------------------- the model
+def auto_spec_params(names, seq: int) -> dict:
+    """Sizes for the spec parameters this example knows, scaled to the sequence."""
+    block = max(8, seq // 16)
+    sel_len = max(8, seq // 32)
+    cmp_len = max(8, seq // 64)
+    table = {
+        "block": block,                                   # MoBA: 16 blocks at 2048
+        "topk": 3 if -(-seq // block) >= 8 else 2,        # own block + 2 routed
+        "window": max(8, seq // 16),                      # far below the pairs' distance
+        "sel_len": sel_len,                               # NSA: 32 selection blocks at 2048
+        "topn": 6 if seq >= 512 else 3,                   # forced ones included
+        "init_blocks": 1,
+        "local_blocks": 2 if seq >= 512 else 1,
+        "cmp_len": cmp_len,
+        "cmp_stride": max(1, cmp_len // 2),
+    }
+    return {n: table[n] for n in names if n in table}
+
+
+class Block(nn.Module):
+    """Pre-norm: x + o(attn(q, k, v)), then x + mlp(x)."""
+
+    def __init__(self, spec, spec_params: dict, d_model: int, heads: int, kv_heads: int,
+                 seed: int):
+        super().__init__()
+        import sparsedsl
+        self.h, self.hk, self.hd = heads, kv_heads, d_model // heads
+        self.ln1 = nn.LayerNorm(d_model)
+        self.q = nn.Linear(d_model, heads * self.hd, bias=False)
+        self.kv = nn.Linear(d_model, 2 * kv_heads * self.hd, bias=False)
+        self.attn = sparsedsl.compile(spec, head_dim=self.hd, q_heads=heads, d_model=d_model,
+                                      seed=seed, **spec_params)
+        self.x_inputs = [n for n, i in self.attn.ir.inputs.items() if i.role == "x"]
+        given = [n for n, i in self.attn.ir.inputs.items() if i.role != "x" and i.node is None]
+        if given:
+            raise ValueError(f"spec `{self.attn.spec_name}` needs the input(s) "
+                             f"{', '.join(given)}; this example gives only the layer input `x`")
+        self.o = nn.Linear(heads * self.hd, d_model, bias=False)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(),
+                                 nn.Linear(4 * d_model, d_model))
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        h = self.ln1(x)
+        q = self.q(h).view(B, T, self.h, self.hd)
+        k, v = self.kv(h).view(B, T, 2, self.hk, self.hd).unbind(2)
+        inputs = {n: h.to(q.dtype) for n in self.x_inputs}  # the layer input, in q's dtype
+        a = self.attn(q, k, v, **inputs)
+        x = x + self.o(a.flatten(2))
+        return x + self.mlp(self.ln2(x))
+
+
+def sinusoids(seq: int, d: int) -> torch.Tensor:
+    """The Transformer's fixed sin/cos position code [seq, d] (Vaswani et al., 2017)."""
+    pos = torch.arange(seq, dtype=torch.float32)[:, None]
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, d, 2, dtype=torch.float32) / d)
+    pe = torch.zeros(seq, d)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq)[:, : d // 2]
+    return pe
+
+
+class TinyLM(nn.Module):
+    """Token + absolute position embeddings (no rotary), pre-norm blocks, final norm, LM head.
+
+    pos="sinusoidal": the fixed sin/cos code, scaled to the token embeddings' size (a shift
+    by one position is a linear map of it, which the previous-token attention needs);
+    pos="learned": one learned vector per position."""
+
+    def __init__(self, spec, spec_params, vocab, seq, d_model, heads, kv_heads, layers, seed,
+                 pos="sinusoidal", shift=True):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d_model)
+        # token shift: each position also sees an embedding of the token before it
+        self.prev = nn.Embedding(vocab + 1, d_model) if shift else None  # id `vocab`: none
+        if pos == "learned":
+            self.pos = nn.Parameter(torch.zeros(seq, d_model))
+        else:
+            self.register_buffer("pos", 0.02 * math.sqrt(2) * sinusoids(seq, d_model))
+        self.blocks = nn.ModuleList(Block(spec, spec_params, d_model, heads, kv_heads,
+                                          seed=seed * 1000 + i) for i in range(layers))
+        self.ln = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab, bias=False)
+        for name, p in self.named_parameters():
+            if ".attn." in name:  # the spec's own parameters keep sparsedsl's initialisation
+                continue
+            if p.dim() == 2:
+                nn.init.normal_(p, std=0.02)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def forward(self, tokens, last_only: bool = True):
+        x = self.tok(tokens) + self.pos[: tokens.shape[1]]
+        if self.prev is not None:
+            before = torch.cat([torch.full_like(tokens[:, :1], self.prev.num_embeddings - 1),
+                                tokens[:, :-1]], 1)
+            x = x + self.prev(before)
+        for blk in self.blocks:
+            x = blk(x)
+        if last_only:  # the loss reads only the answer position
+            x = x[:, -1:]
+        return self.head(self.ln(x))
+
+
+# ---------------------------------------------------------------------------- output
+class Progress:
+    """A one-line `\\r` progress display on a terminal, plain lines every `every` steps else."""
+
+    def __init__(self, total: int, every: int, stream=None, width: int = 24):
+        self.total, self.every, self.width = total, max(1, every), width
+        self.stream = stream or sys.stdout
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = time.perf_counter()
+        self._last_len = 0
+
+    def update(self, step: int, loss: float, acc: float, acc_avg: float):
+        elapsed = time.perf_counter() - self.t0
+        rate = step / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else 0.0
+        text = (f"step {step:>{len(str(self.total))}}/{self.total}  loss {loss:.4f}  "
+                f"acc {acc:.3f}  acc@{LAST_N} {acc_avg:.3f}  {_rate(rate)}  "
+                f"elapsed {_dur(elapsed)}  eta {_dur(eta)}")
+        if self.tty:
+            filled = round(self.width * step / self.total)
+            line = f"[{'#' * filled}{'.' * (self.width - filled)}] {text}"
+            pad = " " * max(0, self._last_len - len(line))
+            self.stream.write("\r" + line + pad)
+            self._last_len = len(line)
+            self.stream.flush()
+        elif step % self.every == 0 or step == self.total or step == 1:
+            print(text, file=self.stream, flush=True)
+
+    def close(self):
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _rate(r: float) -> str:
+    return f"{r:.2f} step/s" if r >= 1 else f"{1 / r if r else 0:.1f} s/step"
+
+
+def _dur(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def moving_average(xs, n):
+    out, acc = [], 0.0
+    for i, x in enumerate(xs):
+        acc += x
+        if i >= n:
+            acc -= xs[i - n]
+        out.append(acc / min(i + 1, n))
+    return out
+
+
+def steps_to(accs, target, n):
+    """The first step (1-based) whose mean accuracy over the last n steps reaches target."""
+    n = min(n, len(accs))
+    for i, a in enumerate(moving_average(accs, n)):
+        if i + 1 >= n and a >= target:
+            return i + 1
+    return None
+
+
+def plot(summary: dict, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    h = summary["history"]
+    steps = list(range(1, len(h["loss"]) + 1))
+    n = max(1, min(LAST_N, len(steps) // 5 or 1))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot(steps, h["loss"], color="tab:blue", alpha=0.3, lw=0.8, label="per step")
+    ax1.plot(steps, moving_average(h["loss"], n), color="tab:blue", label=f"mean of {n}")
+    ax1.set(xlabel="step", ylabel="cross-entropy (answer only)", title="loss")
+    ax1.axhline(math.log(1 / summary["chance_acc"]), color="gray", ls=":", lw=1,
+                label="log(#values)")
+    ax1.legend()
+    ax2.plot(steps, h["acc"], color="tab:green", alpha=0.3, lw=0.8, label="per step")
+    ax2.plot(steps, moving_average(h["acc"], n), color="tab:green", label=f"mean of {n}")
+    ax2.axhline(TARGET_ACC, color="gray", ls="--", lw=1, label="90%")
+    ax2.axhline(summary["chance_acc"], color="gray", ls=":", lw=1, label="chance")
+    ax2.set(xlabel="step", ylabel="accuracy", title="recall accuracy", ylim=(-0.02, 1.02))
+    ax2.legend(loc="upper left")
+    p = summary["params"]
+    sp = ", ".join(f"{k}={v}" for k, v in summary["spec_params"].items())
+    fig.suptitle(f"{summary['pattern']}({sp})  T={p['seq']} d={p['d_model']} "
+                 f"H={p['heads']}/{p['kv_heads']} L={p['layers']} B={p['batch']} "
+                 f"pairs={p['pairs']}  [{summary['device']}, {summary['wall_time_s']:.0f}s]",
+                 fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(
+        prog="train_tiny.py", description=__doc__.split("\n\n")[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("spec", help="a .attn file, spec text or a built-in name (moba, nsa)")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a spec parameter (repeatable); overrides the scaled defaults")
+    ap.add_argument("--size", choices=("auto", "gpu", "cpu"), default="auto",
+                    help="the defaults for flags not given: gpu on a CUDA device, else cpu")
+    for flag, typ, what in [("--steps", int, "training steps"),
+                            ("--seq", int, "sequence length T"),
+                            ("--d-model", int, "model width"),
+                            ("--heads", int, "query heads"),
+                            ("--kv-heads", int, "key/value heads (GQA)"),
+                            ("--layers", int, "blocks"),
+                            ("--batch", int, "sequences per step"),
+                            ("--lr", float, "peak learning rate (AdamW)"),
+                            ("--pairs", int, "key/value pairs per sequence"),
+                            ("--vocab", int, "vocabulary: marker, keys, values, filler")]:
+        ap.add_argument(flag, type=typ, default=None, help=what)
+    ap.add_argument("--pos", choices=("sinusoidal", "learned"), default="sinusoidal",
+                    help="absolute position embeddings (default sinusoidal)")
+    ap.add_argument("--shift", action=argparse.BooleanOptionalAction, default=True,
+                    help="token shift: add an embedding of the previous token to each input "
+                         "(default on)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                    help="default: cuda if available")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                    help="bfloat16 runs the model under autocast (default: bfloat16 on the "
+                         "GPU size, float32 on the CPU size)")
+    ap.add_argument("--out", default="out/train", help="folder for the PNG (default out/train)")
+    ap.add_argument("--json", default=None, metavar="FILE", help="write a JSON summary")
+    ap.add_argument("--log-every", type=int, default=None,
+                    help="plain-output lines every N steps (default steps/50)")
+    return ap.parse_args(argv)
+
+
+def _resolve(args):
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but torch sees no CUDA device")
+    size = args.size if args.size != "auto" else ("gpu" if device == "cuda" else "cpu")
+    cfg = dict(SIZES[size])
+    for k in cfg:
+        v = getattr(args, k, None)
+        if v is not None:
+            cfg[k] = v
+    cfg.update(device=device, size=size, seed=args.seed, pos=args.pos, shift=args.shift)
+    if cfg["d_model"] % cfg["heads"]:
+        raise SystemExit(f"error: --d-model {cfg['d_model']} is not a multiple of --heads "
+                         f"{cfg['heads']}")
+    if cfg["heads"] % cfg["kv_heads"]:
+        raise SystemExit(f"error: --heads {cfg['heads']} is not a multiple of --kv-heads "
+                         f"{cfg['kv_heads']}")
+    return cfg
+
+
+def _spec_params(spec, sets: list[str], seq: int) -> tuple[dict, dict]:
+    """(the parameters passed to compile, all resolved values)."""
+    import sparsedsl
+    given = {}
+    for item in sets:
+        if "=" not in item:
+            raise SystemExit(f"error: --set takes NAME=VALUE, got `{item}`")
+        name, value = item.split("=", 1)
+        given[name.strip()] = value.strip()
+    declared = list(sparsedsl.lower(spec).params)
+    params = {k: v for k, v in auto_spec_params(declared, seq).items() if k not in given}
+    params.update(given)
+    resolved = sparsedsl.lower(spec, params).param_values()  # raises on a bad name or value
+    return params, resolved
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cfg = _resolve(args)
+    import sparsedsl
+    from sparsedsl.errors import SpecError
+    try:
+        compile_params, spec_params = _spec_params(args.spec, args.set, cfg["seq"])
+    except SpecError as e:
+        raise SystemExit(f"error: {e}")
+    device = torch.device(cfg["device"])
+    amp = cfg["dtype"] == "bfloat16"
+    torch.manual_seed(cfg["seed"])
+    task = Task(cfg["vocab"], cfg["seq"], cfg["pairs"])
+    model = TinyLM(args.spec, compile_params, cfg["vocab"], cfg["seq"], cfg["d_model"],
+                   cfg["heads"], cfg["kv_heads"], cfg["layers"], cfg["seed"],
+                   pos=args.pos, shift=args.shift).to(device)
+    pattern = model.blocks[0].attn.spec_name
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and ".attn." not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and ".attn." not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": rest, "weight_decay": 0.0}],
+                            lr=cfg["lr"], betas=(0.9, 0.95))
+    steps = cfg["steps"]
+    warmup = max(1, min(100, steps // 10))
+
+    def lr_at(step):  # linear warm-up, then cosine to a tenth
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    gen = torch.Generator().manual_seed(cfg["seed"] + 1)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{pattern}({', '.join(f'{k}={v}' for k, v in spec_params.items())}) on {device}"
+          f" [{cfg['dtype']}, size {cfg['size']}]: T={cfg['seq']} d_model={cfg['d_model']} "
+          f"heads={cfg['heads']}/{cfg['kv_heads']} layers={cfg['layers']} batch={cfg['batch']} "
+          f"pairs={cfg['pairs']} vocab={cfg['vocab']} lr={cfg['lr']} steps={steps} "
+          f"({n_params / 1e6:.2f}M parameters)", flush=True)
+    log_every = args.log_every or max(1, steps // 50)
+    progress = Progress(steps, log_every)
+    losses, accs = [], []
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(steps):
+        tokens, answer = task.batch(cfg["batch"], gen)
+        tokens, answer = tokens.to(device), answer.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(tokens)[:, -1].float()
+        loss = nn.functional.cross_entropy(logits, answer)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        # the batch was fresh data, scored before this update: a held-out estimate
+        losses.append(loss.item())
+        accs.append((logits.argmax(-1) == answer).float().mean().item())
+        if not math.isfinite(losses[-1]):
+            progress.close()
+            raise SystemExit(f"error: the loss is {losses[-1]} at step {step + 1}")
+        progress.update(step + 1, losses[-1], accs[-1], moving_average(accs[-LAST_N:], LAST_N)[-1])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    progress.close()
+
+    n = min(LAST_N, steps)
+    out_dir = Path(args.out)
+    png = out_dir / f"{pattern}.png"
+    summary = {
+        "spec": args.spec,
+        "pattern": pattern,
+        "spec_params": spec_params,
+        "params": {k: cfg[k] for k in ("seq", "d_model", "heads", "kv_heads", "layers", "batch",
+                                       "lr", "pairs", "vocab", "pos", "shift", "seed", "size")}
+        | {"n_params": n_params, "warmup": warmup},
+        "steps": steps,
+        "final_loss": losses[-1],
+        "final_acc": accs[-1],
+        "last_n": n,
+        "loss_last_n": sum(losses[-n:]) / n,
+        "acc_last_n": sum(accs[-n:]) / n,
+        "steps_to_90": steps_to(accs, TARGET_ACC, LAST_N),
+        "chance_acc": 1 / task.n_values,
+        "wall_time_s": wall,
+        "step_time_s": wall / steps,
+        "device": device.type,
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else "cpu (Triton interpreter)"),
+        "dtype": cfg["dtype"],
+        "png": str(png),
+        "history": {"loss": losses, "acc": accs},
+    }
+    plot(summary, png)
+    print(f"{pattern}: {steps} steps in {_dur(wall)} ({wall / steps:.3f} s/step); final loss "
+          f"{summary['final_loss']:.4f}, accuracy over the last {n} steps "
+          f"{summary['acc_last_n']:.3f} (chance {summary['chance_acc']:.3f}); 90% "
+          + (f"at step {summary['steps_to_90']}" if summary["steps_to_90"] else "not reached")
+          + f"; plot {png}", flush=True)
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"summary {path}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
