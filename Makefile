@@ -26,9 +26,12 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # On a CUDA machine: the kernel tests in bfloat16 on the GPU (uses the python3 there)
+# (each generated spec compiles its own kernels: SPARSEDSL_KERNEL_EXAMPLES sets how many)
 gpu-test:
 	SPARSEDSL_TEST_DEVICE=cuda SPARSEDSL_TEST_DTYPE=bfloat16 $(GPU_PY) -m pytest -q tests/test_kernels.py
 	SPARSEDSL_TEST_DEVICE=cuda SPARSEDSL_TEST_DTYPE=float32 $(GPU_PY) -m pytest -q tests/test_kernels.py
+	SPARSEDSL_TEST_DEVICE=cuda SPARSEDSL_TEST_DTYPE=bfloat16 SPARSEDSL_KERNEL_EXAMPLES=$${SPARSEDSL_KERNEL_EXAMPLES:-10} \
+		$(GPU_PY) -m pytest -q tests/test_kernel_properties.py
 
 GPU_PY ?= python3
 

@@ -189,7 +189,9 @@ def header(ir: IR, plan: KernelPlan) -> str:
         "# kernel plan:",
     ]
     lines += ["#   " + ln for ln in plan.format().splitlines()[2:]]
-    lines += ["# deterministic: yes (each output element is written by one program, no atomics)",
+    lines += ["# deterministic: forward yes (each output element is written by one program, no "
+              "atomics); backward no (dk, dv and parameter gradients are accumulated with atomic "
+              "adds, whose order varies)",
               "#", "# spec source:"]
     lines += ["#   " + ln if ln else "#" for ln in src.text.splitlines()]
     return "\n".join(lines) + "\n"

@@ -50,6 +50,7 @@ MOBA_SHAPES = [  # (B, T, Hq, Hkv, D, block, topk)
     (1, 63, 4, 1, 16, 16, 3),
     (2, 40, 2, 2, 32, 8, 2),
     (1, 50, 16, 1, 16, 16, 2),
+    (1, 200, 1, 1, 16, 32, 3),
 ]
 
 
@@ -65,6 +66,8 @@ NSA_SHAPES = [  # (B, T, Hq, Hkv, D, params)
     (1, 63, 4, 1, 16, dict(cmp="mean", cmp_len=8, cmp_stride=8, sel_len=8, topn=3, window=8)),
     (1, 45, 16, 1, 16, dict(cmp="mean", cmp_len=16, cmp_stride=16, sel_len=16, topn=3, window=8)),
     (1, 50, 2, 2, 16, dict(cmp="mlp", cmp_len=8, cmp_stride=4, sel_len=16, topn=3, window=12)),
+    (1, 200, 1, 1, 16, dict(cmp="mean", cmp_len=32, cmp_stride=16, sel_len=32, topn=3,
+                            window=16)),
 ]
 
 

@@ -127,10 +127,8 @@ def _cases():
          r"`q`, `k`, `v` must share one dtype, got torch.float32, torch.float16, torch.float32"),
         ("mixed-devices-meta", _moba, lambda q, k, v, x: ((q, k.to("meta"), v), {}),
          r"`q`, `k`, `v` must be on one device"),
-        ("float64", _moba, lambda q, k, v, x: ((q.double(), k.double(), v.double()), {}),
-         r"`q` must be float32, float16 or bfloat16, got torch.float64"),
         ("int32", _moba, lambda q, k, v, x: ((q.int(), k.int(), v.int()), {}),
-         r"`q` must be float32, float16 or bfloat16, got torch.int32"),
+         r"`q` must be float32, float16, bfloat16 or float64, got torch.int32"),
         ("head-dim-over-256", _moba,
          lambda q, k, v, x: ((r(1, 6, 1, 300), r(1, 6, 1, 300), r(1, 6, 1, 300)), {}),
          r"head dims up to 256 are supported, got 300, 300"),
@@ -161,9 +159,9 @@ def _cases():
          r"compiled for q \[batch, seq, 2, 16\] .*got q \(1, 6, 4, 16\)"),
         ("nsa-v-head-dim", _nsa, lambda q, k, v, x: ((q, k, r(1, 6, 1, 8)), {"x": x}),
          r"and v head_dim 16; got q \(1, 6, 2, 16\), v \(1, 6, 1, 8\)"),
-        ("nsa-float64", _nsa,
-         lambda q, k, v, x: ((q.double(), k.double(), v.double()), {"x": x.double()}),
-         r"`q` must be float32, float16 or bfloat16, got torch.float64"),
+        ("nsa-float16-int-x", _nsa,
+         lambda q, k, v, x: ((q, k, v), {"x": x.int()}),
+         r"input `x` must have q's dtype torch.float32, got torch.int32"),
     ]
 
 
