@@ -1048,6 +1048,32 @@ class HostEmitter:
           f"KSP=triton.next_power_of_2(KS{st.node}), C=32, num_stages=1)")
         c(f"lists[{st.name!r}] = sel{st.node}")
 
+    def _launch(self, st: AttendStage, em: "AttendEmitter"):
+        """Rows per program, the grid, and the arguments of an attention stage's kernel
+        (forward and backward launch alike)."""
+        c = self.c
+        if st.layout == "tile":
+            c("R, BM = 1, 32")
+            c("RP = BM")
+            grid = "(triton.cdiv(T, BM), H, B)"
+        else:
+            c(f"R, BM = {'1' if st.rows == 'head' else 'G'}, 1")
+            c("RP = _p2(R)")
+            grid = "(T, H // R, B)"
+        args = []
+        for a in em.args:
+            if a.startswith("scale"):
+                args.append(self._scale(int(a[5:])))
+            elif a.startswith("gate_"):
+                args.append(f"gates[{a[5:]!r}]")
+            elif a in ("xdo", "xlse", "xdelta"):  # an earlier stage's backward inputs
+                args.append(f"{a}{st.node}")
+            else:
+                args.append(a)
+        deps = "".join(f"HS{d}=HS{d}, SH{d}={self._shared(d)}, KS{d}=KS{d}, "
+                       f"KSP{d}=triton.next_power_of_2(KS{d}), " for d in sorted(em.lists))
+        return grid, args, deps
+
     def _shared(self, sel_node: int) -> str:
         st = next(s for s in self.plan.stages if s.kind == "select" and s.node == sel_node)
         return "True" if st.heads == "group" else "False"
@@ -1063,24 +1089,7 @@ class HostEmitter:
             ng = len(st.groups)
             c(f"osave = torch.empty({ng}, B, T, H, DV, device=dev, dtype=f32) if save else o")
             c(f"lsave = torch.empty({ng}, B, T, H, device=dev, dtype=f32) if save else o")
-        if st.layout == "tile":
-            c("R, BM = 1, 32")
-            c("RP = BM")
-            grid = "(triton.cdiv(T, BM), H, B)"
-        else:
-            c(f"R, BM = {'1' if st.rows == 'head' else 'G'}, 1")
-            c("RP = _p2(R)")
-            grid = "(T, H // R, B)"
-        args = []
-        for a in em.args:
-            if a.startswith("scale"):
-                args.append(self._scale(int(a[5:])))
-            elif a.startswith("gate_"):
-                args.append(f"gates[{a[5:]!r}]")
-            else:
-                args.append(a)
-        deps = "".join(f"HS{d}=HS{d}, SH{d}={self._shared(d)}, KS{d}=KS{d}, "
-                       f"KSP{d}=triton.next_power_of_2(KS{d}), " for d in sorted(em.lists))
+        grid, args, deps = self._launch(st, em)
         c(f"attend_{st.name}_fwd_kernel[{grid}](q, k, v, o, {''.join(x + ', ' for x in args)}T, "
           f"{''.join(f'NB{x}, ' for x in sorted(em.nbs))}{deps}H=H, HKV=HKV, G=G, R=R, RP=RP, "
           f"D=D, DV=DV, BD=BD, BDV=BDV, BM=BM, BN=32, IEEE=IEEE, SAVE=save)")
@@ -1146,24 +1155,7 @@ class HostBwdEmitter(HostEmitter):
     def _attend_bwd(self, st: AttendStage, em: "AttendBwdEmitter") -> None:
         c = self.c
         c(f"# backward of attend `{st.name}`")
-        if st.layout == "tile":
-            c("R, BM = 1, 32")
-            c("RP = BM")
-            grid = "(triton.cdiv(T, BM), H, B)"
-        else:
-            c(f"R, BM = {'1' if st.rows == 'head' else 'G'}, 1")
-            c("RP = _p2(R)")
-            grid = "(T, H // R, B)"
-        args = []
-        for a in em.args:
-            if a.startswith("scale"):
-                args.append(self._scale(int(a[5:])))
-            elif a.startswith("gate_"):
-                args.append(f"gates[{a[5:]!r}]")
-            elif a in ("xdo", "xlse", "xdelta"):
-                args.append(f"{a}{st.node}")
-            else:
-                args.append(a)
+        grid, args, deps = self._launch(st, em)
         do = f"xdo{st.node}" if st.writes_lse else "do"
         deps = "".join(f"HS{d}=HS{d}, SH{d}={self._shared(d)}, KS{d}=KS{d}, "
                        f"KSP{d}=triton.next_power_of_2(KS{d}), " for d in sorted(em.lists))
