@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test gpu-test venv clean
+.PHONY: demo test gpu-test train-demo venv clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,18 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m sparsedsl.demo
+
+# Train a tiny language model on associative recall with dense causal, MoBA and NSA
+# attention (examples/train_tiny.py): the same steps for each, curves and summaries under
+# out/train/. Sized for the machine: the GPU size on a CUDA device, a tiny one in Triton's
+# interpreter otherwise. More flags: make train-demo TRAIN_ARGS="--steps 100"
+TRAIN_OUT ?= out/train
+TRAIN_ARGS ?=
+train-demo: $(STAMP)
+	$(PY) examples/train_tiny.py examples/dense_causal.attn --out $(TRAIN_OUT) --json $(TRAIN_OUT)/dense_causal.json $(TRAIN_ARGS)
+	$(PY) examples/train_tiny.py moba --out $(TRAIN_OUT) --json $(TRAIN_OUT)/moba.json $(TRAIN_ARGS)
+	$(PY) examples/train_tiny.py nsa --out $(TRAIN_OUT) --json $(TRAIN_OUT)/nsa.json $(TRAIN_ARGS)
+	$(PY) examples/train_tiny.py --compare $(TRAIN_OUT)/dense_causal.json $(TRAIN_OUT)/moba.json $(TRAIN_OUT)/nsa.json --out $(TRAIN_OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider

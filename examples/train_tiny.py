@@ -55,7 +55,7 @@ from torch import nn
 SIZES = {
     # A few minutes on one H100 for dense causal, MoBA and NSA each.
     "gpu": dict(steps=600, seq=2048, d_model=256, heads=4, kv_heads=2, layers=2, batch=32,
-                lr=1e-3, pairs=16, vocab=128, dtype="bfloat16"),
+                lr=1e-3, pairs=8, vocab=64, dtype="bfloat16"),
     # Triton's interpreter: every kernel program runs in Python, so keep it tiny. This
     # learns the answer distribution (the loss falls to about log(values)), not the recall.
     "cpu": dict(steps=20, seq=32, d_model=32, heads=2, kv_heads=1, layers=2, batch=4,
@@ -64,8 +64,8 @@ SIZES = {
 LAST_N = 20  # the accuracy (and loss) reported "over the last steps" averages this many
 TARGET_ACC = 0.9
 JSON_KEYS = ("spec", "pattern", "spec_params", "params", "steps", "final_loss", "final_acc",
-             "last_n", "loss_last_n", "acc_last_n", "steps_to_90", "chance_acc",
-             "wall_time_s", "step_time_s", "device", "device_name", "dtype", "png", "history")
+             "last_n", "loss_last_n", "acc_last_n", "steps_to_90", "full_length_from",
+             "chance_acc", "wall_time_s", "step_time_s", "device", "device_name", "dtype", "png", "history")
 
 
 # ---------------------------------------------------------------------------- the task
@@ -88,9 +88,9 @@ class Task:
             raise ValueError(f"--pairs {self.pairs} do not fit in the first half of --seq "
                              f"{self.seq}: need 4 * pairs <= seq")
 
-    def batch(self, batch: int, g: torch.Generator):
+    def batch(self, batch: int, g: torch.Generator, seq: int | None = None):
         """tokens [batch, seq] and the answers [batch] (the value of the queried key)."""
-        B, T, P = batch, self.seq, self.pairs
+        B, T, P = batch, seq or self.seq, self.pairs
         tokens = self.filler0 + torch.randint(self.n_filler, (B, T), generator=g)
         keys = self.key0 + torch.rand(B, self.n_keys, generator=g).argsort(1)[:, :P]
         values = self.value0 + torch.randint(self.n_values, (B, P), generator=g)
@@ -103,6 +103,48 @@ class Task:
         tokens[:, -2] = 0
         tokens[:, -1] = keys.gather(1, which)[:, 0]
         return tokens, values.gather(1, which)[:, 0]
+
+
+class Curriculum:
+    """Sequence-length warm-up: start short, double the length once the recent accuracy at
+    the current length reaches the target, up to `seq`. A deadline keeps it moving: the full
+    length comes by `deadline` steps at the latest; the first length (learning from scratch)
+    may take half of that, each later one an equal share of what is left.
+
+    From scratch, the answer's gradient reaches the few pair tokens through attention spread
+    over all T positions, so at T = 2048 learning starts very slowly; at 64 it takes about a
+    hundred steps, and what was learned carries over as the length doubles. It also teaches
+    the sparse patterns where to look: at short lengths every block is visible, and the
+    query/key alignment learned there is what their block scores (mean keys, compressed
+    keys) are made of at full length."""
+
+    def __init__(self, seq: int, start: int, min_len: int, deadline: int,
+                 window: int = LAST_N):
+        self.seq, self.deadline, self.window = seq, deadline, window
+        self.length = min(seq, max(start, min_len))
+        self.step = self.at_length = 0
+        self.first = True
+        self.accs: list[float] = []
+
+    def _doublings_left(self) -> int:
+        n, t = 0, self.length
+        while t < self.seq:
+            t, n = min(self.seq, 2 * t), n + 1
+        return n
+
+    def update(self, acc: float):
+        self.step += 1
+        self.at_length += 1
+        self.accs.append(acc)
+        if self.length >= self.seq:
+            return
+        solved = (self.at_length >= self.window
+                  and sum(self.accs[-self.window:]) / self.window >= TARGET_ACC)
+        left = self.deadline - (self.step - self.at_length)  # from this stage's start
+        cap = left / 2 if self.first else left / self._doublings_left()
+        if solved or self.at_length >= cap:
+            self.length = min(self.seq, 2 * self.length)
+            self.at_length, self.accs, self.first = 0, [], False
 
 
 # ---------------------------------------------------------------------------- the model
@@ -222,11 +264,12 @@ class Progress:
         self.t0 = time.perf_counter()
         self._last_len = 0
 
-    def update(self, step: int, loss: float, acc: float, acc_avg: float):
+    def update(self, step: int, loss: float, acc: float, acc_avg: float, seq: int | None = None):
         elapsed = time.perf_counter() - self.t0
         rate = step / elapsed if elapsed > 0 else 0.0
         eta = (self.total - step) / rate if rate > 0 else 0.0
-        text = (f"step {step:>{len(str(self.total))}}/{self.total}  loss {loss:.4f}  "
+        text = (f"step {step:>{len(str(self.total))}}/{self.total}  "
+                + (f"T={seq}  " if seq is not None else "") + f"loss {loss:.4f}  "
                 f"acc {acc:.3f}  acc@{LAST_N} {acc_avg:.3f}  {_rate(rate)}  "
                 f"elapsed {_dur(elapsed)}  eta {_dur(eta)}")
         if self.tty:
@@ -264,11 +307,15 @@ def moving_average(xs, n):
     return out
 
 
-def steps_to(accs, target, n):
-    """The first step (1-based) whose mean accuracy over the last n steps reaches target."""
+def steps_to(accs, target, n, ok=None):
+    """The first step (1-based) whose mean accuracy over the last n steps reaches target,
+    counting only windows whose steps all satisfy `ok` (a list of bools), if given."""
     n = min(n, len(accs))
+    bad_until = -1
     for i, a in enumerate(moving_average(accs, n)):
-        if i + 1 >= n and a >= target:
+        if ok is not None and not ok[i]:
+            bad_until = i
+        if i + 1 >= n and i - n >= bad_until and a >= target:
             return i + 1
     return None
 
@@ -292,6 +339,13 @@ def plot(summary: dict, path: Path):
     ax2.axhline(TARGET_ACC, color="gray", ls="--", lw=1, label="90%")
     ax2.axhline(summary["chance_acc"], color="gray", ls=":", lw=1, label="chance")
     ax2.set(xlabel="step", ylabel="accuracy", title="recall accuracy", ylim=(-0.02, 1.02))
+    seqs = h.get("seq") or []
+    for i in range(1, len(seqs)):
+        if seqs[i] != seqs[i - 1]:  # the curriculum's length doublings
+            for ax in (ax1, ax2):
+                ax.axvline(i + 1, color="tab:red", lw=0.6, alpha=0.5)
+            ax2.text(i + 1, 0.02, f"T={seqs[i]}", rotation=90, fontsize=7, color="tab:red",
+                     va="bottom", ha="right")
     ax2.legend(loc="upper left")
     p = summary["params"]
     sp = ", ".join(f"{k}={v}" for k, v in summary["spec_params"].items())
@@ -310,7 +364,11 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         prog="train_tiny.py", description=__doc__.split("\n\n")[2],
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("spec", help="a .attn file, spec text or a built-in name (moba, nsa)")
+    ap.add_argument("spec", nargs="?",
+                    help="a .attn file, spec text or a built-in name (moba, nsa)")
+    ap.add_argument("--compare", nargs="+", metavar="JSON", default=None,
+                    help="instead of training: plot the curves of earlier runs' --json "
+                         "summaries together into <out>/compare.png and print a table")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="a spec parameter (repeatable); overrides the scaled defaults")
     ap.add_argument("--size", choices=("auto", "gpu", "cpu"), default="auto",
@@ -331,6 +389,11 @@ def parse_args(argv=None):
     ap.add_argument("--shift", action=argparse.BooleanOptionalAction, default=True,
                     help="token shift: add an embedding of the previous token to each input "
                          "(default on)")
+    ap.add_argument("--curriculum", action=argparse.BooleanOptionalAction, default=True,
+                    help="sequence-length warm-up from --start-seq, doubling once solved "
+                         "(default on)")
+    ap.add_argument("--start-seq", type=int, default=64,
+                    help="the curriculum's first length (default 64)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None,
                     help="default: cuda if available")
@@ -380,8 +443,53 @@ def _spec_params(spec, sets: list[str], seq: int) -> tuple[dict, dict]:
     return params, resolved
 
 
+def compare(paths, out_dir: Path) -> Path:
+    """One figure with the loss and accuracy curves of several runs, and a table."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    rows = []
+    for r in runs:
+        h = r["history"]
+        n = max(1, min(LAST_N, len(h["loss"]) // 5 or 1))
+        steps = range(1, len(h["loss"]) + 1)
+        sp = ", ".join(f"{k}={v}" for k, v in r["spec_params"].items())
+        label = f"{r['pattern']}({sp})" if sp else r["pattern"]
+        ax1.plot(steps, moving_average(h["loss"], n), label=label)
+        ax2.plot(steps, moving_average(h["acc"], n), label=label)
+        rows.append((r["pattern"], r["steps"], f"{r['final_loss']:.4f}",
+                     f"{r['acc_last_n']:.3f}", str(r["steps_to_90"] or "-"),
+                     f"{r['wall_time_s']:.0f}s", r["device_name"]))
+    ax1.set(xlabel="step", ylabel=f"loss (mean of {n})", title="loss")
+    ax2.set(xlabel="step", ylabel=f"accuracy (mean of {n})", title="recall accuracy",
+            ylim=(-0.02, 1.02))
+    ax2.axhline(TARGET_ACC, color="gray", ls="--", lw=1)
+    ax2.legend(fontsize=7, loc="upper left")
+    p = runs[0]["params"]
+    fig.suptitle(f"associative recall, T={p['seq']} d={p['d_model']} H={p['heads']}/"
+                 f"{p['kv_heads']} L={p['layers']} B={p['batch']} pairs={p['pairs']}",
+                 fontsize=9)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "compare.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    head = ("pattern", "steps", "final loss", f"acc@{LAST_N}", "90% at", "time", "device")
+    widths = [max(len(str(x[i])) for x in rows + [head]) for i in range(len(head))]
+    for row in [head] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    print(f"plot {path}")
+    return path
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.compare:
+        return {"png": str(compare(args.compare, Path(args.out)))}
+    if not args.spec:
+        raise SystemExit("error: give a SPEC (a .attn file or a built-in name), or --compare")
     cfg = _resolve(args)
     import sparsedsl
     from sparsedsl.errors import SpecError
@@ -421,11 +529,15 @@ def main(argv=None) -> dict:
           f"({n_params / 1e6:.2f}M parameters)", flush=True)
     log_every = args.log_every or max(1, steps // 50)
     progress = Progress(steps, log_every)
-    losses, accs = [], []
+    # the curriculum reaches the full length by 3/4 of the steps at the latest
+    curriculum = Curriculum(cfg["seq"], args.start_seq if args.curriculum else cfg["seq"],
+                            min_len=4 * cfg["pairs"] + 2, deadline=int(0.75 * steps))
+    losses, accs, lengths = [], [], []
     t0 = time.perf_counter()
     model.train()
     for step in range(steps):
-        tokens, answer = task.batch(cfg["batch"], gen)
+        seq = curriculum.length
+        tokens, answer = task.batch(cfg["batch"], gen, seq)
         tokens, answer = tokens.to(device), answer.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(tokens)[:, -1].float()
@@ -438,10 +550,13 @@ def main(argv=None) -> dict:
         # the batch was fresh data, scored before this update: a held-out estimate
         losses.append(loss.item())
         accs.append((logits.argmax(-1) == answer).float().mean().item())
+        lengths.append(seq)
+        curriculum.update(accs[-1])
         if not math.isfinite(losses[-1]):
             progress.close()
             raise SystemExit(f"error: the loss is {losses[-1]} at step {step + 1}")
-        progress.update(step + 1, losses[-1], accs[-1], moving_average(accs[-LAST_N:], LAST_N)[-1])
+        progress.update(step + 1, losses[-1], accs[-1],
+                        moving_average(accs[-LAST_N:], LAST_N)[-1], seq)
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
@@ -456,14 +571,16 @@ def main(argv=None) -> dict:
         "spec_params": spec_params,
         "params": {k: cfg[k] for k in ("seq", "d_model", "heads", "kv_heads", "layers", "batch",
                                        "lr", "pairs", "vocab", "pos", "shift", "seed", "size")}
-        | {"n_params": n_params, "warmup": warmup},
+        | {"curriculum": args.curriculum, "start_seq": args.start_seq if args.curriculum
+           else cfg["seq"], "n_params": n_params, "warmup": warmup},
         "steps": steps,
         "final_loss": losses[-1],
         "final_acc": accs[-1],
         "last_n": n,
         "loss_last_n": sum(losses[-n:]) / n,
         "acc_last_n": sum(accs[-n:]) / n,
-        "steps_to_90": steps_to(accs, TARGET_ACC, LAST_N),
+        "steps_to_90": steps_to(accs, TARGET_ACC, LAST_N, [t == cfg["seq"] for t in lengths]),
+        "full_length_from": lengths.index(cfg["seq"]) + 1 if cfg["seq"] in lengths else None,
         "chance_acc": 1 / task.n_values,
         "wall_time_s": wall,
         "step_time_s": wall / steps,
@@ -472,13 +589,15 @@ def main(argv=None) -> dict:
                         else "cpu (Triton interpreter)"),
         "dtype": cfg["dtype"],
         "png": str(png),
-        "history": {"loss": losses, "acc": accs},
+        "history": {"loss": losses, "acc": accs, "seq": lengths},
     }
     plot(summary, png)
     print(f"{pattern}: {steps} steps in {_dur(wall)} ({wall / steps:.3f} s/step); final loss "
           f"{summary['final_loss']:.4f}, accuracy over the last {n} steps "
-          f"{summary['acc_last_n']:.3f} (chance {summary['chance_acc']:.3f}); 90% "
+          f"{summary['acc_last_n']:.3f} (chance {summary['chance_acc']:.3f}); 90% at T={cfg['seq']} "
           + (f"at step {summary['steps_to_90']}" if summary["steps_to_90"] else "not reached")
+          + (f" (full length from step {summary['full_length_from']})"
+             if args.curriculum and cfg["seq"] > args.start_seq else "")
           + f"; plot {png}", flush=True)
     if args.json:
         path = Path(args.json)
