@@ -3,28 +3,30 @@
     sparsedsl check FILE|BUILTIN... [--set NAME=VALUE]   parse and verify
     sparsedsl ir FILE|BUILTIN [--dot] [--after PASS]     print the IR after the pass pipeline
     sparsedsl emit FILE|BUILTIN [--set ...] [--plan]     print the generated Triton source
-    sparsedsl fmt FILE|BUILTIN [--check]                 print the spec in canonical form
+    sparsedsl fmt FILE|BUILTIN... [--check]              print the spec in canonical form
+    sparsedsl show FILE|BUILTIN --seq N [--out F.png]    draw which keys each query attends
+    sparsedsl cost FILE|BUILTIN --seq N [--heads H ...]  keys, FLOPs and bytes against dense
+    sparsedsl fuzz [--examples N | --minutes M]          random specs: kernels against the reference
+    sparsedsl bench ...                                  timings (`sparsedsl.bench`)
 
-A spec error prints a compiler-style diagnostic (file:line:col, the line, a
-caret) and exits with status 1; no Python traceback is shown.
+Verbs that take a spec accept `--set NAME=VALUE` overrides and `--json`. Output
+is coloured on a terminal and plain when piped. A spec error prints a
+compiler-style diagnostic (file:line:col, the line, a caret) and exits with
+status 1; no Python traceback is shown.
+
+The verbs are thin: `show`, `cost` and `fuzz` live in `sparsedsl/tools/`.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+from pathlib import Path
 
 from .errors import SpecError
 from .passes import PASS_NAMES
-
-
-def _color(stream) -> bool:
-    return stream.isatty() and os.environ.get("NO_COLOR") is None and os.environ.get("TERM") != "dumb"
-
-
-def _paint(text: str, code: str, stream) -> str:
-    return f"\x1b[{code}m{text}\x1b[0m" if _color(stream) else text
+from .tools.term import color as _color
+from .tools.term import paint as _paint
 
 
 def parse_sets(items: list[str] | None) -> dict[str, str]:
@@ -106,17 +108,196 @@ def cmd_fmt(args) -> int:
     from .frontend.load import load_source
     from .frontend.parser import parse
     from .frontend.printer import format_spec
+    if not args.check and len(args.specs) > 1:
+        raise SpecError("`fmt` prints one spec; use `--check` to check several")
+    status, results = 0, []
+    for spec in args.specs:
+        source = load_source(spec)
+        text = format_spec(parse(source.text, source.name))
+        canonical = text == source.text
+        results.append({"spec": spec, "source": source.name, "canonical": canonical,
+                        "text": text})
+        if not args.check:
+            continue
+        if not canonical:
+            status = 1
+            if not args.json:
+                print(f"{source.name}: not in canonical form (run `sparsedsl fmt {spec}`)",
+                      file=sys.stderr)
+        elif not args.json:
+            print(f"{source.name}: canonical")
+    if args.json:
+        print(json.dumps(results if args.check else results[0], indent=2))
+    elif not args.check:
+        sys.stdout.write(results[0]["text"])
+    return status
+
+
+def _spec(args):
+    """The source and lowered IR of a verb's spec argument with its `--set` overrides."""
+    from .frontend.load import load_source
+    from .pipeline import lower
     source = load_source(args.spec)
-    text = format_spec(parse(source.text, source.name))
-    if args.check:
-        if text != source.text:
-            print(f"{source.name}: not in canonical form (run `sparsedsl fmt {args.spec}`)",
-                  file=sys.stderr)
-            return 1
-        print(f"{source.name}: canonical")
-        return 0
-    sys.stdout.write(text)
+    return source, lower(source, parse_sets(args.set), origin="--set")
+
+
+def _positive(name: str, value, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise SpecError(f"{name} must be at least {minimum}, got {value}")
+
+
+def cmd_show(args) -> int:
+    from .tools.show import attention_map, render_png, render_text
+    from .tools.term import Progress
+    _positive("--seq", args.seq)
+    _positive("--heads", args.heads)
+    _positive("--kv-heads", args.kv_heads)
+    _positive("--head-dim", args.head_dim)
+    source, ir = _spec(args)
+    inputs = _load_inputs(args.inputs) if args.inputs else None
+    progress = Progress("show: running the kernels" if ir.nodes_with("topk") else "show")
+    progress.update(0, None)
+    try:
+        m = attention_map(ir, source.text, args.seq, heads=args.heads, kv_heads=args.kv_heads,
+                          head=args.head, seed=args.seed, head_dim=args.head_dim,
+                          inputs=inputs)
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+    finally:
+        progress.close()
+    if args.out:
+        render_png(m, args.out)
+    if args.json:
+        data = m.to_json()
+        data["out"] = str(args.out) if args.out else None
+        print(json.dumps(data, indent=2, default=str))
+    elif args.out:
+        print(f"{args.out}: {m.title}")
+    else:
+        unicode = (getattr(sys.stdout, "encoding", "") or "").lower().replace("-", "") == "utf8"
+        sys.stdout.write(render_text(m, args.tile, color=_color(sys.stdout), unicode=unicode))
     return 0
+
+
+def _load_inputs(path: str) -> dict:
+    import torch
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise SpecError(f"cannot read inputs from `{path}`: {e}") from None
+    if not isinstance(data, dict) or not all(n in data for n in ("q", "k", "v")):
+        raise SpecError(f"`{path}` must hold a dict of tensors with `q`, `k`, `v` "
+                        f"[batch, seq, heads, head_dim] (and the spec's inputs by name)")
+    return data
+
+
+def cmd_cost(args) -> int:
+    from .tools.cost import Dims, cost, format_cost
+    from .tools.term import Progress
+    _positive("--seq", args.seq)
+    _positive("--heads", args.heads)
+    _positive("--kv-heads", args.kv_heads)
+    _positive("--head-dim", args.head_dim)
+    _positive("--head-dim-v", args.head_dim_v)
+    _positive("--batch", args.batch)
+    _positive("--d-model", args.d_model)
+    kv = args.kv_heads or args.heads
+    if args.heads % kv:
+        raise SpecError(f"--heads ({args.heads}) must be a multiple of --kv-heads ({kv})")
+    _, ir = _spec(args)
+    dims = Dims(batch=args.batch, heads=args.heads, kv_heads=kv, head_dim=args.head_dim,
+                head_dim_v=args.head_dim_v or args.head_dim,
+                d_model=args.d_model or args.heads * args.head_dim, dtype=args.dtype)
+    progress = Progress("cost: counting keys")
+    try:
+        c = cost(ir, args.seq, dims, progress=progress.update)
+    finally:
+        progress.close()
+    if args.json:
+        print(json.dumps(c.to_json(), indent=2, default=str))
+    else:
+        sys.stdout.write(format_cost(c, sys.stdout))
+    return 0
+
+
+def cmd_fuzz(args) -> int:
+    from .tools import fuzz
+    from .tools.term import Progress
+    if args.replay:
+        return _fuzz_replay(args)
+    if args.examples is not None and args.minutes is not None:
+        raise SpecError("give --examples or --minutes, not both")
+    _positive("--examples", args.examples)
+    if args.minutes is not None and not args.minutes > 0:
+        raise SpecError(f"--minutes must be positive, got {args.minutes}")
+    examples = args.examples if args.examples is not None or args.minutes else 20
+    seed = args.seed if args.seed is not None else int.from_bytes(__import__("os").urandom(4),
+                                                                   "little")
+    try:
+        import hypothesis  # noqa: F401
+    except ImportError:
+        raise SpecError("`fuzz` needs Hypothesis: pip install 'sparsedsl[test]'") from None
+    progress = Progress("fuzz")
+    try:
+        outcome = fuzz.run(examples, args.minutes, seed, grads=not args.no_grad,
+                           out_dir=Path(args.out_dir), progress=progress.update)
+    finally:
+        progress.close()
+    checked = "outputs" + ("" if args.no_grad else " and gradients")
+    if args.json:
+        print(json.dumps({"examples": outcome.examples, "seconds": round(outcome.seconds, 1),
+                          "seed": seed, "checked": checked, "failure": outcome.failure},
+                         indent=2))
+    elif outcome.failure is None:
+        print(f"{_paint('ok', '32', sys.stdout)}  {outcome.examples} generated specs: "
+              f"kernels match the reference ({checked}), seed {seed}, "
+              f"{outcome.seconds:.0f} s")
+    else:
+        f = outcome.failure
+        print(f"{_paint('FAIL', '1;31', sys.stdout)}  after {outcome.examples} generated specs "
+              f"(seed {seed}): {f['reason']}\n"
+              f"shrunk to ({f['shape']}, input seed {f['seed']}):\n\n"
+              + "".join(f"    {line}\n" for line in f["spec"].splitlines())
+              + f"\nwritten to {f['file']}\nreproduce with: {f['command']}")
+    return 0 if outcome.failure is None else 1
+
+
+def _fuzz_replay(args) -> int:
+    from .tools.fuzz import CaseFailure, check_case, read_case
+    text, shape, seed = read_case(Path(args.replay))
+    try:
+        check_case(text, shape, seed, grads=not args.no_grad)
+    except CaseFailure as e:
+        reason = str(e)
+    else:
+        reason = None
+    if args.json:
+        print(json.dumps({"file": args.replay, "shape": str(shape), "seed": seed,
+                          "ok": reason is None, "reason": reason}, indent=2))
+    elif reason is None:
+        print(f"{_paint('ok', '32', sys.stdout)}  {args.replay} ({shape}, seed {seed}): "
+              f"kernels match the reference")
+    else:
+        print(f"{_paint('FAIL', '1;31', sys.stdout)}  {args.replay} ({shape}, seed {seed}): "
+              f"{reason}")
+    return 0 if reason is None else 1
+
+
+def cmd_bench(args, rest: list[str]) -> int:
+    """`sparsedsl bench`: its options and work belong to `sparsedsl.bench` (imported only
+    when the verb is used): `add_arguments(parser)` and `run(args) -> int`."""
+    import importlib
+    try:
+        bench = importlib.import_module("sparsedsl.bench")
+    except ModuleNotFoundError as e:
+        if e.name not in ("sparsedsl.bench",):
+            raise
+        raise SpecError("`sparsedsl bench` is not available: this installation has no "
+                        "`sparsedsl.bench` module") from None
+    parser = argparse.ArgumentParser(prog="sparsedsl bench",
+                                     description=(bench.__doc__ or "").strip().split("\n")[0])
+    bench.add_arguments(parser)
+    return bench.run(parser.parse_args(rest))
 
 
 def _report(e: SpecError) -> None:
@@ -159,16 +340,78 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_emit)
 
     sp = sub.add_parser("fmt", help="print a spec in canonical form")
-    sp.add_argument("spec", metavar="FILE|BUILTIN")
-    sp.add_argument("--check", action="store_true", help="exit 1 if not in canonical form")
+    sp.add_argument("specs", nargs="+", metavar="FILE|BUILTIN")
+    sp.add_argument("--check", action="store_true",
+                    help="exit 1 if a spec is not in canonical form (several specs allowed)")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(fn=cmd_fmt)
+
+    sp = sub.add_parser("show", help="draw which keys each query attends",
+                        description="Draw which keys each query attends, per branch and "
+                        "combined, on random (or given) inputs. With a top-k, the selection "
+                        "is the compiled kernels'. Without --out, a block grid of characters.")
+    common(sp)
+    sp.add_argument("--seq", type=int, required=True, metavar="N", help="sequence length")
+    sp.add_argument("--heads", type=int, default=1, metavar="H", help="query heads (default 1)")
+    sp.add_argument("--kv-heads", type=int, metavar="G", help="key/value heads (default: --heads)")
+    sp.add_argument("--head", type=int, default=0, help="the query head drawn (default 0)")
+    sp.add_argument("--head-dim", type=int, default=16, metavar="D",
+                    help="head dimension of the random inputs (default 16)")
+    sp.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the random inputs")
+    sp.add_argument("--inputs", metavar="FILE.pt",
+                    help="torch.save'd dict with q, k, v (and the spec's inputs) to use instead")
+    sp.add_argument("--out", metavar="FILE.png", help="write a picture (needs matplotlib)")
+    sp.add_argument("--tile", type=int, metavar="T",
+                    help="tokens per character of the text grid (default: the block length)")
+    sp.set_defaults(fn=cmd_show)
+
+    sp = sub.add_parser("cost", help="keys, FLOPs and bytes at a sequence length, against dense",
+                        description="Keys each branch attends (last query and the average "
+                        "over queries), FLOPs and bytes of one forward pass, against dense "
+                        "causal attention; counted exactly from the IR (top-k structurally).")
+    common(sp)
+    sp.add_argument("--seq", type=int, required=True, metavar="N", help="sequence length")
+    sp.add_argument("--heads", type=int, default=1, metavar="H", help="query heads (default 1)")
+    sp.add_argument("--kv-heads", type=int, metavar="G", help="key/value heads (default: --heads)")
+    sp.add_argument("--head-dim", type=int, default=128, metavar="D",
+                    help="head dimension of q and k (default 128)")
+    sp.add_argument("--head-dim-v", type=int, metavar="DV", help="head dimension of v "
+                    "(default: --head-dim)")
+    sp.add_argument("--d-model", type=int, help="width of the layer input x, for learned gates "
+                    "(default: heads * head dim)")
+    sp.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    sp.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32",
+                                                            "float64"), help="for bytes")
+    sp.set_defaults(fn=cmd_cost)
+
+    sp = sub.add_parser("fuzz", help="random specs: compiled kernels against the reference",
+                        description="Generate random specs with the test suite's Hypothesis "
+                        "strategy, compile each and check outputs and gradients against the "
+                        "dense reference. A failure is shrunk and written as a .attn file.")
+    sp.add_argument("--examples", type=int, metavar="N", help="how many specs (default 20)")
+    sp.add_argument("--minutes", type=float, metavar="M", help="fuzz for this long instead")
+    sp.add_argument("--seed", type=int, metavar="S", help="random seed (default: a fresh one)")
+    sp.add_argument("--no-grad", action="store_true", help="check outputs only")
+    sp.add_argument("--out-dir", default=".", metavar="DIR",
+                    help="where a failing spec is written (default: here)")
+    sp.add_argument("--replay", metavar="FILE.attn",
+                    help="check one spec file (a failure this verb wrote, or a regression file)")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(fn=cmd_fuzz)
+
+    sp = sub.add_parser("bench", help="time compiled kernels (options: sparsedsl bench --help)",
+                        add_help=False)
+    sp.set_defaults(fn=cmd_bench)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.fn is not cmd_bench and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        return args.fn(args)
+        return cmd_bench(args, rest) if args.fn is cmd_bench else args.fn(args)
     except SpecError as e:
         _report(e)
         return 1
