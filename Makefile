@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test gpu-test train-demo venv clean
+.PHONY: demo test gpu-test train-demo docs venv clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ train-demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# docs/gallery.md and docs/img/*.png from examples/*.attn (sparsedsl show, sparsedsl cost):
+# rerun after changing an example or the compiler; the output is deterministic
+docs: $(STAMP)
+	$(PY) scripts/make_docs.py
 
 # On a CUDA machine: the kernel tests in bfloat16 on the GPU (uses the python3 there)
 # (each generated spec compiles its own kernels: SPARSEDSL_KERNEL_EXAMPLES sets how many)
