@@ -319,7 +319,9 @@ class Counter:
         if op == "not":
             x = env[ops["0"]]
             return _not(x, 0, T) if isinstance(x, tuple) else _Op("not", (x,))
-        return _combine(op, env[ops["0"]], env[ops["1"]])
+        if op in ("and", "or"):
+            return _combine(op, env[ops["0"]], env[ops["1"]])
+        raise NotImplementedError(f"keysets: no counting rule for the key set `{op}`")
 
     def _blocks(self, nid, op, a, ops, env, i) -> Intervals:
         g = self.grid(nid)
@@ -341,7 +343,9 @@ class Counter:
             return self._topk(nid, g, a["k"], ops, env, i)
         if op == "not":
             return _not(env[ops["0"]], 0, N)
-        return _combine(op, env[ops["0"]], env[ops["1"]])
+        if op in ("and", "or"):
+            return _combine(op, env[ops["0"]], env[ops["1"]])
+        raise NotImplementedError(f"keysets: no counting rule for the block set `{op}`")
 
     def _random_at(self, nid, g: _Grid, count: int, seed: int, c: int) -> Intervals:
         key = (nid, c)
