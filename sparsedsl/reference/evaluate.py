@@ -414,8 +414,17 @@ def needed_nodes(ir: IR, given: dict) -> set[int]:
     return seen
 
 
-def check_inputs(ir: IR, q, k, v, tensors: dict) -> None:
-    """Shapes and dtypes of everything the layer takes; a clear ValueError otherwise."""
+def needed_inputs(ir: IR, given) -> frozenset[str]:
+    """Names of the inputs `out` reads when the inputs named in `given` are given as tensors
+    (a gate given as a tensor replaces its default, and what only that default reads)."""
+    return frozenset(ir.node(n)["args"]["name"] for n in needed_nodes(ir, given)
+                     if ir.node(n)["op"] == "input")
+
+
+def check_inputs(ir: IR, q, k, v, tensors: dict, needed=needed_inputs) -> None:
+    """Shapes and dtypes of everything the layer takes; a clear ValueError otherwise.
+    `needed(ir, names)` is `needed_inputs` or a table of its values (the compiled layer
+    keeps one, so that `torch.compile` traces no graph walk)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"`{name}` must be a tensor [batch, seq, heads, head_dim], "
@@ -443,14 +452,12 @@ def check_inputs(ir: IR, q, k, v, tensors: dict) -> None:
     devices = {q.device, k.device, v.device}
     if len(devices) > 1:
         raise ValueError(f"`q`, `k`, `v` must be on one device, got {sorted(map(str, devices))}")
-    needed = needed_nodes(ir, tensors)
     for name, info in ir.inputs.items():
         t = tensors.get(name)
         if t is None:
             if info.role == "gate" and info.node is not None:
                 continue  # computed from its default unless given
-            if not any(ir.node(n)["op"] == "input" and ir.node(n)["args"]["name"] == name
-                       for n in needed):
+            if name not in needed(ir, tuple(n for n in ir.inputs if n in tensors)):
                 continue  # only feeds defaults that given gates replace
             raise ValueError(f"spec `{ir.spec_name}` needs input `{name}` "
                              f"({'[batch, seq, d_model]' if info.role == 'x' else '[batch, seq, q_heads]'})")

@@ -4,16 +4,19 @@ The layer owns the learnable tensors the spec declares (compression MLPs,
 gate projections) as `nn.Parameter`s, checks its inputs before any launch,
 and runs the generated kernels: natively on a CUDA GPU, in Triton's
 interpreter on a machine without one (`TRITON_INTERPRET=1` is set then).
+The kernels run through custom operators (`custom_op.py`): eager calls and
+`torch.compile` (fullgraph) take the same path.
 """
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 
 from ..ir.graph import IR
-from ..reference.evaluate import check_inputs
+from ..reference.evaluate import check_inputs, needed_inputs
 from ..reference.params import Dims, init_param, param_shapes
 
 
@@ -28,8 +31,9 @@ def _interpreted(device: torch.device) -> bool:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             "tensors on the CPU need Triton's interpreter, but Triton was loaded for the GPU in "
-            "this process: move q, k, v to CUDA, or set TRITON_INTERPRET=1 before importing "
-            "triton")
+            "this process (something imported it before sparsedsl: torch._dynamo, "
+            "torch.compile or transformers do): move q, k, v to CUDA, import sparsedsl.runtime "
+            "first, or set TRITON_INTERPRET=1 before importing triton")
     from .interp import install_speedups
     install_speedups()
     import numpy
@@ -38,41 +42,6 @@ def _interpreted(device: torch.device) -> bool:
         raise RuntimeError(f"Triton's interpreter (used without a GPU) needs numpy < 2.3, found "
                            f"{numpy.__version__}: pip install 'numpy<2.3' (or sparsedsl[cpu])")
     return True
-
-
-class _Attend(torch.autograd.Function):
-    """The generated forward and backward kernels as one autograd node.
-
-    Inputs: q, k, v, then the gate tensors and the learnable tensors (in the order of
-    their names). The backward keeps O(T * k) state: block lists, each group's output and
-    log-sum-exp, pooled keys; never an attention matrix."""
-
-    @staticmethod
-    def forward(ctx, kernels, lists, gate_names, param_names, q, k, v, *tensors):
-        ng = len(gate_names)
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        gates = {n: t.to(acc).contiguous() for n, t in zip(gate_names, tensors[:ng])}
-        params = {n: t.detach().to(acc).contiguous() for n, t in zip(param_names, tensors[ng:])}
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        save = any(ctx.needs_input_grad[4:])
-        out, sel, saved = kernels.forward(q, k, v, gates, params, save=save)
-        lists.update(sel)
-        ctx.kernels, ctx.names, ctx.saved = kernels, (gate_names, param_names), saved
-        ctx.dtypes = [t.dtype for t in tensors]
-        ctx.gates, ctx.params = gates, params
-        if save:
-            ctx.save_for_backward(q, k, v)
-        return out
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v = ctx.saved_tensors
-        gate_names, param_names = ctx.names
-        dq, dk, dv, dgates, dparams = ctx.kernels.backward(q, k, v, ctx.gates, ctx.params,
-                                                           ctx.saved, do.to(q.dtype))
-        grads = [dgates.get(n) for n in gate_names] + [dparams.get(n) for n in param_names]
-        grads = [None if g is None else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
-        return (None, None, None, None, dq, dk, dv, *grads)
 
 
 class SparseAttention(torch.nn.Module):
@@ -103,6 +72,13 @@ class SparseAttention(torch.nn.Module):
                 safe = name.replace(".", "__")
                 self._param_names[name] = safe
                 self.register_parameter(safe, torch.nn.Parameter(init_param(name, shape, g)))
+        # what `forward` reads of the IR, as plain data (torch.compile traces no graph walk)
+        self._gate_plan = _gate_plan(ir, self._param_names)
+        names = tuple(ir.inputs)
+        self._needed_table = {} if len(names) > 8 else {
+            given: needed_inputs(ir, given) for given in
+            (tuple(n for b, n in enumerate(names) if m >> b & 1) for m in range(2 ** len(names)))}
+        self._op = self._make_op()
 
     # ---- what the compiled path runs
     @property
@@ -117,10 +93,32 @@ class SparseAttention(torch.nn.Module):
         device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         interpret = _interpreted(device)
         if interpret not in self._kernel_modules:
-            from .cache import cache_key, load_module
-            key = cache_key(self._spec_text, self.ir.param_values())
-            self._kernel_modules[interpret] = load_module(key, lambda: self.source, interpret)
+            self._kernel_modules[interpret] = self._op.kernels(device)
         return self._kernel_modules[interpret]
+
+    def _make_op(self):
+        """The custom operators (`torch.library`) that run this layer's kernels: shared by
+        every layer compiled from the same spec text and parameters, like the kernels."""
+        from .cache import cache_key
+        from .custom_op import attend_op
+        gate_names = tuple(g.key for g in self._gate_plan)
+        linear_owners = {self.ir.node(n)["facts"]["params"] for n in self.ir.g.nodes
+                         if self.ir.node(n)["op"] == "linear"}
+        # the kernels read the compression MLPs; gate projections run before the operator
+        kernel_params = tuple(n for n in self._param_names if n.split(".")[0] not in linear_owners)
+        list_names = tuple(st.name for st in self.plan.stages if st.kind == "select")
+        key = cache_key(self._spec_text, self.ir.param_values())
+        ir, plan = self.ir, self.plan
+
+        def make_source():
+            from ..codegen.emit import generate
+            return generate(ir, plan)[0]
+        return attend_op(key, self.spec_name, make_source, gate_names, kernel_params, list_names)
+
+    @property
+    def op(self):
+        """The forward custom operator (`torch.ops.sparsedsl.<spec>_<key>`)."""
+        return self._op.forward
 
     def learnable(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, safe) for name, safe in self._param_names.items()}
@@ -132,8 +130,12 @@ class SparseAttention(torch.nn.Module):
                              f" its inputs are: {', '.join(self.ir.inputs) or 'none'}")
         return inputs
 
+    def _needed(self, ir: IR, given: tuple[str, ...]) -> frozenset[str]:
+        hit = self._needed_table.get(given)
+        return hit if hit is not None else needed_inputs(ir, given)
+
     def _check(self, q, k, v, inputs):
-        check_inputs(self.ir, q, k, v, inputs)
+        check_inputs(self.ir, q, k, v, inputs, needed=self._needed)
         if q.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
             raise ValueError(f"`q` must be float32, float16, bfloat16 or float64, got {q.dtype}")
         for name, t in inputs.items():
@@ -159,32 +161,19 @@ class SparseAttention(torch.nn.Module):
         """Every gate of the output's gated sum as a [B, T, H] tensor, keyed `g<node>`:
         a given tensor, else sigmoid(linear(x)) with this layer's weights."""
         gates = {}
-        out = self.ir.out
-        if self.ir.node(out)["op"] != "mix":
-            return gates
-        for arg, nid in self.ir.operands(out).items():
-            if arg.startswith("gate."):
-                gates[f"g{nid}"] = self._gate(nid, inputs).contiguous()
+        for g in self._gate_plan:
+            given = next((inputs[n] for n in g.given if n in inputs), None)
+            if given is None:
+                x = inputs[g.x]
+                w, b = getattr(self, g.weight), getattr(self, g.bias)
+                dt = torch.promote_types(x.dtype, torch.float32)
+                given = torch.sigmoid(x.to(dt) @ w.to(dt).T + b.to(dt))
+            gates[g.key] = given.contiguous()
         return gates
-
-    def _gate(self, nid: int, inputs: dict) -> torch.Tensor:
-        n = self.ir.node(nid)
-        if n["op"] == "input":
-            if n["args"]["name"] in inputs:
-                return inputs[n["args"]["name"]]
-            return self._gate(self.ir.operand(nid, "default"), inputs)
-        assert n["op"] == "sigmoid", n["op"]
-        lin = self.ir.operand(nid, "logits")
-        owner = self.ir.node(lin)["facts"]["params"]
-        x = inputs[self.ir.node(self.ir.operand(lin, "x"))["args"]["name"]]
-        w, b = self.learnable()[f"{owner}.weight"], self.learnable()[f"{owner}.bias"]
-        dt = torch.promote_types(x.dtype, torch.float32)
-        return torch.sigmoid(x.to(dt) @ w.to(dt).T + b.to(dt))
 
     def forward(self, q, k, v, return_lists: bool = False, **inputs):
         inputs = self._inputs(inputs)
         self._check(q, k, v, inputs)
-        kernels = self._kernels(q.device)
         dtype = q.dtype
         if dtype == torch.bfloat16 and q.device.type != "cuda":
             # Triton 3.6's interpreter multiplies bfloat16 matrices wrongly (triton-lang/triton
@@ -195,12 +184,18 @@ class SparseAttention(torch.nn.Module):
             q, k, v = q.to(cast), k.to(cast), v.to(cast)
             dtype = cast
         gates = self._gates(inputs)
-        params = self.learnable()
-        lists: dict = {}
-        out = _Attend.apply(kernels, lists, tuple(gates), tuple(params), q, k, v,
-                            *gates.values(), *params.values())
-        out = out.to(dtype)
-        return (out, lists) if return_lists else out
+        learnable = self.learnable()
+        # the kernels accumulate in float32 (float64 for float64 inputs)
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        gates = [gates[n].to(acc).contiguous() for n in self._op.gate_names]
+        params = [learnable[n].to(acc).contiguous() for n in self._op.param_names]
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *gates, *params))
+        outs = self._op.forward(q, k, v, gates, params, save)
+        out = outs[0].to(dtype)
+        if return_lists:
+            return out, dict(zip(self._op.list_names, outs[1:1 + len(self._op.list_names)]))
+        return out
 
     def reference(self, q, k, v, return_details: bool = False, selections=None, **inputs):
         """The dense float64 reference with this layer's own parameters."""
@@ -212,6 +207,42 @@ class SparseAttention(torch.nn.Module):
     def extra_repr(self) -> str:
         pv = ", ".join(f"{k}={v}" for k, v in self.ir.param_values().items())
         return f"spec={self.spec_name}({pv}), strategy={self.plan.strategy.split(':')[0]!r}"
+
+
+@dataclass(frozen=True)
+class _GateSource:
+    """Where gate `key` (`g<node>`) comes from: the first input in `given` that the call
+    passes, else sigmoid(x @ weight.T + bias) with the layer's parameters (attribute names)."""
+    key: str
+    given: tuple[str, ...]
+    x: str | None
+    weight: str | None
+    bias: str | None
+
+
+def _gate_plan(ir: IR, param_attrs: dict[str, str]) -> tuple[_GateSource, ...]:
+    out = ir.out
+    if ir.node(out)["op"] != "mix":
+        return ()
+    plan = []
+    for arg, nid in ir.operands(out).items():
+        if not arg.startswith("gate."):
+            continue
+        key, given, node = f"g{nid}", [], nid
+        while ir.node(node)["op"] == "input":
+            given.append(ir.node(node)["args"]["name"])
+            node = ir.operand(node, "default")
+            if node is None:  # a gate with no default: the call must give it (checked)
+                break
+        x = weight = bias = None
+        if node is not None:
+            assert ir.node(node)["op"] == "sigmoid", ir.node(node)["op"]
+            lin = ir.operand(node, "logits")
+            owner = ir.node(lin)["facts"]["params"]
+            x = ir.node(ir.operand(lin, "x"))["args"]["name"]
+            weight, bias = param_attrs[f"{owner}.weight"], param_attrs[f"{owner}.bias"]
+        plan.append(_GateSource(key, tuple(given), x, weight, bias))
+    return tuple(plan)
 
 
 def param_shapes_needed(ir: IR) -> bool:
