@@ -204,6 +204,13 @@ class SparseAttention(torch.nn.Module):
                                                    self.learnable().items()},
                          return_details=return_details, selections=selections, **inputs)
 
+    def to_block_mask(self, seq_len: int, device=None, block_size: int | tuple[int, int] = 128):
+        """An equivalent FlexAttention `BlockMask` at `seq_len`, for specs without
+        data-dependent selection (`sparsedsl.integrations.flex`); a NotAMaskError saying why
+        otherwise."""
+        from ..integrations.flex import to_block_mask
+        return to_block_mask(self, seq_len, device, block_size)
+
     def extra_repr(self) -> str:
         pv = ", ".join(f"{k}={v}" for k, v in self.ir.param_values().items())
         return f"spec={self.spec_name}({pv}), strategy={self.plan.strategy.split(':')[0]!r}"
