@@ -156,7 +156,7 @@ def cmd_show(args) -> int:
     source, ir = _spec(args)
     inputs = _load_inputs(args.inputs) if args.inputs else None
     progress = Progress("show: running the kernels" if ir.nodes_with("topk") else "show")
-    progress.update(0, None)
+    progress.update()
     try:
         m = attention_map(ir, source.text, args.seq, heads=args.heads, kv_heads=args.kv_heads,
                           head=args.head, seed=args.seed, head_dim=args.head_dim,
@@ -389,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "strategy, compile each and check outputs and gradients against the "
                         "dense reference. A failure is shrunk and written as a .attn file.")
     sp.add_argument("--examples", type=int, metavar="N", help="how many specs (default 20)")
-    sp.add_argument("--minutes", type=float, metavar="M", help="fuzz for this long instead")
+    sp.add_argument("--minutes", type=float, metavar="M",
+                    help="fuzz for this long instead (no example starts after M minutes; one "
+                    "running then finishes, and a failure is still shrunk)")
     sp.add_argument("--seed", type=int, metavar="S", help="random seed (default: a fresh one)")
     sp.add_argument("--no-grad", action="store_true", help="check outputs only")
     sp.add_argument("--out-dir", default=".", metavar="DIR",

@@ -60,11 +60,13 @@ class Progress:
         self._last = 0.0
         self._width = 0
 
-    def update(self, done: int, total: int | None = None, note: str = "") -> None:
+    def update(self, done: int | None = None, total: int | None = None, note: str = "") -> None:
+        """Redraw: a bar for `done` of `total`, a count without a total, the label alone
+        (work of unknown length) without either."""
         if not self.enabled:
             return
         now = time.monotonic()
-        if now - self._last < 0.1 and (total is None or done < total):
+        if now - self._last < 0.1 and self._width and (total is None or done < total):
             return
         self._last = now
         elapsed = now - self.start
@@ -72,8 +74,10 @@ class Progress:
             frac = min(done / total, 1.0)
             bar = "#" * int(24 * frac)
             text = f"{self.label} [{bar:<24}] {done}/{total}"
-        else:
+        elif done is not None:
             text = f"{self.label} {done}"
+        else:
+            text = f"{self.label}..."
         text += f"  {elapsed:.0f}s" + (f"  {note}" if note else "")
         pad = max(self._width - len(text), 0)
         self._width = len(text)
