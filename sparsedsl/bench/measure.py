@@ -1,0 +1,126 @@
+"""Timing and memory of one prepared implementation, with failures caught as reasons.
+
+Times are medians of `triton.testing.do_bench` (CUDA events, L2 cleared between
+runs, gradients reset to None outside the timed region). The forward is timed
+under `torch.no_grad()`; forward+backward times both passes together, with a
+fixed random dO. Peak memory is that of one forward+backward:
+`torch.cuda.max_memory_allocated()` after a reset, less what was allocated
+before, plus the bytes of the implementation's own inputs.
+"""
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Prepared:
+    """One implementation ready to run on one case's inputs."""
+
+    fwd: Callable[[], torch.Tensor]          # the forward: returns the output
+    leaves: list[torch.Tensor]               # what the backward writes .grad into
+    dout: torch.Tensor                       # dO, in the output's layout
+    to_bthd: Callable[[torch.Tensor], torch.Tensor]  # output -> [batch, seq, heads, dim]
+    input_bytes: int                         # bytes of the inputs it holds (q, k, v, gates)
+    notes: dict = field(default_factory=dict)
+    # further forward-only timings, name -> fn (e.g. FlexAttention's routing and mask build)
+    extra: dict[str, Callable[[], object]] = field(default_factory=dict)
+    state: dict = field(default_factory=dict)  # what the checks need (layer, selections)
+
+
+class Unavailable(Exception):
+    """The implementation cannot run here (not installed, unsupported shape): a reason."""
+
+
+def describe_error(e: BaseException) -> str:
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return "out of memory"
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    first = lines[0] if lines else ""
+    if len(first) > 160:
+        first = first[:157] + "..."
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def cuda_alive() -> bool:
+    """False when an earlier error (an illegal address, say) broke the CUDA context."""
+    try:
+        torch.cuda.synchronize()
+        torch.zeros(1, device="cuda").add_(1).item()
+        return True
+    except Exception:  # noqa: BLE001 - any failure here means the context is gone
+        return False
+
+
+def release() -> None:
+    gc.collect()
+    try:
+        torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def do_bench(fn: Callable[[], object], warmup_ms: float, rep_ms: float,
+             grad_to_none=None) -> float:
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms,
+                                         grad_to_none=grad_to_none, return_mode="median"))
+
+
+def _clear_grads(leaves) -> None:
+    for t in leaves:
+        t.grad = None
+
+
+def time_forward(p: Prepared, warmup_ms: float, rep_ms: float) -> float:
+    with torch.no_grad():
+        p.fwd()
+        torch.cuda.synchronize()
+        return do_bench(p.fwd, warmup_ms, rep_ms)
+
+
+def _step(p: Prepared) -> None:
+    p.fwd().backward(p.dout)
+
+
+def time_fwdbwd(p: Prepared, warmup_ms: float, rep_ms: float) -> float:
+    _step(p)
+    _clear_grads(p.leaves)
+    torch.cuda.synchronize()
+    ms = do_bench(lambda: _step(p), warmup_ms, rep_ms, grad_to_none=p.leaves)
+    _clear_grads(p.leaves)
+    return ms
+
+
+def peak_fwdbwd(p: Prepared) -> tuple[int, int]:
+    """(peak bytes including the implementation's inputs, working bytes alone)."""
+    _clear_grads(p.leaves)
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    _step(p)
+    torch.cuda.synchronize()
+    work = torch.cuda.max_memory_allocated() - base
+    _clear_grads(p.leaves)
+    return work + p.input_bytes, work
+
+
+def ceilings(warmup_ms: float, rep_ms: float) -> dict:
+    """The device's bfloat16 matmul rate and copy bandwidth, measured (METHOD.md: datasheet
+    rates are leads; measure the two ceilings once)."""
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    mm_ms = do_bench(lambda: a @ b, warmup_ms, rep_ms)
+    x = torch.randn(1 << 28, device="cuda", dtype=torch.bfloat16)  # 512 MiB
+    y = torch.empty_like(x)
+    cp_ms = do_bench(lambda: y.copy_(x), warmup_ms, rep_ms)
+    nbytes = 2 * x.numel() * x.element_size()  # read + write
+    return {"matmul_flops_per_s": 2 * n ** 3 / (mm_ms * 1e-3),
+            "copy_bytes_per_s": nbytes / (cp_ms * 1e-3),
+            "how": f"bf16 {n}x{n}x{n} torch.matmul; device-to-device copy of 512 MiB "
+                   f"(bytes read + written); medians of do_bench"}
