@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test gpu-test train-demo docs venv clean
+.PHONY: demo test gpu-test bench train-demo docs venv clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,15 @@ gpu-test:
 		$(GPU_PY) -m pytest -q tests/test_kernel_properties.py
 
 GPU_PY ?= python3
+
+# On a CUDA machine (sparsedsl installed in GPU_PY's environment): sparsedsl's kernels against
+# SDPA (cuDNN, flash), FlexAttention and fla's parallel_nsa (when fla-core is installed) at
+# 8k-64k tokens; table, JSON and plot under out/bench/. Shorter: make bench BENCH_ARGS=--quick;
+# one case: BENCH_ARGS="--case moba --seq 8k,16k" (sparsedsl bench --help lists the options)
+BENCH_OUT ?= out/bench
+BENCH_ARGS ?=
+bench:
+	$(GPU_PY) -m sparsedsl.bench --json $(BENCH_OUT)/bench.json --png $(BENCH_OUT)/bench.png $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
