@@ -263,6 +263,10 @@ def test_compare_moba_counts_rows_with_other_selections():
     r = impls.compare_moba(ref, lists, out, sel, block)
     assert r["selection_rows_differ"] == 1 and r["selection_rows"] == 2 * T
     assert r["max_abs_err"] == 0.5 and r["max_abs_err_same_selection"] == pytest.approx(0.01)
+    assert r["rows"] == 2 * T and r["rows_over_tol"] == 2  # a zero reference: any difference
+    ref[0, 0, 0, 0] = 1.0
+    r = impls.compare(ref, out)
+    assert (r["rows_over_tol"], r["rel_err"]) == (1, 0.5)  # 0.5 > 2e-2 of 1; 0.01 is not
 
 
 # ============================================================ table, JSON and plot
@@ -278,7 +282,8 @@ def fake_results() -> Results:
         Row("moba", 8192, "sdpa-flash", "dense", 5.0, 16.0, 2 << 30, 1 << 30),
         Row("moba", 8192, "flex", "peer", 3.0, 12.0, 2 << 30, 1 << 30,
             extra={"timings_ms": {"routing+mask": 0.75},
-                   "check": {"max_abs_err": 0.0039, "rel_err": 0.001,
+                   "check": {"max_abs_err": 0.0039, "rel_err": 0.001, "rows_over_tol": 1,
+                             "rows": 131072, "row_tol": 0.02,
                              "selection_rows_differ": 2, "selection_rows": 100,
                              "max_abs_err_same_selection": 0.0031}}),
         Row("moba", 8192, "flex+routing", "peer", status="error", reason="out of memory"),
@@ -310,6 +315,7 @@ def test_table():
         assert cell in row, (cell, row)
     flex = next(ln for ln in lines if ln.strip().startswith("flex "))
     assert "routing+mask 0.750 ms" in flex and "selection differs in 2/100 rows" in flex
+    assert "1/131072 rows over 0.02 of it" in flex
     assert "ERROR: out of memory" in next(ln for ln in lines if "flex+routing" in ln)
     assert "keys/query" in text and ("(compute)" in text or "(memory)" in text)
 

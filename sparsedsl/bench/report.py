@@ -143,7 +143,10 @@ def _notes(r: Row) -> str:
         parts.append(f"{name} {_ms(ms)} ms" if isinstance(ms, (int, float)) else f"{name}: {ms}")
     c = e.get("check")
     if isinstance(c, dict) and "max_abs_err" in c:
-        s = f"vs sparsedsl max|d| {_sci(c['max_abs_err'])} (rel {_sci(c.get('rel_err'))})"
+        s = f"vs sparsedsl max|d| {_sci(c['max_abs_err'])} (rel {_sci(c.get('rel_err'))}"
+        if "rows_over_tol" in c:
+            s += f", {c['rows_over_tol']}/{c['rows']} rows over {c.get('row_tol', 0):g} of it"
+        s += ")"
         if "selection_rows_differ" in c:
             s += (f", selection differs in {c['selection_rows_differ']}/{c['selection_rows']} "
                   f"rows, max|d| where equal {_sci(c.get('max_abs_err_same_selection'))}")
