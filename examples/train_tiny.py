@@ -2,39 +2,64 @@
 
     python examples/train_tiny.py SPEC [--set NAME=VALUE ...] [--steps N] [--seq T]
         [--d-model D] [--heads H] [--kv-heads HK] [--layers L] [--batch B] [--lr LR]
-        [--pairs P] [--vocab V] [--seed S] [--device cpu|cuda] [--dtype float32|bfloat16]
+        [--pairs P] [--queries Q] [--layout contiguous|scattered] [--vocab V] [--seed S] [--device cpu|cuda] [--dtype float32|bfloat16]
         [--size auto|gpu|cpu] [--out DIR] [--json FILE] [--log-every N]
+        [--[no-]curriculum] [--start-seq N] [--[no-]shift] [--pos sinusoidal|learned]
+    python examples/train_tiny.py --compare RUN.json ... [--out DIR]
 
 SPEC is a `.attn` file, spec text or a built-in name (`moba`, `nsa`). Every attention
 layer of the model is `sparsedsl.compile(SPEC, ...)`: its generated Triton kernels run the
 forward and the backward pass (natively on a CUDA GPU, in Triton's interpreter on the CPU).
 
-The task is associative recall over a long context. A sequence of length T holds P
-key/value token pairs `k1 v1 k2 v2 ...` at a random even offset in its first half, random
-filler tokens everywhere else, and ends with a query marker and one of the P keys:
+The task is multi-query associative recall (MQAR, Arora et al., 2023) over a long context.
+A sequence of length T holds P key/value token pairs `k1 v1 k2 v2 ... kP vP` as one run at a
+random even offset in its first half (`--layout scattered`: at separate random places
+instead), random filler tokens everywhere else, and Q queries in its last quarter, each a
+marker `?` followed by one of the stored keys; the last position is always a query:
 
-    f f f k1 v1 k2 v2 ... kP vP f f f f f ... f f ? kj     ->  the model must say vj
+    f f k1 v1 k2 v2 ... kP vP f f f ... f ? kj f f ? ki f f ... f f ? kl
+                                              ^ vj      ^ vi            ^ vl   (the answers)
 
-The loss and the accuracy count only that answer (the prediction at the last position).
-The pairs lie at least T/2 tokens before the query, outside any local window, so a sparse
-pattern learns the task only if its block selection finds the blocks holding the pairs
-(MoBA's top-k router, NSA's compression scores), and keys, values and filler come from
-disjoint parts of the vocabulary, so the blocks that hold the pairs look different from the
-filler blocks. Two layers suffice: one copies each key into the position of its value
-(previous-token attention, local), the next matches the query key against them (far).
+The loss and the accuracy count only the answers (the predictions at the query keys). Every
+query lies at least T/4 positions after the pairs, outside any local window, so a sparse
+pattern solves the task only if its block selection finds the block holding the queried
+pair (MoBA's router: the query against each block's mean key; NSA's: the compression
+branch's attention). Keys, values and filler come from disjoint parts of the vocabulary.
+Many queries per sequence give the selection many signals per step; with a single query at
+the end (`--queries 1`) the sparse patterns learned far more slowly in our runs.
 
-Sizes: `--size auto` (the default) picks a GPU size on a CUDA device (seq 2048, a few
-minutes on an H100) and a tiny CPU size otherwise (the interpreter runs every Triton program
-in Python: tens of milliseconds per query position, head and layer). Any flag given
-overrides the size's default. Spec parameters that set sizes (MoBA's `block`, `topk`; NSA's
-`cmp_len`, `cmp_stride`, `sel_len`, `topn`, `init_blocks`, `local_blocks`, `window`) are
-scaled to the sequence length unless given with `--set`, so the sparse patterns select
-among several blocks.
+The model: token embedding plus an absolute position code (fixed sinusoids by default, or
+learned; no rotary), L pre-norm blocks (q, k, v projections -> the compiled layer -> output
+projection; MLP), a final norm and the LM head. Two things make it learn in a few hundred
+steps instead of thousands:
+  * token shift (`--shift`, on by default): each position also adds an embedding of the
+    token before it (RWKV's token shift; the "smeared keys" of Olsson et al., 2022), so a
+    value's position already knows its key and retrieval is one attention hop. Without it,
+    the model must first grow a previous-token head from the single answer's gradient.
+  * a sequence-length curriculum (`--curriculum`, on by default): training starts at
+    `--start-seq` tokens (64) and the length doubles each time the accuracy over the last
+    20 steps reaches 90% (the full length comes by 3/4 of the steps at the latest). From
+    scratch at T = 2048 the answer's gradient reaches the pairs through attention spread
+    over 2048 positions and learning barely starts in a thousand steps. At short lengths
+    every block is visible; at full length the sparse patterns have to select the block
+    with the pair themselves. `steps_to_90` counts only steps at the full length.
 
-Outputs: one line per step (a one-line progress display on a terminal, plain lines every
-`--log-every` steps otherwise), `<out>/<pattern>.png` with the loss and accuracy curves and,
-with `--json FILE`, a summary: spec, parameters, steps, final loss, accuracy over the last
-steps, steps to 90% accuracy, wall time, device, and the per-step curves.
+Sizes: `--size auto` (the default) picks the GPU size on a CUDA device (T = 2048, a few
+minutes per spec on an H100) and a tiny CPU size otherwise (the interpreter runs every Triton
+program in Python). Any flag given overrides the size's default. Spec parameters that set
+sizes (MoBA's `block`, `topk`; NSA's `cmp_len`, `cmp_stride`, `sel_len`, `topn`,
+`init_blocks`, `local_blocks`, `window`) are scaled to the sequence length unless given with
+`--set`, so the sparse patterns select among several blocks (T = 2048: MoBA 16 blocks of
+128, top 3 with its own; NSA 32 selection blocks of 64, top 6 with the first and the 2 most
+recent, window 128).
+
+Outputs: the loss and accuracy of every step (a one-line progress display on a terminal,
+plain lines every `--log-every` steps otherwise), `<out>/<pattern>.png` with the loss and
+accuracy curves and, with `--json FILE`, a summary (keys: `JSON_KEYS`): spec, parameters,
+steps, final loss, accuracy over the last 20 steps, steps to 90% accuracy at full length,
+wall time, device, and the per-step curves. Each step's batch is fresh data scored before
+the update, so its accuracy is a held-out estimate. `--compare` plots several summaries
+together (`<out>/compare.png`) and prints a table.
 
 `--seed` fixes the weights and the data: on the CPU runs repeat exactly; on a GPU the
 backward kernels add into shared key gradients atomically, so runs agree only closely.
@@ -53,27 +78,33 @@ from torch import nn
 
 # A size's defaults: flags that are not given take these.
 SIZES = {
-    # A few minutes on one H100 for dense causal, MoBA and NSA each.
-    "gpu": dict(steps=600, seq=2048, d_model=256, heads=4, kv_heads=2, layers=2, batch=32,
-                lr=1e-3, pairs=8, vocab=64, dtype="bfloat16"),
-    # Triton's interpreter: every kernel program runs in Python, so keep it tiny. This
-    # learns the answer distribution (the loss falls to about log(values)), not the recall.
-    "cpu": dict(steps=20, seq=32, d_model=32, heads=2, kv_heads=1, layers=2, batch=4,
-                lr=3e-3, pairs=4, vocab=32, dtype="float32"),
+    # On one H100: dense causal 0.03 s a step at full length, MoBA and NSA about 0.13 s;
+    # with the curriculum's cheap short steps about 40 s, 2m45s and 2m45s for 1200 steps.
+    "gpu": dict(steps=1200, seq=2048, d_model=256, heads=4, kv_heads=2, layers=2, batch=32,
+                lr=1e-3, pairs=8, queries=16, vocab=64, dtype="bfloat16"),
+    # Triton's interpreter runs every kernel program in Python (MoBA: about 50 ms per query
+    # position, head and layer for forward and backward; NSA about three times that), so
+    # keep it tiny: minutes, not hours. In 10 steps the loss falls from log(vocab) towards
+    # log(#values) (the answers' distribution); recall itself needs the GPU size.
+    "cpu": dict(steps=10, seq=32, d_model=32, heads=1, kv_heads=1, layers=2, batch=4,
+                lr=1e-2, pairs=4, queries=4, vocab=32, dtype="float32"),
 }
 LAST_N = 20  # the accuracy (and loss) reported "over the last steps" averages this many
 TARGET_ACC = 0.9
 JSON_KEYS = ("spec", "pattern", "spec_params", "params", "steps", "final_loss", "final_acc",
              "last_n", "loss_last_n", "acc_last_n", "steps_to_90", "full_length_from",
-             "chance_acc", "wall_time_s", "step_time_s", "device", "device_name", "dtype", "png", "history")
+             "chance_acc", "wall_time_s", "step_time_s", "device", "device_name", "dtype", "png",
+             "history")
 
 
 # ---------------------------------------------------------------------------- the task
 class Task:
     """Token ids: 0 is the query marker, then keys, values and filler, disjoint."""
 
-    def __init__(self, vocab: int, seq: int, pairs: int):
-        self.vocab, self.seq, self.pairs = vocab, seq, pairs
+    def __init__(self, vocab: int, seq: int, pairs: int, layout: str = "contiguous",
+                 queries: int = 1):
+        self.vocab, self.seq, self.pairs, self.layout = vocab, seq, pairs, layout
+        self.queries = queries
         self.n_keys = self.n_values = (self.vocab - 1) // 3
         self.key0, self.value0 = 1, 1 + self.n_keys
         self.filler0 = self.value0 + self.n_values
@@ -87,22 +118,44 @@ class Task:
         if 2 * self.pairs > self.seq // 2:
             raise ValueError(f"--pairs {self.pairs} do not fit in the first half of --seq "
                              f"{self.seq}: need 4 * pairs <= seq")
+        if self.queries < 1:
+            raise ValueError(f"--queries must be at least 1, got {self.queries}")
+        if self.seq < 8:
+            raise ValueError(f"--seq must be at least 8, got {self.seq}")
+
+    def n_queries(self, seq: int) -> int:
+        """Queries per sequence at length `seq`: two-token slots of the last quarter."""
+        return max(1, min(self.queries, seq // 8))
 
     def batch(self, batch: int, g: torch.Generator, seq: int | None = None):
-        """tokens [batch, seq] and the answers [batch] (the value of the queried key)."""
+        """tokens [batch, seq], the query positions [batch, Q] (each holds a stored key, after
+        a marker) and the answers [batch, Q] (the value stored with that key)."""
         B, T, P = batch, seq or self.seq, self.pairs
+        Q = self.n_queries(T)
         tokens = self.filler0 + torch.randint(self.n_filler, (B, T), generator=g)
         keys = self.key0 + torch.rand(B, self.n_keys, generator=g).argsort(1)[:, :P]
         values = self.value0 + torch.randint(self.n_values, (B, P), generator=g)
-        # an even offset: a pair never straddles a block boundary of an even block size
-        offset = 2 * torch.randint((T // 2 - 2 * P) // 2 + 1, (B, 1), generator=g)
-        pos = offset + 2 * torch.arange(P)  # [B, P]
+        if self.layout == "contiguous":
+            # one run `k1 v1 ... kP vP` at an even offset
+            offset = 2 * torch.randint((T // 2 - 2 * P) // 2 + 1, (B, 1), generator=g)
+            pos = offset + 2 * torch.arange(P)  # [B, P]
+        else:
+            # P distinct two-token slots at even positions of the first half
+            slots = torch.rand(B, T // 4, generator=g).argsort(1)[:, :P]
+            pos = 2 * slots  # [B, P]
+        # even positions: a pair never straddles a block boundary of an even block size
         tokens.scatter_(1, pos, keys)
         tokens.scatter_(1, pos + 1, values)
-        which = torch.randint(P, (B, 1), generator=g)
-        tokens[:, -2] = 0
-        tokens[:, -1] = keys.gather(1, which)[:, 0]
-        return tokens, values.gather(1, which)[:, 0]
+        # queries: Q distinct two-token slots `? kj` of the last quarter, the last slot always
+        n_slots = T // 8  # slots 2s, 2s + 1 for s in [3T/8, T/2)
+        first = T // 2 - n_slots
+        others = torch.rand(B, n_slots - 1, generator=g).argsort(1)[:, : Q - 1]
+        slots = torch.cat([torch.full((B, 1), T // 2 - 1), first + others], 1)  # [B, Q]
+        qpos = 2 * slots + 1 + (T % 2)  # the key's position; T odd: shifted to end at T - 1
+        which = torch.randint(P, (B, Q), generator=g)
+        tokens.scatter_(1, qpos - 1, torch.zeros_like(qpos))
+        tokens.scatter_(1, qpos, keys.gather(1, which))
+        return tokens, qpos, values.gather(1, which)
 
 
 class Curriculum:
@@ -240,7 +293,7 @@ class TinyLM(nn.Module):
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
-    def forward(self, tokens, last_only: bool = True):
+    def forward(self, tokens, positions=None):
         x = self.tok(tokens) + self.pos[: tokens.shape[1]]
         if self.prev is not None:
             before = torch.cat([torch.full_like(tokens[:, :1], self.prev.num_embeddings - 1),
@@ -248,8 +301,8 @@ class TinyLM(nn.Module):
             x = x + self.prev(before)
         for blk in self.blocks:
             x = blk(x)
-        if last_only:  # the loss reads only the answer position
-            x = x[:, -1:]
+        if positions is not None:  # the loss reads only the query positions
+            x = x.gather(1, positions[..., None].expand(-1, -1, x.shape[-1]))
         return self.head(self.ln(x))
 
 
@@ -320,6 +373,19 @@ def steps_to(accs, target, n, ok=None):
     return None
 
 
+def _shade_curriculum(axes, seqs, full):
+    """Grey before the curriculum reaches the full length, with its lengths written in."""
+    if not seqs or seqs[0] == full:
+        return
+    end = seqs.index(full) + 1 if full in seqs else len(seqs)
+    firsts = [(i + 1, t) for i, t in enumerate(seqs) if i == 0 or seqs[i - 1] != t]
+    for ax in axes:
+        ax.axvspan(1, end, color="0.9", zorder=0)
+    axes[-1].text(end / 2, 0.5, "length curriculum\n" + " ".join(str(t) for _, t in firsts
+                  if t != full) + f" -> {full}", ha="center", va="center", fontsize=7,
+                  color="0.35", wrap=True)
+
+
 def plot(summary: dict, path: Path):
     import matplotlib
     matplotlib.use("Agg")
@@ -339,14 +405,10 @@ def plot(summary: dict, path: Path):
     ax2.axhline(TARGET_ACC, color="gray", ls="--", lw=1, label="90%")
     ax2.axhline(summary["chance_acc"], color="gray", ls=":", lw=1, label="chance")
     ax2.set(xlabel="step", ylabel="accuracy", title="recall accuracy", ylim=(-0.02, 1.02))
-    seqs = h.get("seq") or []
-    for i in range(1, len(seqs)):
-        if seqs[i] != seqs[i - 1]:  # the curriculum's length doublings
-            for ax in (ax1, ax2):
-                ax.axvline(i + 1, color="tab:red", lw=0.6, alpha=0.5)
-            ax2.text(i + 1, 0.02, f"T={seqs[i]}", rotation=90, fontsize=7, color="tab:red",
-                     va="bottom", ha="right")
-    ax2.legend(loc="upper left")
+    _shade_curriculum([ax1, ax2], h.get("seq") or [], summary["params"]["seq"])
+    if summary["steps_to_90"]:
+        ax2.axvline(summary["steps_to_90"], color="tab:green", ls="--", lw=0.8)
+    ax2.legend(loc="lower right", fontsize=8)
     p = summary["params"]
     sp = ", ".join(f"{k}={v}" for k, v in summary["spec_params"].items())
     fig.suptitle(f"{summary['pattern']}({sp})  T={p['seq']} d={p['d_model']} "
@@ -362,7 +424,7 @@ def plot(summary: dict, path: Path):
 # ---------------------------------------------------------------------------- main
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
-        prog="train_tiny.py", description=__doc__.split("\n\n")[2],
+        prog="train_tiny.py", description=__doc__[__doc__.index("SPEC is"):],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("spec", nargs="?",
                     help="a .attn file, spec text or a built-in name (moba, nsa)")
@@ -382,8 +444,12 @@ def parse_args(argv=None):
                             ("--batch", int, "sequences per step"),
                             ("--lr", float, "peak learning rate (AdamW)"),
                             ("--pairs", int, "key/value pairs per sequence"),
+                            ("--queries", int, "queries per sequence (at most seq/8)"),
                             ("--vocab", int, "vocabulary: marker, keys, values, filler")]:
         ap.add_argument(flag, type=typ, default=None, help=what)
+    ap.add_argument("--layout", choices=("contiguous", "scattered"), default="contiguous",
+                    help="where the pairs lie in the first half: as one run k1 v1 k2 v2 ... "
+                         "at a random even offset (default), or at random separate places")
     ap.add_argument("--pos", choices=("sinusoidal", "learned"), default="sinusoidal",
                     help="absolute position embeddings (default sinusoidal)")
     ap.add_argument("--shift", action=argparse.BooleanOptionalAction, default=True,
@@ -417,7 +483,8 @@ def _resolve(args):
         v = getattr(args, k, None)
         if v is not None:
             cfg[k] = v
-    cfg.update(device=device, size=size, seed=args.seed, pos=args.pos, shift=args.shift)
+    cfg.update(device=device, size=size, seed=args.seed, pos=args.pos, shift=args.shift,
+               layout=args.layout)
     if cfg["d_model"] % cfg["heads"]:
         raise SystemExit(f"error: --d-model {cfg['d_model']} is not a multiple of --heads "
                          f"{cfg['heads']}")
@@ -449,14 +516,16 @@ def compare(paths, out_dir: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     runs = [json.loads(Path(p).read_text()) for p in paths]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5 + 0.15 * len(runs)))
     rows = []
     for r in runs:
         h = r["history"]
         n = max(1, min(LAST_N, len(h["loss"]) // 5 or 1))
         steps = range(1, len(h["loss"]) + 1)
-        sp = ", ".join(f"{k}={v}" for k, v in r["spec_params"].items())
-        label = f"{r['pattern']}({sp})" if sp else r["pattern"]
+        sp = ", ".join(f"{k}={v}" for k, v in r["spec_params"].items() if k != "cmp")
+        label = r["pattern"] + (f" ({sp})" if sp else "")
+        if r["steps_to_90"]:
+            label += f": 90% at step {r['steps_to_90']}"
         ax1.plot(steps, moving_average(h["loss"], n), label=label)
         ax2.plot(steps, moving_average(h["acc"], n), label=label)
         rows.append((r["pattern"], r["steps"], f"{r['final_loss']:.4f}",
@@ -466,17 +535,18 @@ def compare(paths, out_dir: Path) -> Path:
     ax2.set(xlabel="step", ylabel=f"accuracy (mean of {n})", title="recall accuracy",
             ylim=(-0.02, 1.02))
     ax2.axhline(TARGET_ACC, color="gray", ls="--", lw=1)
-    ax2.legend(fontsize=7, loc="upper left")
+    handles, labels = ax1.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=1, fontsize=7, frameon=False)
     p = runs[0]["params"]
     fig.suptitle(f"associative recall, T={p['seq']} d={p['d_model']} H={p['heads']}/"
                  f"{p['kv_heads']} L={p['layers']} B={p['batch']} pairs={p['pairs']}",
                  fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * len(runs), 1, 1))
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "compare.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    head = ("pattern", "steps", "final loss", f"acc@{LAST_N}", "90% at", "time", "device")
+    head = ("pattern", "steps", "final loss", "acc, last steps", "90% at", "time", "device")
     widths = [max(len(str(x[i])) for x in rows + [head]) for i in range(len(head))]
     for row in [head] + rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
@@ -496,11 +566,15 @@ def main(argv=None) -> dict:
     try:
         compile_params, spec_params = _spec_params(args.spec, args.set, cfg["seq"])
     except SpecError as e:
-        raise SystemExit(f"error: {e}")
+        msg = str(e)
+        raise SystemExit(msg if msg.startswith("error") or ": error:" in msg else f"error: {msg}")
     device = torch.device(cfg["device"])
     amp = cfg["dtype"] == "bfloat16"
     torch.manual_seed(cfg["seed"])
-    task = Task(cfg["vocab"], cfg["seq"], cfg["pairs"])
+    try:
+        task = Task(cfg["vocab"], cfg["seq"], cfg["pairs"], cfg["layout"], cfg["queries"])
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     model = TinyLM(args.spec, compile_params, cfg["vocab"], cfg["seq"], cfg["d_model"],
                    cfg["heads"], cfg["kv_heads"], cfg["layers"], cfg["seed"],
                    pos=args.pos, shift=args.shift).to(device)
@@ -537,11 +611,10 @@ def main(argv=None) -> dict:
     model.train()
     for step in range(steps):
         seq = curriculum.length
-        tokens, answer = task.batch(cfg["batch"], gen, seq)
-        tokens, answer = tokens.to(device), answer.to(device)
+        tokens, qpos, answer = (t.to(device) for t in task.batch(cfg["batch"], gen, seq))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(tokens)[:, -1].float()
-        loss = nn.functional.cross_entropy(logits, answer)
+            logits = model(tokens, qpos).float()  # [B, Q, vocab]
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), answer.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -570,7 +643,8 @@ def main(argv=None) -> dict:
         "pattern": pattern,
         "spec_params": spec_params,
         "params": {k: cfg[k] for k in ("seq", "d_model", "heads", "kv_heads", "layers", "batch",
-                                       "lr", "pairs", "vocab", "pos", "shift", "seed", "size")}
+                                       "lr", "pairs", "queries", "vocab", "layout", "pos", "shift", "seed",
+                                       "size")}
         | {"curriculum": args.curriculum, "start_seq": args.start_seq if args.curriculum
            else cfg["seq"], "n_params": n_params, "warmup": warmup},
         "steps": steps,
@@ -594,7 +668,8 @@ def main(argv=None) -> dict:
     plot(summary, png)
     print(f"{pattern}: {steps} steps in {_dur(wall)} ({wall / steps:.3f} s/step); final loss "
           f"{summary['final_loss']:.4f}, accuracy over the last {n} steps "
-          f"{summary['acc_last_n']:.3f} (chance {summary['chance_acc']:.3f}); 90% at T={cfg['seq']} "
+          f"{summary['acc_last_n']:.3f} (chance {summary['chance_acc']:.3f}); "
+          f"90% at T={cfg['seq']} "
           + (f"at step {summary['steps_to_90']}" if summary["steps_to_90"] else "not reached")
           + (f" (full length from step {summary['full_length_from']})"
              if args.curriculum and cfg["seq"] > args.start_seq else "")

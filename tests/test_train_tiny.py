@@ -44,7 +44,7 @@ def _run(train_tiny, tmp_path, spec, extra, name="run"):
 @pytest.mark.parametrize("spec, extra", [
     (DENSE, ["--steps", "8", "--batch", "8", "--heads", "2", "--kv-heads", "1",
              "--layers", "2"]),
-    ("moba", ["--steps", "5", "--batch", "4", "--heads", "1", "--kv-heads", "1",
+    ("moba", ["--steps", "5", "--batch", "2", "--heads", "1", "--kv-heads", "1",
               "--layers", "1", "--set", "block=8", "--set", "topk=2"]),
 ], ids=["dense_causal", "moba"])
 def test_trains_and_writes_outputs(train_tiny, tmp_path, spec, extra):
@@ -74,18 +74,29 @@ def test_trains_and_writes_outputs(train_tiny, tmp_path, spec, extra):
 
 def test_seed_repeats_and_task_layout(train_tiny, tmp_path):
     """Same seed, same losses (the CPU path is deterministic); the batch puts the pairs in
-    the first half, the marker and a stored key at the end, and answers with its value."""
+    the first half and the queries (a marker, then a stored key) in the last quarter, the
+    last position always one, and answers each with the value stored with its key."""
     import torch
     extra = ["--steps", "2", "--batch", "4", "--layers", "1", "--heads", "2", "--kv-heads", "1"]
     a, _, _ = _run(train_tiny, tmp_path, DENSE, extra, "a")
     b, _, _ = _run(train_tiny, tmp_path, DENSE, extra, "b")
     assert a["history"]["loss"] == b["history"]["loss"]
 
-    task = train_tiny.Task(vocab=32, seq=32, pairs=4)
-    tokens, answer = task.batch(16, torch.Generator().manual_seed(0))
-    for row, ans in zip(tokens.tolist(), answer.tolist()):
-        assert row[-2] == 0
-        pairs = {row[i]: row[i + 1] for i in range(0, 16)
-                 if task.key0 <= row[i] < task.value0}
-        assert len(pairs) == 4 and pairs[row[-1]] == ans
-        assert all(t >= task.filler0 for t in row[16:-2])
+    for layout, T in [("scattered", 64), ("contiguous", 64), ("scattered", 67)]:
+        task = train_tiny.Task(vocab=32, seq=T, pairs=4, layout=layout, queries=5)
+        tokens, qpos, answer = task.batch(16, torch.Generator().manual_seed(0))
+        assert tokens.shape == (16, T) and qpos.shape == answer.shape == (16, 5)
+        for row, pos, ans in zip(tokens.tolist(), qpos.tolist(), answer.tolist()):
+            pairs = {row[i]: row[i + 1] for i in range(0, T // 2)
+                     if task.key0 <= row[i] < task.value0}
+            assert len(pairs) == 4
+            if layout == "contiguous":
+                at = [i for i in range(T // 2) if row[i] in pairs]
+                assert at == list(range(at[0], at[0] + 8, 2))
+            assert T - 1 in pos and len(set(pos)) == 5
+            assert all(p >= 3 * T // 4 for p in pos)
+            for p, a_ in zip(pos, ans):
+                assert row[p - 1] == 0 and pairs[row[p]] == a_
+            rest = [t for i, t in enumerate(row[T // 2:], T // 2)
+                    if i not in pos and i + 1 not in pos]
+            assert all(t >= task.filler0 for t in rest)
