@@ -264,7 +264,7 @@ def test_compare_moba_counts_rows_with_other_selections():
     assert r["selection_rows_differ"] == 1 and r["selection_rows"] == 2 * T
     assert r["max_abs_err"] == 0.5 and r["max_abs_err_same_selection"] == pytest.approx(0.01)
     assert r["rows"] == 2 * T and r["rows_over_tol"] == 2  # a zero reference: any difference
-    ref[0, 0, 0, 0] = 1.0
+    ref[0, 0, 0, 0] = out[0, 0, 0, 0] = 1.0  # scale 1
     r = impls.compare(ref, out)
     assert (r["rows_over_tol"], r["rel_err"]) == (1, 0.5)  # 0.5 > 2e-2 of 1; 0.01 is not
 
