@@ -345,3 +345,51 @@ def test_floor_line_without_ceilings():
     res.floors = [f]
     assert "->" not in format_table(res).splitlines()[2]
     assert math.isfinite(f["keys_per_query"])
+
+
+# ==================================================================== fla's entry
+def _fake_fla(monkeypatch, **attrs):
+    import sys
+    import types
+    for name in ("fla", "fla.ops", "fla.ops.nsa", "fla.ops.nsa.parallel"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    mods = {n: types.ModuleType(n) for n in ("fla", "fla.ops", "fla.ops.nsa")}
+    for n, attr in attrs.items():
+        setattr(mods["fla.ops.nsa"], n, attr)
+    for n, m in mods.items():
+        monkeypatch.setitem(sys.modules, n, m)
+
+
+def test_fla_is_called_with_the_case_configuration(monkeypatch):
+    calls = []
+
+    def parallel_nsa(q, k, v, g_cmp=None, g_slc=None, g_swa=None, block_indices=None,
+                     block_counts=16, block_size=64, window_size=0, scale=None, cu_seqlens=None):
+        calls.append(dict(shapes=(q.shape, k.shape, g_cmp.shape), g_swa=g_swa,
+                          block_counts=block_counts, block_size=block_size,
+                          window_size=window_size))
+        return q * g_slc[..., None]
+
+    _fake_fla(monkeypatch, parallel_nsa=parallel_nsa)
+    case = C.make_cases(options_from_args(parse("--case", "nsa-fla")))[0]
+    inp = impls.make_inputs(case, 4, seed=0, device="cpu")
+    p = impls.prepare_fla(case, inp)
+    p.fwd()
+    assert calls == [dict(shapes=((1, 4, 64, 128), (1, 4, 4, 128), (1, 4, 64)), g_swa=None,
+                          block_counts=16, block_size=64, window_size=0)]
+    assert "parallel_nsa(q, k, v, g_cmp, g_slc, g_swa=None" in p.notes["call"]
+
+
+def test_fla_missing_or_broken_is_a_reason(monkeypatch):
+    import sys
+    case = C.make_cases(options_from_args(parse("--case", "nsa-fla")))[0]
+    inp = impls.make_inputs(case, 4, seed=0, device="cpu")
+    monkeypatch.setitem(sys.modules, "fla", None)  # import fla -> ModuleNotFoundError
+    with pytest.raises(impls.Unavailable, match=r"not installed \(pip install fla-core\)"):
+        impls.prepare_fla(case, inp)
+    _fake_fla(monkeypatch, parallel_nsa=None)  # fla's own fallback when parallel.py fails
+    with pytest.raises(impls.Unavailable, match="fla.ops.nsa.parallel"):
+        impls.prepare_fla(case, inp)
+    nsa = C.make_cases(options_from_args(parse("--case", "nsa")))[0]
+    with pytest.raises(impls.Unavailable, match="mean compression with one block size"):
+        impls.prepare_fla(nsa, inp)

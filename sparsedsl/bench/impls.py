@@ -259,31 +259,55 @@ def fla_version() -> str | None:
     return None
 
 
-def prepare_fla(case: Case, inp: Inputs) -> Prepared:
-    pat = case.pattern
-    if not (isinstance(pat, Nsa) and not pat.mlp and not pat.window
-            and pat.cmp_len == pat.cmp_stride == pat.sel_len):
-        raise Unavailable("fla's parallel_nsa computes mean compression with one block size "
-                          "and no window only")
+def _fla_nsa():
+    """fla's NSA with compression and top-k selection computed inside: `parallel_nsa` (since
+    fla 0.2 or so it takes g_cmp), else the older `parallel_nsa_with_compression`."""
+    import importlib
+    import inspect
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fla warns when flash-attn (its window branch) is absent
         try:
-            from fla.ops.nsa import parallel_nsa
+            mod = importlib.import_module("fla.ops.nsa")
         except ModuleNotFoundError as e:
             if e.name and e.name.split(".")[0] == "fla":
                 raise Unavailable("not installed (pip install fla-core)") from None
             raise Unavailable(f"import failed: {describe_error(e)}") from None
         except Exception as e:  # noqa: BLE001 - an incompatible install is a row, not a crash
             raise Unavailable(f"import failed: {describe_error(e)}") from None
+        fn = getattr(mod, "parallel_nsa", None)
+        if fn is None:  # some versions set it to None when fla/ops/nsa/parallel.py fails
+            try:
+                fn = importlib.import_module("fla.ops.nsa.parallel").parallel_nsa
+            except Exception as e:  # noqa: BLE001
+                raise Unavailable(f"fla.ops.nsa.parallel: {describe_error(e)}") from None
+    try:
+        takes_cmp = "g_cmp" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        takes_cmp = True
+    if not takes_cmp:
+        fn = getattr(mod, "parallel_nsa_with_compression", None)
+        if fn is None:
+            raise Unavailable("this fla's parallel_nsa takes no g_cmp (no compression branch)")
+    return fn
+
+
+def prepare_fla(case: Case, inp: Inputs) -> Prepared:
+    pat = case.pattern
+    if not (isinstance(pat, Nsa) and not pat.mlp and not pat.window
+            and pat.cmp_len == pat.cmp_stride == pat.sel_len):
+        raise Unavailable("fla's parallel_nsa computes mean compression with one block size "
+                          "and no window only")
+    nsa = _fla_nsa()
     q, k, v = _leaf(inp.q), _leaf(inp.k), _leaf(inp.v)
     g_cmp, g_slc = _leaf(inp.gates["g_cmp"]), _leaf(inp.gates["g_slc"])
 
     def fwd():
-        return parallel_nsa(q, k, v, g_cmp=g_cmp, g_slc=g_slc, g_swa=None,
-                            block_counts=pat.topn, block_size=pat.sel_len, window_size=0)
+        return nsa(q, k, v, g_cmp=g_cmp, g_slc=g_slc, g_swa=None, block_counts=pat.topn,
+                   block_size=pat.sel_len, window_size=0)
 
-    notes = {"call": f"parallel_nsa(q, k, v, g_cmp, g_slc, g_swa=None, block_counts={pat.topn}, "
-                     f"block_size={pat.sel_len}, window_size=0)", "version": fla_version()}
+    notes = {"call": f"{nsa.__name__}(q, k, v, g_cmp, g_slc, g_swa=None, block_counts="
+                     f"{pat.topn}, block_size={pat.sel_len}, window_size=0)",
+             "version": fla_version()}
     return Prepared(fwd, [q, k, v, g_cmp, g_slc], inp.dout, lambda o: o,
                     _nbytes(q, k, v, g_cmp, g_slc), notes)
 
