@@ -170,7 +170,8 @@ def _grid(head: list[str], rows: list[list[str]], indent: str = "    ") -> list[
 
 
 def floor_line(f: dict) -> str:
-    s = (f"floor: {f['keys_per_query']:.0f} keys/query, {f['flops_fwd'] / 1e9:.1f} GFLOP fwd, "
+    dense = f" (dense causal {f['dense_flops_fwd'] / 1e9:.1f})" if "dense_flops_fwd" in f else ""
+    s = (f"floor: {f['keys_per_query']:.0f} keys/query, {f['flops_fwd'] / 1e9:.1f} GFLOP fwd{dense}, "
          f"{(f['flops_fwd'] + f['flops_bwd']) / 1e9:.1f} fwd+bwd, "
          f"{f['bytes_fwd'] / 2 ** 20:.0f} MiB fwd, "
          f"{(f['bytes_fwd'] + f['bytes_bwd']) / 2 ** 20:.0f} fwd+bwd")
@@ -185,7 +186,9 @@ def format_table(res: Results) -> str:
     lines = ["Times: medians of triton.testing.do_bench (ms); fwd+bwd: one forward and backward "
              "together; peak: one fwd+bwd, own inputs included; x dense: fastest SDPA backend / "
              "this (fwd/fwd+bwd); /floor: time / the pattern's floor; x peer: the peer's time / "
-             "sparsedsl's (above 1: sparsedsl faster)."]
+             "sparsedsl's (above 1: sparsedsl faster). flex: the mask given (its routing and "
+             "mask build timed apart); flex+routing: routing, mask build and attention timed "
+             "together."]
     titles = {c["label"]: c for c in res.cases}
     seen = []
     for r in res.rows:
