@@ -92,9 +92,13 @@ def _tl(expr: str) -> str:
 class Exprs:
     """Boolean masks and scores of the IR, written as Triton expressions."""
 
-    def __init__(self, ir: IR, plan: KernelPlan):
+    def __init__(self, ir: IR, plan: KernelPlan, given: frozenset = frozenset()):
         self.ir = ir
         self.plan = plan
+        self.given = given  # lists whose membership is known to hold (grouped kernels)
+
+    def with_given(self, lists) -> "Exprs":
+        return Exprs(self.ir, self.plan, frozenset(lists))
 
     def grid(self, nid: int):
         return self.plan.grids[int(self.ir.node(nid)["facts"]["grid"][1:])]
@@ -153,6 +157,8 @@ class Exprs:
         if op == "recent":
             return f"(({N} <= {I} // {S}) & ({N} > {I} // {S} - {a['n']}))"
         if op in ("topk", "random"):
+            if nid in self.given:
+                return f"({N} >= 0)"
             return f"(tl.sum(({N}[:, :, None] == b_sel{nid}[None, None, :]).to(tl.int32), 2) > 0)"
         if op == "and":
             return f"({self.blocks(ops['0'], I, N)} & {self.blocks(ops['1'], I, N)})"
@@ -999,6 +1005,9 @@ class HostEmitter:
         saved += [f"vp{st.node}" for st in plan.stages if st.kind == "pool"]
         saved += [f"sel{st.node}" for st in plan.stages if st.kind == "select"]
         saved += ["osave", "lsave"]
+        for st in plan.stages:
+            if st.kind == "attend" and st.layout == "grouped":
+                saved += attend_emitters[id(st)].saved()
         c("saved = dict(" + ", ".join(f"{x}={x}" for x in saved) + ") if save else None")
         c("return o, lists, saved")
         return "\n\ndef forward(q, k, v, gates, params, save=False):\n" + c.text() + "\n"
@@ -1080,6 +1089,9 @@ class HostEmitter:
 
     def _attend(self, st: AttendStage, em: AttendEmitter) -> None:
         c = self.c
+        if st.layout == "grouped":
+            em.host_fwd(c, self._scale(st.groups[0][0].node))
+            return
         c(f"# attend `{st.name}`: {st.layout} layout, {st.combine}")
         if st.writes_lse:
             c(f"o = o{st.node} = torch.empty(B, T, H, DV, device=dev, dtype=f32)")
@@ -1154,6 +1166,9 @@ class HostBwdEmitter(HostEmitter):
 
     def _attend_bwd(self, st: AttendStage, em: "AttendBwdEmitter") -> None:
         c = self.c
+        if st.layout == "grouped":
+            em.host_bwd(c, self._scale(st.groups[0][0].node))
+            return
         c(f"# backward of attend `{st.name}`")
         grid, args, deps = self._launch(st, em)
         do = f"xdo{st.node}" if st.writes_lse else "do"
@@ -1189,8 +1204,10 @@ def generate(ir: IR, plan: KernelPlan | None = None) -> tuple[str, KernelPlan]:
     """The whole generated module for a verified IR: header, kernels, host code."""
     from .plan import plan_kernels
     plan = plan or plan_kernels(ir)
+    from .grouped import HELPER, GroupedEmitter
     ex = Exprs(ir, plan)
-    parts = [header(ir, plan), TRITON_PRELUDE]
+    grouped = any(st.kind == "attend" and st.layout == "grouped" for st in plan.stages)
+    parts = [header(ir, plan), TRITON_PRELUDE + (HELPER if grouped else "")]
     selects, attends = {}, {}
     for st in plan.stages:
         if st.kind == "pool":
@@ -1199,13 +1216,21 @@ def generate(ir: IR, plan: KernelPlan | None = None) -> tuple[str, KernelPlan]:
             em = SelectEmitter(ir, plan, ex, st)
             parts.append(em.emit())
             selects[st.node] = em
+        elif st.layout == "grouped":
+            em = GroupedEmitter(ir, plan, ex, st, st.groups[0][0].sources[0])
+            parts += em.emit_fwd()
+            attends[id(st)] = em
         else:
             em = AttendEmitter(ir, plan, ex, st)
             parts.append(em.emit())
             attends[id(st)] = em
     attends_bwd = {}
     for st in plan.stages:
-        if st.kind == "attend":
+        if st.kind == "attend" and st.layout == "grouped":
+            em = attends[id(st)]
+            parts += em.emit_bwd()
+            attends_bwd[id(st)] = em
+        elif st.kind == "attend":
             em = AttendBwdEmitter(ir, plan, ex, st)
             parts.append(em.emit())
             attends_bwd[id(st)] = em

@@ -23,6 +23,7 @@ Everything here is plain data and prints as text (`KernelPlan.format`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -352,7 +353,11 @@ class Planner:
         layout = "row" if lists else "tile"
         rows = "head" if per_head else "group"
         name = self.name(node) if writes_lse else "out"
-        return AttendStage(name, layout, rows, combine, plans, tuple(gates), writes_lse, node)
+        stage = AttendStage(name, layout, rows, combine, plans, tuple(gates), writes_lse, node)
+        from .grouped import grouped_list
+        if lists and grouped_list(self.ir, self.grids, stage, lists):
+            stage = dataclasses.replace(stage, layout="grouped")
+        return stage
 
     def _describe(self, plan: KernelPlan) -> str:
         final = plan.stages[-1]
@@ -360,6 +365,10 @@ class Planner:
         if final.layout == "tile":
             return ("static pattern: query tiles of one head walk key tiles between interval "
                     "bounds derived from the pattern; fully masked tiles are skipped")
+        if final.layout == "grouped":
+            return ("grouped by selected block (MoBA's strategy): the list entries are sorted by "
+                    "key block; a program attends a tile of queries that chose one block to it, "
+                    "and a combine kernel merges each query's blocks by log-sum-exp")
         if final.rows == "group":
             return ("selection shared by each GQA group: one program per (query, kv head) loads "
                     f"the group's query heads together and walks {len(sel)} block list(s)")

@@ -1,0 +1,381 @@
+"""The `grouped` strategy: queries grouped by the key block they selected (MoBA's own
+implementation strategy, Lu et al. 2025).
+
+It applies to an output that is one attention branch over the tokens of the blocks a top-k
+lists, such as MoBA's `attend(tokens(sel) & causal)`. The row strategies walk each query's
+list with one program per query: every key block is loaded once per query and the matrix
+units see one row. Here every (query, head, selected block) entry of the lists is sorted by
+its block, so a program takes up to BM queries that all chose one block and attends them to
+that block as one [BM, BN] tile per step, as dense attention does:
+
+    forward   group   sort the list entries by (batch, head, block)      (torch, no sync)
+              fwd     per tile of BM entries of one group: o and lse of the block  [E, DV]
+              combine per (query, head): merge its KS partial (o, lse) by their lse
+    backward  dq      per tile: dq of the block's keys, atomically added (KS adds a row)
+              dkdv    per (group, key chunk of BNK): walks the group's queries, accumulates
+                      dk, dv in registers, adds them once (GQA heads share kv: atomic)
+
+Keys inside a block are masked by the branch's own key expression with the grouped list's
+membership known to hold (the tile's queries chose the block), so any extra mask term of the
+spec (causal in the query's own block, a window, ...) still applies. The causality pass has
+proved j <= i for every attended key, so a tile walks keys only up to its last query.
+"""
+from __future__ import annotations
+
+from sparsedsl.ir.graph import IR
+
+from .plan import AttendStage, BlockList, KernelPlan
+
+
+def grouped_list(ir: IR, plan_grids: dict, st: AttendStage, mask_lists: set) -> BlockList | None:
+    """The block list a final attention stage can be grouped by, or None.
+
+    Conditions: one branch of real tokens whose only key source is one top-k list over
+    disjoint blocks (each key lies in at most one block, a list names a block at most once),
+    and whose mask reads no other list."""
+    if st.writes_lse or st.combine != "single" or len(st.groups) != 1 or len(st.groups[0]) != 1:
+        return None
+    br = st.groups[0][0]
+    if br.pooled or br.precomputed or len(br.sources) != 1:
+        return None
+    src = br.sources[0]
+    if not isinstance(src, BlockList) or ir.node(src.select)["op"] != "topk":
+        return None
+    if plan_grids[src.grid].overlap != 1 or mask_lists != {src.select}:
+        return None
+    return src
+
+
+HELPER = '''
+
+def _group_by_block(sel, H, NB, BM):
+    """Every (query, head, slot) entry of block lists sel [B, T, HS, KS] (-1 padded), sorted
+    by the block it names: groups are (batch, head, block), entries inside a group in query
+    order. Entry e = ((b * T + t) * H + h) * KS + s. Returns the sorted entries, each group's
+    offset and size, its first tile, and for each tile of BM entries its group (NG for the
+    tiles past the last: the grid is an upper bound, so nothing waits for the GPU)."""
+    B, T, HS, KS = sel.shape
+    dev = sel.device
+    s = sel if HS == H else sel.repeat_interleave(H // HS, dim=2)  # [B, T, H, KS]
+    NG = B * H * NB
+    b = torch.arange(B, device=dev).view(B, 1, 1, 1)
+    h = torch.arange(H, device=dev).view(1, 1, H, 1)
+    gid = torch.where(s >= 0, (b * H + h) * NB + s.long(), NG).flatten()
+    order = torch.sort(gid, stable=True).indices
+    gcnt = torch.zeros(NG + 1, dtype=torch.int64, device=dev).scatter_add_(
+        0, gid, torch.ones_like(gid))[:NG]  # (bincount's size would depend on the data)
+    goff = torch.cumsum(gcnt, 0) - gcnt
+    tiles = (gcnt + BM - 1) // BM
+    tend = torch.cumsum(tiles, 0)
+    n_max = max(1, gid.numel() // BM + min(NG, gid.numel()))
+    tgroup = torch.searchsorted(tend, torch.arange(n_max, device=dev), right=True)
+    return order, goff, gcnt, tend - tiles, tgroup.to(torch.int32)
+
+
+def _grouped_config(q):
+    """Tile sizes (entries BM, keys BN), warps and pipeline stages of the grouped kernels."""
+    if q.is_cuda:
+        return (64, 64, 4, 2) if q.shape[-1] > 64 else (64, 64, 4, 3)
+    return 16, 16, 1, 1  # Triton's interpreter: small tiles run fastest
+'''
+
+
+class GroupedEmitter:
+    """Kernels and host code of a grouped final attention stage."""
+
+    def __init__(self, ir: IR, plan: KernelPlan, ex, st: AttendStage, src: BlockList):
+        self.ir, self.plan, self.st, self.src = ir, plan, st, src
+        self.grid = plan.grids[src.grid]
+        self.sel = src.select
+        br = st.groups[0][0]
+        self.branch = br
+        # the branch's mask, the grouped list's membership known to hold
+        self.mask = ex.with_given({self.sel}).keys(ir.operand(br.node, "keys"), "I", "J")
+        self.scale = br.node
+        self.lists = {self.sel}
+        self.nbs = {src.grid}
+
+    # ------------------------------------------------------------------ kernels
+    def _rows(self, c: list, ind: str) -> None:
+        """The program's tile: entries [e0, e1) of one group; rows are their queries."""
+        L, S = self.grid.length, self.grid.stride
+        c += [
+            f"{ind}i_g = tl.load(tgroup + i_x)",
+            f"{ind}m_g = i_g < NG",
+            f"{ind}i_g = tl.minimum(i_g, NG - 1)",
+            f"{ind}i_n = i_g % NB  # the key block",
+            f"{ind}i_h = (i_g // NB) % H",
+            f"{ind}i_b = i_g // (NB * H)",
+            f"{ind}i_hk = i_h // G",
+            f"{ind}e0 = tl.load(goff + i_g) + (i_x - tl.load(toff + i_g)) * BM",
+            f"{ind}e1 = tl.load(goff + i_g) + tl.load(gcnt + i_g)",
+            f"{ind}o_e = e0 + tl.arange(0, BM)",
+            f"{ind}m_r = (o_e < e1) & m_g",
+            f"{ind}o_ent = tl.load(order + o_e, mask=m_r, other=0)  # [BM] entries",
+            f"{ind}o_i = ((o_ent // (H * KS)) % T).to(tl.int32)  # [BM] query positions",
+            f"{ind}I = o_i[:, None]",
+            f"{ind}p_row = (i_b * T + o_i).to(tl.int64) * H + i_h  # [BM] rows of q, o",
+            f"{ind}j_lo = i_n * {S}",
+            f"{ind}# keys of the block up to the tile's last query (causality is proved)",
+            f"{ind}j_hi = tl.minimum(tl.minimum(j_lo + {L}, T), "
+            f"tl.max(tl.where(m_r, o_i, -1), 0) + 1)",
+        ]
+
+    def _head(self, name: str, args: str, doc: str) -> list:
+        return ["", "@triton.jit", f"def attend_{self.st.name}_{name}_kernel(",
+                f"    {args},", "):", f'    """{doc}"""']
+
+    def emit_fwd(self) -> list[str]:
+        consts = ("H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, KS, D: tl.constexpr, "
+                  "DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, "
+                  "BN: tl.constexpr, IEEE: tl.constexpr")
+        c = self._head("fwd", f"q, k, v, po, pl, order, goff, gcnt, toff, tgroup, scale, T, NG, "
+                       f"NB, {consts}",
+                       f"Attention `{self.st.name}` grouped by selected block: for a tile of up "
+                       f"to BM entries that chose one block, each entry's output and log-sum-exp "
+                       f"over that block's keys (po [E, DV], pl [E]).")
+        ind = "    "
+        c.append(f"{ind}i_x = tl.program_id(0)")
+        self._rows(c, ind)
+        c += [
+            f"{ind}o_d = tl.arange(0, BD)",
+            f"{ind}m_d = o_d < D",
+            f"{ind}o_dv = tl.arange(0, BDV)",
+            f"{ind}m_dv = o_dv < DV",
+            f"{ind}b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None] & "
+            f"m_d[None, :], other=0.)  # [BM, BD]",
+            f"{ind}b_m = tl.full([BM], float('-inf'), tl.float32)",
+            f"{ind}b_l = tl.zeros([BM], dtype=tl.float32)",
+            f"{ind}b_acc = tl.zeros([BM, BDV], dtype=tl.float32)",
+            f"{ind}for j0 in range(j_lo, j_hi, BN):",
+        ]
+        ind2 = ind * 2
+        c += self._scores(ind2)
+        c += [
+            f"{ind2}b_s = tl.where(m_a, b_s, float('-inf'))",
+            f"{ind2}m_new = tl.maximum(b_m, tl.max(b_s, 1))",
+            f"{ind2}m_use = tl.where(m_new == float('-inf'), 0., m_new)",
+            f"{ind2}b_alpha = tl.exp(b_m - m_use)",
+            f"{ind2}b_p = tl.exp(b_s - m_use[:, None])  # [BM, BN]",
+            f"{ind2}b_l = b_l * b_alpha + tl.sum(b_p, 1)",
+            f"{ind2}b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, "
+            f"input_precision='ieee' if IEEE else 'tf32')",
+            f"{ind2}b_m = m_new",
+            f"{ind}b_o = tl.where(b_l[:, None] > 0, b_acc / tl.where(b_l > 0, b_l, 1.)[:, None], 0.)",
+            f"{ind}tl.store(po + o_ent.to(tl.int64)[:, None] * DV + o_dv[None, :], "
+            f"b_o.to(po.dtype.element_ty), mask=m_r[:, None] & m_dv[None, :])",
+            f"{ind}tl.store(pl + o_ent, tl.where(b_l > 0, b_m + tl.log(tl.where(b_l > 0, b_l, "
+            f"1.)), float('-inf')), mask=m_r)",
+        ]
+        fwd = "\n".join(c) + "\n"
+        c = self._head("combine", "po, pl, sel, o, osave, lsave, N, H: tl.constexpr, "
+                        "HS: tl.constexpr, KS, KSP: tl.constexpr, DV: tl.constexpr, "
+                        "BDV: tl.constexpr, BR: tl.constexpr, SAVE: tl.constexpr",
+                        f"Merges each (query, head) row's partial outputs of `{self.st.name}` "
+                        f"(one per listed block) by their log-sum-exp; with SAVE also writes the "
+                        f"row's output and log-sum-exp for the backward.")
+        c += [
+            f"{ind}o_row = tl.program_id(0) * BR + tl.arange(0, BR)  # [BR] (b, t, h) rows",
+            f"{ind}m_row = o_row < N",
+            f"{ind}o_row = o_row.to(tl.int64)",
+            f"{ind}o_s = tl.arange(0, KSP)",
+            f"{ind}o_dv = tl.arange(0, BDV)",
+            f"{ind}m_dv = o_dv < DV",
+            f"{ind}p_sel = sel + ((o_row // H) * HS + (o_row % H) // (H // HS))[:, None] * KS "
+            f"+ o_s[None, :]",
+            f"{ind}m_s = m_row[:, None] & (o_s[None, :] < KS)",
+            f"{ind}b_n = tl.load(p_sel, mask=m_s, other=-1)  # [BR, KSP] listed blocks",
+            f"{ind}m_s = m_s & (b_n >= 0)",
+            f"{ind}o_ent = o_row[:, None] * KS + o_s[None, :]",
+            f"{ind}b_lse = tl.load(pl + o_ent, mask=m_s, other=float('-inf'))",
+            f"{ind}b_max = tl.max(b_lse, 1)",
+            f"{ind}b_use = tl.where(b_max == float('-inf'), 0., b_max)",
+            f"{ind}b_w = tl.where(m_s, tl.exp(b_lse - b_use[:, None]), 0.)  # [BR, KSP]",
+            f"{ind}b_sum = tl.sum(b_w, 1)",
+            f"{ind}b_o = tl.zeros([BR, BDV], dtype=tl.float32)",
+            f"{ind}for s in range(0, KS):",
+            f"{ind}    m_1 = m_s & (o_s[None, :] == s)",
+            f"{ind}    w_1 = tl.sum(tl.where(m_1, b_w, 0.), 1)  # [BR]",
+            f"{ind}    m_1r = tl.sum(m_1.to(tl.int32), 1) > 0",
+            f"{ind}    b_p = tl.load(po + (o_row * KS + s)[:, None] * DV + o_dv[None, :], "
+            f"mask=m_1r[:, None] & m_dv[None, :], other=0.).to(tl.float32)",
+            f"{ind}    b_o += w_1[:, None] * b_p",
+            f"{ind}b_o = tl.where(b_sum[:, None] > 0, b_o / tl.where(b_sum > 0, b_sum, 1.)"
+            f"[:, None], 0.)",
+            f"{ind}tl.store(o + o_row[:, None] * DV + o_dv[None, :], b_o.to(o.dtype.element_ty), "
+            f"mask=m_row[:, None] & m_dv[None, :])",
+            f"{ind}if SAVE:",
+            f"{ind}    tl.store(osave + o_row[:, None] * DV + o_dv[None, :], b_o, "
+            f"mask=m_row[:, None] & m_dv[None, :])",
+            f"{ind}    tl.store(lsave + o_row, tl.where(b_sum > 0, b_use + tl.log(tl.where("
+            f"b_sum > 0, b_sum, 1.)), float('-inf')), mask=m_row)",
+        ]
+        return [fwd, "\n".join(c) + "\n"]
+
+    def _scores(self, ind: str) -> list:
+        """One key chunk [j0, j0 + BN) of the block: k, v and the masked scores."""
+        return [
+            f"{ind}o_j = j0 + tl.arange(0, BN)",
+            f"{ind}J = o_j[None, :]  # [1, BN]",
+            f"{ind}m_k = o_j < j_hi",
+            f"{ind}p_kv = (i_b * T + o_j).to(tl.int64) * HKV + i_hk  # [BN]",
+            f"{ind}b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_k[:, None] & "
+            f"m_d[None, :], other=0.)  # [BN, BD]",
+            f"{ind}b_v = tl.load(v + p_kv[:, None] * DV + o_dv[None, :], mask=m_k[:, None] & "
+            f"m_dv[None, :], other=0.)  # [BN, BDV]",
+            f"{ind}b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else "
+            f"'tf32') * scale  # [BM, BN]",
+            f"{ind}m_a = m_r[:, None] & m_k[None, :] & {self.mask}",
+        ]
+
+    def emit_bwd(self) -> list[str]:
+        consts = ("H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, KS, D: tl.constexpr, "
+                  "DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, "
+                  "BN: tl.constexpr, IEEE: tl.constexpr")
+        ind, ind2 = "    ", "        "
+        c = self._head("bwd_dq", f"q, k, v, do, dq, lse, delta, order, goff, gcnt, toff, "
+                       f"tgroup, scale, T, NG, NB, {consts}",
+                       f"Backward of `{self.st.name}`, grouped: dq of a tile's queries over the "
+                       f"block's keys, added atomically (a query gets one add per listed "
+                       f"block): not deterministic.")
+        c.append(f"{ind}i_x = tl.program_id(0)")
+        self._rows(c, ind)
+        c += [
+            f"{ind}o_d = tl.arange(0, BD)",
+            f"{ind}m_d = o_d < D",
+            f"{ind}o_dv = tl.arange(0, BDV)",
+            f"{ind}m_dv = o_dv < DV",
+            f"{ind}b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None] & "
+            f"m_d[None, :], other=0.)  # [BM, BD]",
+        ]
+        c += self._bwd_rows(ind)
+        c += [f"{ind}b_dq = tl.zeros([BM, BD], dtype=tl.float32)",
+              f"{ind}for j0 in range(j_lo, j_hi, BN):"]
+        c += self._scores(ind2)
+        c += self._grads(ind2)
+        c += [
+            f"{ind2}b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision='ieee' if IEEE "
+            f"else 'tf32') * scale",
+            f"{ind}tl.atomic_add(dq + p_row[:, None] * D + o_d[None, :], b_dq, "
+            f"mask=m_r[:, None] & m_d[None, :])",
+        ]
+        dq = "\n".join(c) + "\n"
+        L, S = self.grid.length, self.grid.stride
+        c = self._head("bwd_dkdv", f"q, k, v, do, dk, dv, lse, delta, order, goff, gcnt, "
+                        f"scale, T, NG, NB, {consts}",
+                        f"Backward of `{self.st.name}`, grouped: dk, dv of BN keys of one "
+                        f"group's block, accumulated over the group's queries in registers and "
+                        f"added once (the heads of a GQA group share kv: atomic adds).")
+        c += [
+            f"{ind}i_g, i_c = tl.program_id(0), tl.program_id(1)",
+            f"{ind}i_n = i_g % NB  # the key block",
+            f"{ind}i_h = (i_g // NB) % H",
+            f"{ind}i_b = i_g // (NB * H)",
+            f"{ind}i_hk = i_h // G",
+            f"{ind}o_d = tl.arange(0, BD)",
+            f"{ind}m_d = o_d < D",
+            f"{ind}o_dv = tl.arange(0, BDV)",
+            f"{ind}m_dv = o_dv < DV",
+            f"{ind}o_j = i_n * {S} + i_c * BN + tl.arange(0, BN)  # [BN] keys",
+            f"{ind}J = o_j[None, :]",
+            f"{ind}m_k = (i_c * BN + tl.arange(0, BN) < {L}) & (o_j < T)",
+            f"{ind}p_kv = (i_b * T + o_j).to(tl.int64) * HKV + i_hk  # [BN]",
+            f"{ind}b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_k[:, None] & "
+            f"m_d[None, :], other=0.)  # [BN, BD]",
+            f"{ind}b_v = tl.load(v + p_kv[:, None] * DV + o_dv[None, :], mask=m_k[:, None] & "
+            f"m_dv[None, :], other=0.)  # [BN, BDV]",
+            f"{ind}b_dk = tl.zeros([BN, BD], dtype=tl.float32)",
+            f"{ind}b_dv = tl.zeros([BN, BDV], dtype=tl.float32)",
+            f"{ind}e_lo = tl.load(goff + i_g)",
+            f"{ind}e_hi = e_lo + tl.load(gcnt + i_g)",
+            f"{ind}for e0 in range(e_lo, e_hi, BM):",
+            f"{ind2}o_e = e0 + tl.arange(0, BM)",
+            f"{ind2}m_r = o_e < e_hi",
+            f"{ind2}o_ent = tl.load(order + o_e, mask=m_r, other=0)",
+            f"{ind2}o_i = ((o_ent // (H * KS)) % T).to(tl.int32)",
+            f"{ind2}I = o_i[:, None]",
+            f"{ind2}p_row = (i_b * T + o_i).to(tl.int64) * H + i_h",
+            f"{ind2}b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None] & "
+            f"m_d[None, :], other=0.)  # [BM, BD]",
+        ]
+        c += self._bwd_rows(ind2)
+        c += [
+            f"{ind2}b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else "
+            f"'tf32') * scale  # [BM, BN]",
+            f"{ind2}m_a = m_r[:, None] & m_k[None, :] & {self.mask}",
+        ]
+        c += self._grads(ind2)
+        c += [
+            f"{ind2}b_dv += tl.dot(tl.trans(b_p).to(b_do.dtype), b_do, input_precision='ieee' "
+            f"if IEEE else 'tf32')",
+            f"{ind2}b_dk += tl.dot(tl.trans(b_ds).to(b_q.dtype), b_q, input_precision='ieee' "
+            f"if IEEE else 'tf32') * scale",
+            f"{ind}m_w = m_k & (e_hi > e_lo)",
+            f"{ind}tl.atomic_add(dk + p_kv[:, None] * D + o_d[None, :], b_dk, "
+            f"mask=m_w[:, None] & m_d[None, :])",
+            f"{ind}tl.atomic_add(dv + p_kv[:, None] * DV + o_dv[None, :], b_dv, "
+            f"mask=m_w[:, None] & m_dv[None, :])",
+        ]
+        return [dq, "\n".join(c) + "\n"]
+
+    def _bwd_rows(self, ind: str) -> list:
+        """What the backward reads per query row: dO, the row's lse and delta = sum(dO * O)."""
+        return [
+            f"{ind}b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & "
+            f"m_dv[None, :], other=0.)  # [BM, BDV]",
+            f"{ind}b_lse = tl.load(lse + p_row, mask=m_r, other=float('-inf'))",
+            f"{ind}b_delta = tl.load(delta + p_row, mask=m_r, other=0.)",
+        ]
+
+    def _grads(self, ind: str) -> list:
+        """p from the saved lse, dp = dO v^T, ds = p (dp - delta)."""
+        return [
+            f"{ind}m_a = m_a & (b_lse > float('-inf'))[:, None]",
+            f"{ind}b_p = tl.where(m_a, tl.exp(b_s - b_lse[:, None]), 0.)  # [BM, BN]",
+            f"{ind}b_dp = tl.dot(b_do, tl.trans(b_v), input_precision='ieee' if IEEE else "
+            f"'tf32')",
+            f"{ind}b_ds = b_p * (b_dp - b_delta[:, None])",
+        ]
+
+    # ------------------------------------------------------------------- host code
+    def _common(self, scale: str) -> str:
+        return (f"{scale}, T, NG, NB{self.grid.node}, H=H, HKV=HKV, G=G, KS=KS{self.sel}, D=D, "
+                f"DV=DV, BD=BD, BDV=BDV")
+
+    def host_fwd(self, c, scale: str) -> None:
+        s = self.sel
+        c(f"# attend `{self.st.name}`: grouped by selected block")
+        c("GBM, GBN, GW, GS = _grouped_config(q)")
+        c(f"NG = B * H * NB{self.grid.node}")
+        c(f"gorder, ggoff, ggcnt, gtoff, gtgroup = _group_by_block(sel{s}, H, "
+          f"NB{self.grid.node}, GBM)")
+        c(f"po = torch.empty(B * T * H * KS{s}, DV, device=dev, dtype=q.dtype)  # partial outputs")
+        c(f"pl = torch.empty(B * T * H * KS{s}, device=dev, dtype=f32)")
+        c(f"attend_{self.st.name}_fwd_kernel[(gtgroup.numel(),)](q, k, v, po, pl, gorder, ggoff, "
+          f"ggcnt, gtoff, gtgroup, {self._common(scale)}, BM=GBM, BN=GBN, IEEE=IEEE, "
+          f"num_warps=GW, num_stages=GS)")
+        c("o = torch.empty(B, T, H, DV, device=dev, dtype=q.dtype)")
+        c("osave = torch.empty(1, B, T, H, DV, device=dev, dtype=f32) if save else o")
+        c("lsave = torch.empty(1, B, T, H, device=dev, dtype=f32) if save else o")
+        c(f"attend_{self.st.name}_combine_kernel[(triton.cdiv(B * T * H, 16),)](po, pl, sel{s}, o, "
+          f"osave, lsave, B * T * H, H=H, HS=HS{s}, KS=KS{s}, KSP=triton.next_power_of_2(KS{s}), "
+          f"DV=DV, BDV=BDV, BR=16, SAVE=save)")
+        c("del po, pl")
+
+    def saved(self) -> list[str]:
+        return ["gorder", "ggoff", "ggcnt", "gtoff", "gtgroup"]
+
+    def host_bwd(self, c, scale: str) -> None:
+        c(f"# backward of attend `{self.st.name}`: grouped by selected block")
+        c("GBM, GBN, GW, GS = _grouped_config(q)")
+        c("gorder, ggoff, ggcnt, gtoff, gtgroup = (saved[x] for x in ('gorder', 'ggoff', "
+          "'ggcnt', 'gtoff', 'gtgroup'))")
+        c(f"NG = B * H * NB{self.grid.node}")
+        c("glse = lsave[0]")
+        c("gdelta = (do.to(osave.dtype) * osave[0]).sum(-1)  # [B, T, H]")
+        c(f"attend_{self.st.name}_bwd_dq_kernel[(gtgroup.numel(),)](q, k, v, do, dq, glse, "
+          f"gdelta, gorder, ggoff, ggcnt, gtoff, gtgroup, {self._common(scale)}, BM=GBM, BN=GBN, "
+          f"IEEE=IEEE, num_warps=GW, num_stages=GS)")
+        c(f"attend_{self.st.name}_bwd_dkdv_kernel[(NG, triton.cdiv({self.grid.length}, GBN))]("
+          f"q, k, v, do, dk, dv, glse, gdelta, gorder, ggoff, ggcnt, {self._common(scale)}, "
+          f"BM=GBM, BN=GBN, IEEE=IEEE, num_warps=GW, num_stages=GS)")
