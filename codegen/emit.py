@@ -360,7 +360,19 @@ class SelectEmitter:
             return v
         raise AssertionError(op)  # pragma: no cover
 
+    @property
+    def tiled(self) -> bool:
+        """A tile of queries per program (one head): for a per-head top-k over a plain
+        `dot(q, pool)` score, the common router (MoBA's). The scores of BQ queries against
+        C blocks are one [BQ, C] product, and the top-k runs row-wise."""
+        st, ir = self.st, self.ir
+        return (st.op == "topk" and st.heads == "head"
+                and ir.node(ir.operand(st.node, "score"))["op"] == "dot"
+                and not (self.ex.lists(st.node) - {st.node}))
+
     def emit(self) -> str:
+        if self.tiled:
+            return self.emit_tiled()
         st, ir, c = self.st, self.ir, self.c
         n = ir.node(st.node)
         ops = ir.operands(st.node)
@@ -455,6 +467,90 @@ class SelectEmitter:
         self.nbs = nbs
         self.list_deps = list_deps
         return f"\n@triton.jit\ndef {kname}(\n    {sig},\n):\n{doc}\n{body}\n"
+
+
+    def emit_tiled(self) -> str:
+        st, ir, c = self.st, self.ir, self.c
+        ops = ir.operands(st.node)
+        g = st.grid
+        score = ir.operand(st.node, "score")
+        pool = ir.operand(score, "pool")
+        kp = self._pool(pool)
+        pg = self.ex.grid(pool).node
+        c("i_tq, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)")
+        c("# rows: BQ consecutive queries of one head")
+        c("o_i = i_tq * BQ + tl.arange(0, BQ)  # [BQ]")
+        c("m_r = o_i < T")
+        c("I = o_i[:, None]  # [BQ, 1]")
+        c("i_hk = i_h // G")
+        c("o_d = tl.arange(0, BD)")
+        c("m_d = o_d < D")
+        c("p_q = q + ((i_b * T + o_i).to(tl.int64) * H + i_h)[:, None] * D + o_d[None, :]")
+        c("b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.).to(tl.float32)  # [BQ, BD]")
+        c("p_sel = sel + ((i_b * T + o_i).to(tl.int64) * HS + i_h) * KS  # [BQ]")
+        c("o_ks = tl.arange(0, KSP)")
+        c("tl.store(p_sel[:, None] + o_ks[None, :], tl.full([BQ, KSP], -1, tl.int32), "
+          "mask=m_r[:, None] & (o_ks[None, :] < KS))")
+        c(f"NB = NB{g.node}")
+        c("n_forced = tl.zeros([BQ], dtype=tl.int32)")
+        c("n_counted = tl.zeros([BQ], dtype=tl.int32)")
+        c("b_val = tl.full([BQ, KB], float('-inf'), tl.float32)  # each row's best free blocks")
+        c("b_idx = 2147483000 + tl.arange(0, KB)[None, :] + tl.zeros([BQ, KB], dtype=tl.int32)")
+        c("for n0 in range(0, NB, C):")
+        with c.indent():
+            c("o_n = n0 + tl.arange(0, C)")
+            c("N = o_n[None, :]  # [1, C]")
+            c("m_n = o_n < NB")
+            c(f"m_nb = (o_n >= 0) & (o_n < NB{pg})")
+            c(f"b_kp = tl.load({kp} + ((i_b * NB{pg} + o_n).to(tl.int64) * HKV + i_hk)[:, None] "
+              f"* D + o_d[None, :], mask=m_nb[:, None] & m_d[None, :], other=0.)  # [C, BD]")
+            c(f"b_score = tl.dot(b_q, tl.trans(b_kp), input_precision='ieee') * "
+              f"{float(ir.node(score)['args']['scale'])!r}  # [BQ, C]")
+            force = self.ex.blocks(ops["force"], "I", "N") if "force" in ops else None
+            forbid = self.ex.blocks(ops["forbid"], "I", "N") if "forbid" in ops else None
+            c(f"m_force = m_n[None, :] & m_r[:, None] & {force if force else 'False'}")
+            c(f"m_forbid = {forbid if forbid else '(N < 0)'}")
+            c("m_cand = m_n[None, :] & m_r[:, None] & ~m_force & ~m_forbid")
+            c("o_pos = n_forced[:, None] + tl.cumsum(m_force.to(tl.int32), 1) - 1")
+            c("tl.store(p_sel[:, None] + o_pos, o_n[None, :] + tl.zeros([BQ, C], dtype=tl.int32), "
+              "mask=m_force & (o_pos < KS))")
+            c("n_forced += tl.sum(m_force.to(tl.int32), 1)")
+            c(f"n_counted += tl.sum((m_force & (N * {g.stride} <= I)).to(tl.int32), 1)"
+              "  # forced blocks that have started count against k")
+            c("for _ in tl.static_range(K):  # merge the chunk's best candidates, row by row")
+            with c.indent():
+                c("c_val = tl.max(tl.where(m_cand, b_score, float('-inf')), 1)  # [BQ]")
+                c("c_idx = tl.min(tl.where(m_cand & (b_score == c_val[:, None]), N, 2147483647), 1)")
+                c("w_val = tl.min(b_val, 1)")
+                c("w_idx = tl.max(tl.where(b_val == w_val[:, None], b_idx, -1), 1)")
+                c("better = (c_idx < 2147483647) & ((c_val > w_val) | ((c_val == w_val) & "
+                  "(c_idx < w_idx)))")
+                c("m_slot = (b_idx == w_idx[:, None]) & better[:, None]")
+                c("b_val = tl.where(m_slot, c_val[:, None], b_val)")
+                c("b_idx = tl.where(m_slot, c_idx[:, None], b_idx)")
+                c("m_cand = m_cand & (N != c_idx[:, None])")
+        c("# forced blocks first, then the best free blocks while slots remain")
+        c("n_free = tl.maximum(K - n_counted, 0)  # [BQ]")
+        c("b_beats = ((b_val[:, :, None] > b_val[:, None, :]) | ((b_val[:, :, None] == "
+          "b_val[:, None, :]) & (b_idx[:, :, None] < b_idx[:, None, :])))  # [BQ, KB, KB]")
+        c("b_rank = tl.sum(b_beats.to(tl.int32), 1)  # [BQ, KB]")
+        c("m_keep = (b_idx < 2147483000) & (b_rank < n_free[:, None]) & m_r[:, None]")
+        c("o_pos = n_forced[:, None] + b_rank")
+        c("tl.store(p_sel[:, None] + o_pos, b_idx, mask=m_keep & (o_pos < KS))")
+        body = c.text()
+        extra = "".join(f"{x}, " for x in self.args)
+        nbs = sorted({g.node, pg})
+        sig = (f"q, sel, {extra}T, {''.join(f'NB{x}, ' for x in nbs)}"
+               f"H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, HS: tl.constexpr, "
+               f"D: tl.constexpr, BD: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, KS, "
+               f"KSP: tl.constexpr, BQ: tl.constexpr, C: tl.constexpr")
+        doc = (f'    """Gate scores and top-k for `{st.name}` (topk, k={st.k}, one list per head; '
+               f'a tile of BQ queries per program): writes the selected block indices of '
+               f'blocks(len={g.length}, stride={g.stride}) to sel[b, t, h, :KS], -1 padded."""')
+        self.signature = sig
+        self.nbs = nbs
+        self.list_deps = []
+        return f"\n@triton.jit\ndef select_{st.name}_fwd_kernel(\n    {sig},\n):\n{doc}\n{body}\n"
 
 
 # ------------------------------------------------------------------------ attend
@@ -1048,6 +1144,16 @@ class HostEmitter:
                 extra.append(self._scale(int(a[5:])))
             else:
                 extra.append(a)
+        if em.tiled:
+            c("BQ, CB, W = (16, 64, 2) if q.is_cuda else (16, 32, 4)  # (H100: 16 rows of 64 "
+              "spill least)")
+            c(f"select_{st.name}_fwd_kernel[(triton.cdiv(T, BQ), HS{st.node}, B)](q, sel{st.node}, "
+              f"{''.join(x + ', ' for x in extra)}T, {''.join(f'NB{x}, ' for x in em.nbs)}"
+              f"H=H, HKV=HKV, G=G, HS=HS{st.node}, D=D, BD=BD, K={st.k}, "
+              f"KB=max(2, triton.next_power_of_2({st.k})), KS=KS{st.node}, "
+              f"KSP=triton.next_power_of_2(KS{st.node}), BQ=BQ, C=CB, num_warps=W)")
+            c(f"lists[{st.name!r}] = sel{st.node}")
+            return
         deps = "".join(f"HS{d}=HS{d}, SH{d}={self._shared(d)}, KS{d}=KS{d}, "
                        f"KSP{d}=triton.next_power_of_2(KS{d}), " for d in em.list_deps)
         c(f"select_{st.name}_fwd_kernel[(T, HS{st.node}, B)](q, sel{st.node}, "
