@@ -105,7 +105,9 @@ class SparseAttention(torch.nn.Module):
         linear_owners = {self.ir.node(n)["facts"]["params"] for n in self.ir.g.nodes
                          if self.ir.node(n)["op"] == "linear"}
         # the kernels read the compression MLPs; gate projections run before the operator
-        kernel_params = tuple(n for n in self._param_names if n.split(".")[0] not in linear_owners)
+        # (owners are IR labels such as `out.1`: match whole names, not the first component)
+        gate_params = {f"{o}.{w}" for o in linear_owners for w in ("weight", "bias")}
+        kernel_params = tuple(n for n in self._param_names if n not in gate_params)
         list_names = tuple(st.name for st in self.plan.stages if st.kind == "select")
         key = cache_key(self._spec_text, self.ir.param_values())
         ir, plan = self.ir, self.plan
