@@ -195,9 +195,10 @@ def header(ir: IR, plan: KernelPlan) -> str:
         "# kernel plan:",
     ]
     lines += ["#   " + ln for ln in plan.format().splitlines()[2:]]
+    grouped = any(st.kind == "attend" and st.layout == "grouped" for st in plan.stages)
     lines += ["# deterministic: forward yes (each output element is written by one program, no "
-              "atomics); backward no (dk, dv and parameter gradients are accumulated with atomic "
-              "adds, whose order varies)",
+              f"atomics); backward no ({'dq, ' if grouped else ''}dk, dv and parameter gradients "
+              "are accumulated with atomic adds, whose order varies)",
               "#", "# spec source:"]
     lines += ["#   " + ln if ln else "#" for ln in src.text.splitlines()]
     return "\n".join(lines) + "\n"
