@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -231,8 +232,7 @@ def cmd_fuzz(args) -> int:
     if args.minutes is not None and not args.minutes > 0:
         raise SpecError(f"--minutes must be positive, got {args.minutes}")
     examples = args.examples if args.examples is not None or args.minutes else 20
-    seed = args.seed if args.seed is not None else int.from_bytes(__import__("os").urandom(4),
-                                                                   "little")
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     try:
         import hypothesis  # noqa: F401
     except ImportError:
@@ -419,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except BrokenPipeError:  # `sparsedsl ir nsa | head`
         return 0
+    except KeyboardInterrupt:  # Ctrl-C during `fuzz`, `cost`, `show`
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover
