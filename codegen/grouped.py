@@ -218,11 +218,7 @@ class GroupedEmitter:
             f"{ind}o_j = j0 + tl.arange(0, BN)",
             f"{ind}J = o_j[None, :]  # [1, BN]",
             f"{ind}m_k = o_j < j_hi",
-            f"{ind}p_kv = (i_b * T + o_j).to(tl.int64) * HKV + i_hk  # [BN]",
-            f"{ind}b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_k[:, None] & "
-            f"m_d[None, :], other=0.)  # [BN, BD]",
-            f"{ind}b_v = tl.load(v + p_kv[:, None] * DV + o_dv[None, :], mask=m_k[:, None] & "
-            f"m_dv[None, :], other=0.)  # [BN, BDV]",
+            *self._load_kv(ind),
             f"{ind}b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else "
             f"'tf32') * scale  # [BM, BN]",
             f"{ind}m_a = m_r[:, None] & m_k[None, :] & {self.mask}",
@@ -279,11 +275,7 @@ class GroupedEmitter:
             f"{ind}o_j = i_n * {S} + i_c * BN + tl.arange(0, BN)  # [BN] keys",
             f"{ind}J = o_j[None, :]",
             f"{ind}m_k = (i_c * BN + tl.arange(0, BN) < {L}) & (o_j < T)",
-            f"{ind}p_kv = (i_b * T + o_j).to(tl.int64) * HKV + i_hk  # [BN]",
-            f"{ind}b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_k[:, None] & "
-            f"m_d[None, :], other=0.)  # [BN, BD]",
-            f"{ind}b_v = tl.load(v + p_kv[:, None] * DV + o_dv[None, :], mask=m_k[:, None] & "
-            f"m_dv[None, :], other=0.)  # [BN, BDV]",
+            *self._load_kv(ind),
             f"{ind}b_dk = tl.zeros([BN, BD], dtype=tl.float32)",
             f"{ind}b_dv = tl.zeros([BN, BDV], dtype=tl.float32)",
             f"{ind}e_lo = tl.load(goff + i_g)",
@@ -317,6 +309,17 @@ class GroupedEmitter:
             f"mask=m_w[:, None] & m_dv[None, :])",
         ]
         return [dq, "\n".join(c) + "\n"]
+
+    @staticmethod
+    def _load_kv(ind: str) -> list:
+        """The keys o_j (mask m_k) of the kv head: their k and v rows."""
+        return [
+            f"{ind}p_kv = (i_b * T + o_j).to(tl.int64) * HKV + i_hk  # [BN]",
+            f"{ind}b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_k[:, None] & "
+            f"m_d[None, :], other=0.)  # [BN, BD]",
+            f"{ind}b_v = tl.load(v + p_kv[:, None] * DV + o_dv[None, :], mask=m_k[:, None] & "
+            f"m_dv[None, :], other=0.)  # [BN, BDV]",
+        ]
 
     def _bwd_rows(self, ind: str) -> list:
         """What the backward reads per query row: dO, the row's lse and delta = sum(dO * O)."""
