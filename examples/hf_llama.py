@@ -2,12 +2,15 @@
 few steps on the CPU.
 
     python examples/hf_llama.py [--spec moba|nsa|FILE] [--steps 3] [--seq 32]
+                                [--compile [BACKEND]]
 
 `sparsedsl.integrations.hf.register` adds the spec to transformers' attention interface;
 the model is built from a config (no weights are downloaded) with
 `attn_implementation="sparsedsl:<spec>"`, so each layer owns a compiled layer
 (`self_attn.sparse_attention`, learnable parameters included for NSA). The kernels run in
-Triton's interpreter without a GPU: sizes are tiny. Needs `pip install sparsedsl[hf]`.
+Triton's interpreter without a GPU: sizes are tiny. `--compile` trains
+`torch.compile(model, fullgraph=True)` instead (inductor by default, which needs a C++
+compiler on the CPU; `--compile aot_eager` does without). Needs `pip install sparsedsl[hf]`.
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                    help="train torch.compile(model, fullgraph=True) with this backend")
     args = ap.parse_args(argv)
 
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -49,11 +54,15 @@ def main(argv=None) -> int:
           f"({extra} in the attention specs)")
 
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    step_model = model
+    if args.compile:
+        step_model = torch.compile(model, fullgraph=True, backend=args.compile)
+        print(f"torch.compile(fullgraph=True, backend={args.compile!r}): the first step compiles")
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=g)
     for step in range(args.steps):
         t0 = time.perf_counter()
-        loss = model(ids, labels=ids, use_cache=False).loss
+        loss = step_model(ids, labels=ids, use_cache=False).loss
         opt.zero_grad()
         loss.backward()
         opt.step()

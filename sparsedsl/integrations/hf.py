@@ -170,7 +170,9 @@ def _attach(module, entry: _Entry):
     like = next(module.parameters(), None)
     if like is not None:
         layer = layer.to(device=like.device, dtype=like.dtype)
+    layer._hf_entry = entry  # set now, not at the first call: torch.compile guards on it
     module.sparse_attention = layer
+    module._sparsedsl_x = None
     if entry.x_input is not None:
         module.register_forward_pre_hook(_stash_hidden_states, with_kwargs=True)
         module.register_forward_hook(_drop_hidden_states)

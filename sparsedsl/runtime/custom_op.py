@@ -149,6 +149,9 @@ class AttendOp:
             raise RuntimeError(f"{self.name}: gradients were asked of a call made with "
                                f"save=False")
         saved = [output[i] for _, i in self._saved_at[True]]
+        # block lists and saved state are outputs only to reach the backward: not values
+        # anything differentiates
+        ctx.mark_non_differentiable(*output[1:])
         ctx.counts = (len(gates), len(params))
         ctx.save_for_backward(q, k, v, *gates, *params, *saved)
 
