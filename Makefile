@@ -34,8 +34,9 @@ train-demo: $(STAMP)
 	$(PY) examples/train_tiny.py nsa --out $(TRAIN_OUT) --json $(TRAIN_OUT)/nsa.json $(TRAIN_ARGS)
 	$(PY) examples/train_tiny.py --compare $(TRAIN_OUT)/dense_causal.json $(TRAIN_OUT)/moba.json $(TRAIN_OUT)/nsa.json --out $(TRAIN_OUT)
 
+# the suite runs on every core (pytest-xdist): the Triton interpreter is CPU-bound
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n auto --durations=10
 
 # docs/gallery.md and docs/img/*.png from examples/*.attn (sparsedsl show, sparsedsl cost):
 # rerun after changing an example or the compiler; the output is deterministic
