@@ -17,6 +17,7 @@ written out from the IR by `Exprs`; everything else is a fixed skeleton.
 from __future__ import annotations
 
 import math
+import re
 
 from sparsedsl.ir.graph import IR
 
@@ -279,6 +280,11 @@ def pool_{st.name}_fwd_kernel(
 
 # ------------------------------------------------------------------------ select
 class SelectEmitter:
+    # the row of query position {} in q-shaped tensors (q, block lists, lse); the decode
+    # emitters (codegen/decode.py) index a few new queries at positions Q0.. instead
+    QROW = "(i_b * T + {})"
+    SCALARS = ""  # extra scalar arguments after T ("TQ, Q0, " when decoding)
+
     def __init__(self, ir: IR, plan: KernelPlan, ex: Exprs, st: SelectStage):
         self.ir, self.plan, self.ex, self.st = ir, plan, ex, st
         self.c = Code()
@@ -325,7 +331,7 @@ class SelectEmitter:
             c(f"m_nb = ({N} >= 0) & ({N} < NB{grid})  # [C]")
             c(f"b_kp = tl.load({kp} + ((i_b * NB{grid} + {N}).to(tl.int64) * HKV + i_hk)[:, None]"
               f" * D + o_d[None, :], mask=m_nb[:, None] & m_d[None, :], other=0.)  # [C, BD]")
-            c(f"b_lse = tl.load(lse{br} + (i_b * T + i_t).to(tl.int64) * H + o_h, mask=m_r, "
+            c(f"b_lse = tl.load(lse{br} + {self.QROW.format('i_t')}.to(tl.int64) * H + o_h, mask=m_r, "
               f"other=0.)  # [RP]")
             vis = self.ex.blocks(blocks, "o_i[:, None]", f"{N}[None, :]")
             c(f"{v} = tl.dot(b_q, tl.trans(b_kp), input_precision='ieee') * scale{br}")
@@ -361,6 +367,9 @@ class SelectEmitter:
             return v
         raise AssertionError(op)  # pragma: no cover
 
+    def _pids(self) -> None:
+        self.c("i_t, i_hs, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)")
+
     @property
     def tiled(self) -> bool:
         """A tile of queries per program (one head): for a per-head top-k over a plain
@@ -379,7 +388,7 @@ class SelectEmitter:
         ops = ir.operands(st.node)
         g = st.grid
         kname = f"select_{st.name}_fwd_kernel"
-        c("i_t, i_hs, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)")
+        self._pids()
         c("# rows: the query heads this list serves (one head, or the GQA group)")
         c("o_r = tl.arange(0, RP)")
         c("m_r = o_r < R")
@@ -388,13 +397,14 @@ class SelectEmitter:
         c("o_i = tl.zeros([RP], dtype=tl.int32) + i_t")
         c("o_d = tl.arange(0, BD)")
         c("m_d = o_d < D")
-        c("p_q = q + ((i_b * T + i_t).to(tl.int64) * H + o_h)[:, None] * D + o_d[None, :]")
+        row = self.QROW.format("i_t")
+        c(f"p_q = q + ({row}.to(tl.int64) * H + o_h)[:, None] * D + o_d[None, :]")
         c("b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.).to(tl.float32)  # [RP, BD]")
-        c("p_sel = sel + ((i_b * T + i_t).to(tl.int64) * HS + i_hs) * KS")
+        c(f"p_sel = sel + ({row}.to(tl.int64) * HS + i_hs) * KS")
         c("tl.store(p_sel + tl.arange(0, KSP), tl.full([KSP], -1, tl.int32), "
           "mask=tl.arange(0, KSP) < KS)")
         for dep in sorted(self.ex.lists(st.node) - {st.node}):
-            c(f"p_sel{dep} = sel{dep} + ((i_b * T + i_t).to(tl.int64) * HS{dep} + "
+            c(f"p_sel{dep} = sel{dep} + ({row}.to(tl.int64) * HS{dep} + "
               f"(i_hk if SH{dep} else i_hs * R)) * KS{dep}")
             c(f"b_sel{dep} = tl.load(p_sel{dep} + tl.arange(0, KSP{dep}), "
               f"mask=tl.arange(0, KSP{dep}) < KS{dep}, other=-1)")
@@ -456,7 +466,7 @@ class SelectEmitter:
         list_deps = sorted(self.ex.lists(st.node) - {st.node})
         consts = "".join(f"HS{d}: tl.constexpr, SH{d}: tl.constexpr, KS{d}, KSP{d}: tl.constexpr, "
                          for d in list_deps)
-        sig = (f"q, sel, {extra}T, {''.join(f'NB{x}, ' for x in nbs)}{consts}"
+        sig = (f"q, sel, {extra}T, {self.SCALARS}{''.join(f'NB{x}, ' for x in nbs)}{consts}"
                f"H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, HS: tl.constexpr, "
                f"R: tl.constexpr, RP: tl.constexpr, SHARED: tl.constexpr, D: tl.constexpr, "
                f"BD: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, KS, KSP: tl.constexpr, "
@@ -561,6 +571,7 @@ class AttendEmitter:
     mode = "fwd"
     head_args = "o"
     extra_consts = ", SAVE: tl.constexpr"
+    QROW, SCALARS = SelectEmitter.QROW, SelectEmitter.SCALARS
 
     def __init__(self, ir: IR, plan: KernelPlan, ex: Exprs, st: AttendStage):
         self.ir, self.plan, self.ex, self.st = ir, plan, ex, st
@@ -586,7 +597,7 @@ class AttendEmitter:
     def emit(self) -> str:
         st, c, ir = self.st, self.c, self.ir
         tile = st.layout == "tile"
-        c("i_t, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)")
+        self._pids()
         if tile:
             c("# a tile of BM consecutive queries of one head")
             c("o_i = i_t * BM + tl.arange(0, RP)  # [RP] query positions")
@@ -608,7 +619,8 @@ class AttendEmitter:
         c("m_d = o_d < D")
         c("o_dv = tl.arange(0, BDV)")
         c("m_dv = o_dv < DV")
-        c("p_q = q + ((i_b * T + o_i).to(tl.int64) * H + o_h)[:, None] * D + o_d[None, :]")
+        c(f"p_q = q + ({self.QROW.format('o_i')}.to(tl.int64) * H + o_h)[:, None] * D + "
+          f"o_d[None, :]")
         c("b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.)  # [RP, BD]")
         c("I = o_i[:, None]  # [RP, 1]")
         # block lists read by this stage
@@ -618,7 +630,7 @@ class AttendEmitter:
                     self.lists |= self.ex.lists(br.node)
         for s in sorted(self.lists):
             self._arg(f"sel{s}")
-            c(f"p_sel{s} = sel{s} + ((i_b * T + i_t).to(tl.int64) * HS{s} + "
+            c(f"p_sel{s} = sel{s} + ({self.QROW.format('i_t')}.to(tl.int64) * HS{s} + "
               f"(i_hk if SH{s} else i_h * R)) * KS{s}")
             c(f"b_sel{s} = tl.load(p_sel{s} + tl.arange(0, KSP{s}), "
               f"mask=tl.arange(0, KSP{s}) < KS{s}, other=-1)  # [KSP{s}] listed blocks")
@@ -630,7 +642,7 @@ class AttendEmitter:
         name = f"attend_{st.name}_{self.mode}_kernel"
         consts = "".join(f"HS{s}: tl.constexpr, SH{s}: tl.constexpr, KS{s}, KSP{s}: tl.constexpr, "
                          for s in sorted(self.lists))
-        sig = (f"q, k, v, {self.head_args}, {''.join(a + ', ' for a in self.args)}T, "
+        sig = (f"q, k, v, {self.head_args}, {''.join(a + ', ' for a in self.args)}T, {self.SCALARS}"
                f"{''.join(f'NB{x}, ' for x in sorted(self.nbs))}{consts}"
                f"H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, R: tl.constexpr, "
                f"RP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, "
@@ -676,8 +688,9 @@ class AttendEmitter:
                 self._arg(f"o{b.node}")
                 self._arg(f"lse{b.node}")
                 c(f"# `{b.name}` was computed by an earlier stage: merge its (output, lse)")
-                c(f"p_pre = ((i_b * T + o_i).to(tl.int64) * H + o_h)")
+                c(f"p_pre = ({self.QROW.format('o_i')}.to(tl.int64) * H + o_h)")
                 c(f"b_lse = tl.load(lse{b.node} + p_pre, mask=m_r, other=float('-inf'))")
+                self._merge_once("b_lse")
                 c(f"b_pre = tl.load(o{b.node} + p_pre[:, None] * DV + o_dv[None, :], "
                   f"mask=m_r[:, None] & m_dv[None, :], other=0.)")
                 c(f"m_new = tl.maximum(m{gi}, b_lse)")
@@ -696,6 +709,8 @@ class AttendEmitter:
             excl = self._exclusion(seen, pooled)
             if isinstance(s, (TokenRange, BlockRange)):
                 lo, hi = _tl(s.lo), _tl(s.hi)
+                # block counts the bounds read (the tokens of `future(g)`: up to NB<g>)
+                self.nbs.update(int(x) for x in re.findall(r"\bNB(\d+)\b", s.lo + s.hi))
                 limit = "T" if isinstance(s, TokenRange) else f"NB{s.grid}"
                 if isinstance(s, BlockRange):
                     self.nbs.add(s.grid)
@@ -703,7 +718,7 @@ class AttendEmitter:
                 c(f"# source {si}: {'keys' if pooled is None else 'blocks'} [{s.lo}, {s.hi})")
                 c(f"lo{si} = tl.maximum({lo}, 0)")
                 c(f"hi{si} = tl.minimum({hi}, {limit})")
-                c(f"for j0 in range((lo{si} // BN) * BN, hi{si}, BN):")
+                c(f"for j0 in {self._range(f'(lo{si} // BN) * BN', f'hi{si}')}:")
                 with c.indent():
                     c("o_j = j0 + tl.arange(0, BN)")
                     c("J = o_j[None, :]  # [1, BN]")
@@ -714,7 +729,7 @@ class AttendEmitter:
                 g = self.plan.grids[s.grid]
                 if pooled is None:
                     c(f"# source {si}: tokens of the blocks listed by `{self.ex.ir.node(s.select)['name'] or s.select}`")
-                    c(f"for t0 in range(0, KS{s.select} * {g.length}, BN):")
+                    c(f"for t0 in {self._range('0', f'KS{s.select} * {g.length}')}:")
                     with c.indent():
                         c("o_t = t0 + tl.arange(0, BN)")
                         c(f"o_s = o_t // {g.length}")
@@ -735,7 +750,7 @@ class AttendEmitter:
                     self.nbs.add(s.grid)
                     c(f"# source {si}: the blocks listed by `{self.ex.ir.node(s.select)['name'] or s.select}`")
                     c(f"NB = NB{s.grid}")
-                    c(f"for t0 in range(0, KS{s.select}, BN):")
+                    c(f"for t0 in {self._range('0', f'KS{s.select}')}:")
                     with c.indent():
                         c("o_t = t0 + tl.arange(0, BN)")
                         c(f"o_j = tl.load(p_sel{s.select} + o_t, mask=o_t < KS{s.select}, other=-1)")
@@ -743,6 +758,17 @@ class AttendEmitter:
                         c(f"m_s = (J >= 0) & (J < NB) & m_r[:, None]{excl}")
                         self._update(gi, mask, scale, pooled, "tl.maximum(o_j, 0)")
             seen.append((si, s))
+
+    # hooks the decode emitter (codegen/decode.py) overrides
+    def _pids(self) -> None:
+        self.c("i_t, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)")
+
+    def _range(self, start: str, stop: str) -> str:
+        """The loop over one source's key tiles."""
+        return f"range({start}, {stop}, BN)"
+
+    def _merge_once(self, lse: str) -> None:
+        """An earlier stage's (output, lse) is merged by one program per row (all do here)."""
 
     def _exclusion(self, seen, pooled) -> str:
         parts = []
@@ -803,7 +829,7 @@ class AttendEmitter:
         st, c = self.st, self.c
         c("")
         c("# ---- combine and write")
-        c("p_o = ((i_b * T + o_i).to(tl.int64) * H + o_h)  # [RP]")
+        c(f"p_o = ({self.QROW.format('o_i')}.to(tl.int64) * H + o_h)  # [RP]")
         if not st.writes_lse:
             self._arg("osave")
             self._arg("lsave")

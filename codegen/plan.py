@@ -224,7 +224,7 @@ class Planner:
         if op == "current":
             return [BlockRange(g.node, f"_fdiv(i_lo - {L}, {S}) + 1", f"_fdiv(i_hi - 1, {S}) + 1")]
         if op == "future":
-            return [BlockRange(g.node, f"_fdiv(i_lo, {S}) + 1", "NB")]
+            return [BlockRange(g.node, f"_fdiv(i_lo, {S}) + 1", f"NB{g.node}")]
         if op == "first":
             return [BlockRange(g.node, "0", str(a["n"]))]
         if op == "recent":
@@ -233,7 +233,7 @@ class Planner:
         if op in ("topk", "random"):
             return [BlockList(g.node, nid)]
         if op == "not":
-            return [BlockRange(g.node, "0", "NB")]
+            return [BlockRange(g.node, "0", f"NB{g.node}")]
         if op == "or":
             return self.block_sources(ops["0"]) + self.block_sources(ops["1"])
         if op == "and":

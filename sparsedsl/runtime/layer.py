@@ -199,6 +199,28 @@ class SparseAttention(torch.nn.Module):
             return out, dict(zip(self._op.list_names, outs[1:1 + len(self._op.list_names)]))
         return out
 
+    # ---- decoding with a KV cache (runtime/decode.py, codegen/decode.py)
+    def new_cache(self, batch: int, kv_heads: int, head_dim: int, head_dim_v: int | None = None,
+                  *, capacity: int = 1024, device=None, dtype=torch.float32):
+        """An empty `KVCache` for this layer: keys, values and every pooled grid the spec
+        reads, kept up to date as tokens are appended (it grows as needed)."""
+        from .decode import KVCache
+        return KVCache(self, batch, kv_heads, head_dim, head_dim_v, capacity=capacity,
+                       device=device, dtype=dtype)
+
+    def decode(self, q_new, cache, k_new=None, v_new=None, *, splits: int | None = None,
+               return_lists: bool = False, **inputs):
+        """Outputs of the last q_new.shape[1] positions against the cache, after appending
+        k_new, v_new when given: equal to those rows of the full-sequence forward. Gate
+        inputs hold the new tokens only. Not differentiable (inference)."""
+        from .decode import decode
+        return decode(self, q_new, cache, k_new, v_new, splits=splits,
+                      return_lists=return_lists, **inputs)
+
+    def _decode_kernels(self, device: torch.device):
+        from .decode import decode_kernels
+        return decode_kernels(self, device)
+
     def reference(self, q, k, v, return_details: bool = False, selections=None, **inputs):
         """The dense float64 reference with this layer's own parameters."""
         from ..reference import reference
