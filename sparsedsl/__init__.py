@@ -22,6 +22,7 @@ _LAZY = {
     "Details": ("sparsedsl.reference.evaluate", "Details"),
     "compile": ("sparsedsl.runtime.layer", "compile"),
     "SparseAttention": ("sparsedsl.runtime.layer", "SparseAttention"),
+    "KVCache": ("sparsedsl.runtime.decode", "KVCache"),
 }
 
 
@@ -35,7 +36,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'sparsedsl' has no attribute {name!r}")
 
 
-__all__ = ["CausalityError", "Details", "SparseAttention", "SpecError", "SpecSyntaxError",
+__all__ = ["CausalityError", "Details", "KVCache", "SparseAttention", "SpecError", "SpecSyntaxError",
            "SpecTypeError", "StructureError", "UnknownNameError", "UnknownSpecError",
            "ValueRangeError", "builtin_names", "compile", "format_spec", "init_params", "lower",
            "parse", "parse_spec", "reference"]
