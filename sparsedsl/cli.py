@@ -2,7 +2,7 @@
 
     sparsedsl check FILE|BUILTIN... [--set NAME=VALUE]   parse and verify
     sparsedsl ir FILE|BUILTIN [--dot] [--after PASS]     print the IR after the pass pipeline
-    sparsedsl emit FILE|BUILTIN [--set ...] [--plan]     print the generated Triton source
+    sparsedsl emit FILE|BUILTIN [--set ...] [--plan|--decode]  print the generated Triton source
     sparsedsl fmt FILE|BUILTIN... [--check]              print the spec in canonical form
     sparsedsl show FILE|BUILTIN --seq N [--out F.png]    draw which keys each query attends
     sparsedsl cost FILE|BUILTIN --seq N [--heads H ...]  keys, FLOPs and bytes against dense
@@ -100,6 +100,9 @@ def cmd_emit(args) -> int:
     source, plan = generate(ir)
     if args.plan:
         sys.stdout.write(plan.format())
+    elif args.decode:
+        from .codegen.decode import generate_decode
+        sys.stdout.write(generate_decode(ir, plan))
     else:
         sys.stdout.write(source)
     return 0
@@ -337,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--set", action="append", metavar="NAME=VALUE",
                     help="override a parameter (repeatable)")
     sp.add_argument("--plan", action="store_true", help="print the kernel plan instead")
+    sp.add_argument("--decode", action="store_true",
+                    help="print the decode module (KV-cache kernels) instead")
     sp.set_defaults(fn=cmd_emit)
 
     sp = sub.add_parser("fmt", help="print a spec in canonical form")

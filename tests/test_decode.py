@@ -206,3 +206,16 @@ def test_the_example_runs(capsys):
     assert module.main(["--spec", "moba", "--prompt", "9", "--new", "3", "--chunk", "5"]) == 0
     out = capsys.readouterr().out
     assert "worst error" in out and "prefill positions    0..   4" in out
+
+
+def test_emit_decode_prints_the_decode_module(capsys):
+    from sparsedsl.cli import main
+    assert main(["emit", "nsa", "--decode", "--set", "topn=4"]) == 0
+    out = capsys.readouterr().out
+    compile(out, "<emit nsa --decode>", "exec")  # valid Python
+    for name in ("def update_pools(", "def decode(", "select_sel_dec_kernel",
+                 "attend_out_dec_kernel", "combine_out_dec_kernel", "(decode module)"):
+        assert name in out, name
+    from sparsedsl.codegen.decode import generate_decode
+    ir = sparsedsl.lower("nsa", {"topn": 4})
+    assert out == generate_decode(ir)  # what `layer.decode` runs
