@@ -50,6 +50,7 @@ gpu-test:
 	SPARSEDSL_TEST_DEVICE=cuda SPARSEDSL_TEST_DTYPE=float32 $(GPU_PY) -m pytest -q tests/test_kernels.py
 	SPARSEDSL_TEST_DEVICE=cuda SPARSEDSL_TEST_DTYPE=bfloat16 SPARSEDSL_KERNEL_EXAMPLES=$${SPARSEDSL_KERNEL_EXAMPLES:-10} \
 		$(GPU_PY) -m pytest -q tests/test_kernel_properties.py
+	SPARSEDSL_TEST_DEVICE=cuda $(GPU_PY) -m pytest -q tests/test_decode.py -k builtins
 
 GPU_PY ?= python3
 
