@@ -74,6 +74,8 @@ class SparseAttention(torch.nn.Module):
                 self.register_parameter(safe, torch.nn.Parameter(init_param(name, shape, g)))
         # what `forward` reads of the IR, as plain data (torch.compile traces no graph walk)
         self._gate_plan = _gate_plan(ir, self._param_names)
+        self._list_strides = {st.name: st.grid.stride for st in self.plan.stages
+                              if st.kind == "select"}  # block lists of packed batches
         names = tuple(ir.inputs)
         self._needed_table = {} if len(names) > 8 else {
             given: needed_inputs(ir, given) for given in
@@ -173,9 +175,32 @@ class SparseAttention(torch.nn.Module):
             gates[g.key] = given.contiguous()
         return gates
 
-    def forward(self, q, k, v, return_lists: bool = False, **inputs):
+    def forward(self, q, k, v, return_lists: bool = False, cu_seqlens=None,
+                max_seqlen: int | None = None, **inputs):
+        """Attention over q, k, v [batch, seq, heads, dim] and the spec's inputs: out
+        [batch, seq, q_heads, head_dim_v], and with `return_lists` the selected block lists
+        by name ([batch, seq, heads, KS] int32, -1 padded).
+
+        Packed batches (flash-attn's convention): with `cu_seqlens` (int32 [num_seqs + 1],
+        offsets from 0 to total) q, k, v are [1, total, heads, dim], every per-token input
+        [1, total, ...], and so are the output and the lists (block indices relative to each
+        sequence's start, -1 for blocks past its end); each sequence is attended alone.
+        `max_seqlen` (a Python int, at least the longest sequence) saves reading it from
+        `cu_seqlens`. The offsets are checked in one host sync (device-side asserts under
+        `torch.compile`, which needs `max_seqlen`). The kernels run on num_seqs x max_seqlen
+        rows, so very unequal lengths waste work: see `varlen.py`."""
         inputs = self._inputs(inputs)
         self._check(q, k, v, inputs)
+        if cu_seqlens is not None:
+            from .varlen import run_packed
+            return run_packed(self._run, q, k, v, cu_seqlens, max_seqlen, return_lists, inputs,
+                              self._list_strides)
+        if max_seqlen is not None:
+            raise ValueError("`max_seqlen` is for packed batches: give `cu_seqlens` with it")
+        return self._run(q, k, v, return_lists, inputs)
+
+    def _run(self, q, k, v, return_lists: bool, inputs: dict):
+        """The operators on a checked batch."""
         dtype = q.dtype
         if dtype == torch.bfloat16 and q.device.type != "cuda":
             # Triton 3.6's interpreter multiplies bfloat16 matrices wrongly (triton-lang/triton
