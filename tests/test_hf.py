@@ -111,9 +111,60 @@ def test_padding_is_refused():
     mask = torch.ones(2, 10, dtype=torch.long)
     model(ids, attention_mask=mask)  # no padding: fine
     mask[0, :3] = 0
-    with pytest.raises(ValueError, match="supports neither padding nor packed sequences yet.*"
-                                         "this batch is padded"):
+    with pytest.raises(ValueError, match="supports neither padding nor a model mask other "
+                                         "than plain causal.*this batch is padded"):
         model(ids, attention_mask=mask)
+
+
+def _packed(lengths, seed=3):
+    """Token ids of sequences packed in one row, restarting position ids, flash kwargs."""
+    ids = torch.randint(0, 32, (1, sum(lengths)), generator=torch.Generator().manual_seed(seed))
+    pos = torch.cat([torch.arange(n) for n in lengths]).view(1, -1)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    flash = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu.clone(), max_length_q=max(lengths),
+                 max_length_k=max(lengths))
+    return ids, pos, cu, flash
+
+
+def test_packed_sequences_each_as_if_alone():
+    """A padding-free packed batch (DataCollatorWithFlattening's kwargs, or position ids
+    alone): every sequence's logits are those of the sequence run alone, and the kernels
+    equal the reference model on the packed batch, gradients included."""
+    lengths = [6, 1, 9, 3]  # 1 and 3: shorter than a block (4)
+    model, oracle = _pair("moba", layers=1, **MOBA)
+    ids, pos, cu, flash = _packed(lengths)
+    out = model(ids, position_ids=pos, use_cache=False, **flash)
+    out.logits.sum().backward()
+    ref = oracle(ids, position_ids=pos, use_cache=False, **flash)
+    ref.logits.sum().backward()
+    assert _rel(out.logits, ref.logits) < TOL
+    grads = {n: p.grad for n, p in oracle.named_parameters()}
+    for name, p in model.named_parameters():
+        assert _rel(p.grad, grads[name]) < TOL, name
+    with torch.no_grad():
+        c = cu.tolist()
+        for a, b in zip(c[:-1], c[1:]):
+            alone = model(ids[:, a:b], use_cache=False).logits
+            torch.testing.assert_close(out.logits[:, a:b], alone, rtol=1e-5, atol=1e-5)
+        # the sequences read from position_ids alone: the same logits
+        by_pos = model(ids, position_ids=pos, use_cache=False).logits
+        torch.testing.assert_close(by_pos, out.logits, rtol=0, atol=0)
+
+
+def test_packed_sequences_checks():
+    model = _oracle_model()
+    ids, pos, cu, flash = _packed([4, 5])
+    with pytest.raises(ValueError, match="need both cu_seq_lens_q and cu_seq_lens_k"):
+        model(ids, position_ids=pos, use_cache=False, cu_seq_lens_q=cu)
+    with pytest.raises(ValueError, match="cu_seq_lens_q and cu_seq_lens_k must be equal"):
+        model(ids, position_ids=pos, use_cache=False, cu_seq_lens_q=cu,
+              cu_seq_lens_k=torch.tensor([0, 3, 9], dtype=torch.int32))
+    bad = dict(flash, cu_seq_lens_q=torch.tensor([0, 3, 9], dtype=torch.int32))
+    bad["cu_seq_lens_k"] = bad["cu_seq_lens_q"]
+    with pytest.raises(ValueError, match="not causal within the packed sequences"):
+        model(ids, position_ids=pos, use_cache=False, **bad)  # boundaries that disagree
+    with pytest.raises(ValueError, match=r"batch dimension 1"):
+        model(ids.repeat(2, 1), position_ids=pos.repeat(2, 1), use_cache=False, **flash)
 
 
 def test_decoding_with_a_cache_is_refused():
@@ -154,6 +205,21 @@ def test_llama_compiles_fullgraph():
     eager = model(ids, use_cache=False).logits
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     out = compiled(ids, use_cache=False).logits
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    torch._dynamo.reset()
+
+
+def test_packed_llama_compiles_fullgraph():
+    """Packed with DataCollatorWithFlattening's kwargs (max_length_q a Python int): one
+    graph, the eager logits."""
+    torch._dynamo.reset()
+    model = _model(hf.register("moba", **MOBA), _config(layers=1))
+    ids, pos, _, flash = _packed([5, 2, 6])
+    eager = model(ids, position_ids=pos, use_cache=False, **flash).logits
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(ids, position_ids=pos, use_cache=False, **flash).logits
     torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
     out.sum().backward()
     assert all(p.grad is not None for p in model.parameters())

@@ -215,6 +215,19 @@ def test_one_sequence_is_the_plain_call():
         assert torch.equal(layer(d.q, d.k, d.v, cu_seqlens=cu), layer(d.q, d.k, d.v))
 
 
+def test_reference_packed():
+    """`layer.reference(..., cu_seqlens=)`: each sequence's reference, packed back."""
+    layer, cu, d = _builtin("nsa", F64)
+    ref = layer.reference(d.q, d.k, d.v, cu_seqlens=cu, **d.tensors)
+    assert ref.shape == (1, d.q.shape[1], 2, 8)
+    for a, b in _spans(cu):
+        alone = layer.reference(_sl(d.q, a, b), _sl(d.k, a, b), _sl(d.v, a, b),
+                                **{n: _sl(t, a, b) for n, t in d.tensors.items()})
+        assert torch.equal(_sl(ref, a, b), alone)
+    with pytest.raises(ValueError, match="`return_details` and `selections` are for one batch"):
+        layer.reference(d.q, d.k, d.v, cu_seqlens=cu, return_details=True, **d.tensors)
+
+
 # ---------------------------------------------------------------------- validation
 def _bad_calls():
     cu = torch.tensor([0, 5, 5, 12], dtype=torch.int32)

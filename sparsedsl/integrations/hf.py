@@ -22,9 +22,16 @@ What the model hands the attention function, and what sparsedsl does with it:
   own input `hidden_states` (after the decoder layer's input norm), taken by a forward
   pre-hook on the attention module, since the attention interface does not pass it.
 * the mask: the spec *is* the attention pattern (causal by construction), so the model's
-  causal mask is not needed. Padding masks, packed sequences and models whose own mask is
-  not plain causal at this length (a sliding window shorter than the sequence) get a clear
-  error, as do dropout > 0 and decoding with a KV cache (query shorter than keys).
+  causal mask is not needed. Padding masks and models whose own mask is not plain causal
+  at this length (a sliding window shorter than the sequence) get a clear error, as do
+  dropout > 0 and decoding with a KV cache (query shorter than keys).
+* packed sequences (batch 1, padding-free, e.g. `DataCollatorWithFlattening`): the
+  flash-attention kwargs `cu_seq_lens_q` / `cu_seq_lens_k` (equal: self-attention) and
+  `max_length_q` go to the layer as `cu_seqlens` / `max_seqlen`; without them, the
+  sequence starts are read from `position_ids` (a position that does not follow the one
+  before starts a sequence, as transformers' own mask does; eager only: under
+  `torch.compile` pass the kwargs, `return_flash_attn_kwargs=True`). The model's
+  block-diagonal causal mask, when it builds one, is checked against those sequences.
 
 `register(..., reference=True)` plugs in the dense float64 reference instead of the
 kernels (with the same per-layer parameters): the oracle tests/test_hf.py compares with.
@@ -227,25 +234,62 @@ def _require(ok: torch.Tensor, message: str):
 
 
 _NOT_CAUSAL = ("sparsedsl attention replaces the model's causal mask with its own pattern and "
-               "supports neither padding nor packed sequences yet, nor a model mask other than "
-               "plain causal (e.g. a sliding window shorter than the sequence)")
+               "supports neither padding nor a model mask other than plain causal (e.g. a "
+               "sliding window shorter than the sequence); packed sequences are given by "
+               "cu_seq_lens_q/cu_seq_lens_k/max_length_q or position_ids")
 
 
-def _check_mask(mask, B: int, T: int):
+def _check_mask(mask, B: int, T: int, cu_seqlens=None):
     if mask is None:
         return
     if mask.dim() == 2:  # padding mask [B, T]
         _require(mask.bool().all(), f"{_NOT_CAUSAL}: this batch is padded "
-                 "(attention_mask has zeros); pass sequences of one length without padding")
+                 "(attention_mask has zeros); pass sequences of one length without padding, "
+                 "or pack them")
         return
     causal = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
+    what = "plain causal"
+    if cu_seqlens is not None:  # causal within each packed sequence
+        seq = torch.searchsorted(cu_seqlens[1:].to(device=mask.device, dtype=torch.int64),
+                                 torch.arange(T, device=mask.device), right=True)
+        causal = causal & (seq[:, None] == seq[None, :])
+        what = "causal within the packed sequences (cu_seq_lens_q or position_ids)"
     if mask.dtype != torch.bool:  # an additive float mask: 0 where visible
         mask = mask == 0
-    _require((mask == causal).all(), f"{_NOT_CAUSAL}: the model's mask here is not plain "
-             "causal")
+    _require((mask == causal).all(), f"{_NOT_CAUSAL}: the model's mask here is not {what}")
 
 
-_PACKING_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+def _packing(kwargs: dict, B: int, T: int):
+    """(cu_seqlens, max_seqlen) of a packed batch, or (None, None): from the flash-attention
+    kwargs, else (eagerly) from position_ids that restart."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and cu_k is None:
+        pos = kwargs.get("position_ids")
+        if pos is None or B != 1 or T < 2 or torch.compiler.is_compiling():
+            return None, None
+        pos = pos.reshape(-1)
+        if pos.shape[0] != T:
+            return None, None
+        starts = (torch.diff(pos) != 1).nonzero().flatten() + 1
+        if starts.numel() == 0:
+            return None, None  # one sequence
+        edge = torch.tensor([0], device=pos.device)
+        return torch.cat([edge, starts, edge + T]).to(torch.int32), None
+    if cu_q is None or cu_k is None:
+        raise ValueError("packed sequences need both cu_seq_lens_q and cu_seq_lens_k (equal: "
+                         "sparsedsl attention is self-attention over each sequence)")
+    if cu_q is not cu_k:
+        if cu_q.shape != cu_k.shape:
+            raise ValueError(f"cu_seq_lens_q and cu_seq_lens_k must be equal, got shapes "
+                             f"{tuple(cu_q.shape)} and {tuple(cu_k.shape)}")
+        _require((cu_q == cu_k).all(), "cu_seq_lens_q and cu_seq_lens_k must be equal")
+    max_len = kwargs.get("max_length_q")
+    if isinstance(max_len, torch.Tensor):
+        if torch.compiler.is_compiling():
+            raise ValueError("under torch.compile, max_length_q must be a Python int "
+                             "(DataCollatorWithFlattening gives one)")
+        max_len = int(max_len)
+    return cu_q.to(torch.int32), max_len
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -266,10 +310,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if dropout:
         raise ValueError(f"sparsedsl attention has no attention dropout: got dropout={dropout} "
                          f"(set config.attention_dropout = 0.0)")
-    packing = [k for k in _PACKING_KWARGS if kwargs.get(k) is not None]
-    if packing:
-        raise ValueError(f"{_NOT_CAUSAL}: got {', '.join(packing)}")
-    _check_mask(attention_mask, B, T)
+    cu_seqlens, max_seqlen = _packing(kwargs, B, T)
+    _check_mask(attention_mask, B, T, cu_seqlens)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     if scaling is not None and not math.isclose(scaling * math.sqrt(D), 1.0, rel_tol=1e-12):
         q = q * (scaling * math.sqrt(D))
@@ -283,9 +325,9 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
                              f"{None if x is None else tuple(x.shape)}")
         inputs[entry.x_input] = x
     if entry.reference:
-        out = layer.reference(q, k, v, **inputs)
+        out = layer.reference(q, k, v, cu_seqlens=cu_seqlens, **inputs)
     else:
-        out = layer(q, k, v, **inputs)
+        out = layer(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, **inputs)
     return out, None  # [B, T, Hq, Dv], no attention weights
 
 

@@ -246,8 +246,17 @@ class SparseAttention(torch.nn.Module):
         from .decode import decode_kernels
         return decode_kernels(self, device)
 
-    def reference(self, q, k, v, return_details: bool = False, selections=None, **inputs):
-        """The dense float64 reference with this layer's own parameters."""
+    def reference(self, q, k, v, return_details: bool = False, selections=None,
+                  cu_seqlens=None, **inputs):
+        """The dense float64 reference with this layer's own parameters. With `cu_seqlens`
+        (a packed batch, as in `forward`) each sequence is evaluated alone and the outputs
+        are packed back (no details or given selections then)."""
+        if cu_seqlens is not None:
+            from .varlen import reference_packed
+            if return_details or selections is not None:
+                raise ValueError("`return_details` and `selections` are for one batch: call "
+                                 "`reference` on each sequence of a packed batch")
+            return reference_packed(self.reference, q, k, v, cu_seqlens, inputs)
         from ..reference import reference
         return reference(self.ir, q, k, v, params={n: p.detach().to(q.device) for n, p in
                                                    self.learnable().items()},

@@ -145,3 +145,14 @@ def run_packed(forward, q, k, v, cu_seqlens, max_seqlen, return_lists: bool, inp
         return unpad(out, index), {n: unpad_list(t, index, seqlen, list_strides[n])
                                    for n, t in lists.items()}
     return unpad(result, index)
+
+
+def reference_packed(reference, q, k, v, cu_seqlens, inputs: dict) -> torch.Tensor:
+    """`reference(q, k, v, **inputs)` (the dense reference) on each sequence of a packed
+    batch alone, the outputs packed back to [1, total, ...]: the oracle of the packed path
+    (a loop over sequences, with the offsets read on the host)."""
+    check_cu_seqlens(cu_seqlens, None, q)
+    c = cu_seqlens.tolist()
+    outs = [reference(q[:, a:b], k[:, a:b], v[:, a:b], **{n: t[:, a:b] for n, t in inputs.items()})
+            for a, b in zip(c[:-1], c[1:]) if b > a]
+    return torch.cat(outs, 1)
