@@ -228,6 +228,18 @@ def test_reference_packed():
         layer.reference(d.q, d.k, d.v, cu_seqlens=cu, return_details=True, **d.tensors)
 
 
+def test_the_example_runs(capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parent.parent / "examples" / "packed_batch.py"
+    spec = importlib.util.spec_from_file_location("packed_batch_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--lengths", "5,0,2"]) == 0
+    out = capsys.readouterr().out
+    assert "3 sequences [5, 0, 2], packed [1, 7]" in out and "(empty)" in out
+
+
 # ---------------------------------------------------------------------- validation
 def _bad_calls():
     cu = torch.tensor([0, 5, 5, 12], dtype=torch.int32)
