@@ -13,6 +13,13 @@ MoBA (sparsedsl/builtins/moba.attn) in FlexAttention takes two steps:
 
 The window-with-sinks pattern is a static `mask_mod` built from and_masks/or_masks.
 Layout here is FlexAttention's and SDPA's: [batch, heads, seq, head_dim].
+
+Decoding (`sparsedsl bench --decode`): one query, the last position `pos = L - 1` of a
+cache of L keys, so FlexAttention sees Q_LEN = 1 and KV_LEN = L (and picks its decoding
+kernel for such short queries). Its `mask_mod` gets q_idx = 0 and adds `pos`. MoBA's
+routing scores the complete past blocks' mean keys, which a cache keeps (`moba_route_decode`),
+and the BlockMask holds one row of key tiles (`moba_decode_block_mask`); a static pattern's
+row comes from evaluating its `mask_mod` on the L keys (`row_block_mask`).
 """
 from __future__ import annotations
 
@@ -150,11 +157,13 @@ def window_sinks_block_mask(T: int, window: int, sinks: int, device, tile: int =
                              device=device, BLOCK_SIZE=tile, _compile=compile_mask)
 
 
-def token_mask(block_mask, B: int, H: int, T: int) -> torch.Tensor:
-    """The [B, H, T, T] mask a BlockMask computes: full tiles all True, partial tiles by
-    its mask_mod, the rest False (for tests; eager flex_attention ignores the tiles)."""
+def token_mask(block_mask, B: int, H: int, T: int, kv_len: int | None = None) -> torch.Tensor:
+    """The [B, H, T, kv_len] mask a BlockMask computes (kv_len = T unless given): full tiles
+    all True, partial tiles by its mask_mod, the rest False (for tests; eager flex_attention
+    ignores the tiles)."""
     tq, tk = block_mask.BLOCK_SIZE
     dev = block_mask.kv_num_blocks.device
+    KV = T if kv_len is None else kv_len
 
     def tiles(num, idx):
         Bm, Hm, nq, nkv = idx.shape
@@ -164,14 +173,127 @@ def token_mask(block_mask, B: int, H: int, T: int) -> torch.Tensor:
         return m[..., :nkv].expand(B, H, nq, nkv)
 
     def tokens(m):
-        return m.repeat_interleave(tq, 2).repeat_interleave(tk, 3)[:, :, :T, :T]
+        return m.repeat_interleave(tq, 2).repeat_interleave(tk, 3)[:, :, :T, :KV]
 
     partial = tokens(tiles(block_mask.kv_num_blocks, block_mask.kv_indices))
     full = torch.zeros_like(partial)
     if block_mask.full_kv_num_blocks is not None:
         full = tokens(tiles(block_mask.full_kv_num_blocks, block_mask.full_kv_indices))
-    i = torch.arange(T, device=dev)
+    i, j = torch.arange(T, device=dev), torch.arange(KV, device=dev)
     b = torch.arange(B, device=dev)[:, None, None, None]
     h = torch.arange(H, device=dev)[None, :, None, None]
-    mod = block_mask.mask_mod(b, h, i[None, None, :, None], i[None, None, None, :])
-    return full | (partial & mod.expand(B, H, T, T))
+    mod = block_mask.mask_mod(b, h, i[None, None, :, None], j[None, None, None, :])
+    return full | (partial & mod.expand(B, H, T, KV))
+
+
+# ------------------------------------------------------------------------------ decoding
+def moba_block_means(k: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean key of every complete block of a cache k [B, Hkv, L, D]: [B, Hkv, L // block, D]
+    float32 (what a MoBA decoder keeps beside its cache, as sparsedsl's cache does)."""
+    B, Hkv, L, D = k.shape
+    n = L // block
+    return k[:, :, :n * block].float().view(B, Hkv, n, block, D).mean(3)
+
+
+def moba_route_decode(q: torch.Tensor, kmean: torch.Tensor, pos: int, block: int,
+                      topk: int) -> torch.Tensor:
+    """The routing of `moba_route` for one query at position `pos`: q [B, H, 1, D] scores
+    the complete past blocks (pos // block of them) by q . mean key; the best topk - 1 as
+    [B, H, topk - 1] int32, -1 where there are fewer. kmean: `moba_block_means` (at least
+    pos // block blocks)."""
+    B, H = q.shape[:2]
+    c = pos // block
+    kk = min(topk - 1, c)
+    out = torch.full((B, H, max(topk - 1, 0)), -1, dtype=torch.int32, device=q.device)
+    if kk <= 0:
+        return out
+    km = kmean[:, :, :c]
+    if H != km.shape[1]:
+        km = km.repeat_interleave(H // km.shape[1], dim=1)
+    scores = (q.float() @ km.transpose(-1, -2))[:, :, 0]  # [B, H, c]
+    out[..., :kk] = scores.topk(kk, dim=-1).indices.to(torch.int32)
+    return out
+
+
+def moba_decode_selected(sel: torch.Tensor, block: int, L: int) -> torch.Tensor:
+    """The blocks the query at L - 1 attends, own block included: bool [B, H, cdiv(L, block)]
+    from a selection [B, H, S] (-1 padded)."""
+    B, H, _ = sel.shape
+    n = _cdiv(L, block)
+    onehot = torch.zeros(B, H, n + 1, dtype=torch.bool, device=sel.device)
+    onehot.scatter_(-1, torch.where(sel >= 0, sel, n).long(), True)
+    own = torch.arange(n, device=sel.device) == (L - 1) // block
+    return onehot[..., :n] | own
+
+
+def moba_decode_mask_mod(sel: torch.Tensor, block: int, pos: int):
+    """mask_mod of the query at `pos` (FlexAttention's q_idx 0) for a selection [B, H, S]."""
+    S = sel.shape[-1]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        kb = kv_idx // block
+        hit = kb == (q_idx + pos) // block
+        for s in range(S):
+            hit = hit | (sel[b, h, s] == kb)
+        return hit & (kv_idx <= q_idx + pos)
+
+    return mask_mod
+
+
+def moba_decode_block_mask(sel: torch.Tensor, block: int, L: int, tile: int = TILE,
+                           mask_mod=None):
+    """The BlockMask of the query at L - 1 over a cache of L keys (Q_LEN 1, one row of key
+    tiles): the tiles that overlap a chosen block; those inside one chosen block are full
+    (every cached key is at or before the query), the others partial (mask_mod)."""
+    from torch.nn.attention.flex_attention import BlockMask
+    dev = sel.device
+    B, H = sel.shape[:2]
+    n = _cdiv(L, block)
+    chosen = moba_decode_selected(sel, block, L)  # [B, H, n]
+    t0, t1 = _tile_ranges(L, tile, dev)
+    b0 = torch.arange(n, device=dev) * block
+    b1 = torch.clamp(b0 + block, max=L)
+    overlap = torch.minimum(b1[:, None], t1[None, :]) > torch.maximum(b0[:, None], t0[None, :])
+    touched = (chosen.float() @ overlap.float()) > 0  # [B, H, nt]
+    kb0 = t0 // block
+    inside = kb0 == (t1 - 1) // block
+    full = chosen.gather(-1, kb0.expand(B, H, kb0.numel())) & inside
+    partial = touched & ~full
+    num, idx = _to_blocks(partial[:, :, None])
+    full_num, full_idx = _to_blocks(full[:, :, None])
+    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=tile,
+                                    mask_mod=mask_mod or moba_decode_mask_mod(sel, block, L - 1),
+                                    seq_lengths=(1, L))
+
+
+def at_position(mask_mod, pos: int):
+    """A mask_mod written for absolute query positions, for one query at `pos`
+    (FlexAttention's q_idx 0)."""
+    def shifted(b, h, q_idx, kv_idx):
+        return mask_mod(b, h, q_idx + pos, kv_idx)
+    return shifted
+
+
+def row_block_mask(mask_mod, L: int, device, tile: int = TILE):
+    """The BlockMask of one query (Q_LEN 1, q_idx 0) over L keys for a mask_mod that does not
+    depend on batch or head: its row is evaluated on every key, then cut into tiles (full:
+    every key of the tile visible; partial: some)."""
+    from torch.nn.attention.flex_attention import BlockMask
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    row = mask_mod(zero, zero, zero, torch.arange(L, device=device)).expand(L)
+    nt = _cdiv(L, tile)
+    pad = nt * tile - L
+    any_k = torch.cat([row, row.new_zeros(pad)]).view(nt, tile).any(-1)
+    all_k = torch.cat([row, row.new_ones(pad)]).view(nt, tile).all(-1)
+    partial = (any_k & ~all_k)[None, None, None]  # [1, 1, 1, nt]
+    full = all_k[None, None, None]
+    num, idx = _to_blocks(partial)
+    full_num, full_idx = _to_blocks(full)
+    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=tile,
+                                    mask_mod=mask_mod, seq_lengths=(1, L))
+
+
+def window_sinks_decode_block_mask(L: int, window: int, sinks: int, device, tile: int = TILE):
+    """(sink | window) & causal for the query at L - 1 over a cache of L keys."""
+    return row_block_mask(at_position(window_sinks_mask_mod(window, sinks), L - 1), L, device,
+                          tile)

@@ -16,6 +16,20 @@ Counted analytically from the pattern (no GPU, no reference):
 
 The floor time is max(FLOPs / matmul rate, bytes / copy bandwidth) for rates
 measured on the device (`measure.ceilings`).
+
+A decode step (`decode_work`, `sparsedsl bench --decode`): one new query at position
+p = L - 1 of a cache of L tokens whose keys, values and pooled blocks are already there
+(pooling is the append's work, not the step's).
+
+* keys: keys(p) of every branch, per query head, as above (the last row).
+* FLOPs: keys * q_heads * 4 * head_dim, plus MoBA's router (2 * head_dim per complete past
+  block and query head).
+* Bytes (bfloat16): read q and the gates, write o, and read, per kv head, the keys and values
+  the group's queries attend: at least keys(p) of them (each query head attends that many
+  distinct keys). Several token branches (NSA's selection and window) may overlap, so their
+  union is counted as the largest branch, a lower bound; pooled keys (compressed blocks) are
+  read as bfloat16 keys and values too. MoBA's router also reads the mean key of every
+  complete past block.
 """
 from __future__ import annotations
 
@@ -173,3 +187,61 @@ def dense_work(T: int, q_heads: int, kv_heads: int, D: int) -> Work:
     q = o = T * q_heads * D * BYTES
     kv = 2 * T * kv_heads * D * BYTES
     return Work(total / T, attn, 2.5 * attn, q + kv + o, (q + kv + 2 * o) + (q + kv))
+
+
+# -------------------------------------------------------------------------------- decoding
+POOLED_BRANCHES = ("cmp",)  # keys_per_query branches whose keys are pooled blocks
+
+
+@dataclass(frozen=True)
+class DecodeWork:
+    """What one decode step (one query at the last position of a cache) must do at least."""
+
+    keys: float        # keys the query attends, per query head, summed over branches
+    keys_read: float   # distinct keys (tokens and pooled blocks) read per kv head, at least
+    flops: float
+    bytes: float
+
+    def floor_ms(self, flops_per_s: float, bytes_per_s: float) -> dict:
+        tf, tb = self.flops / flops_per_s * 1e3, self.bytes / bytes_per_s * 1e3
+        return {"floor_fwd_ms": max(tf, tb), "floor_fwd_bound": "compute" if tf >= tb else "memory"}
+
+    def to_json(self) -> dict:
+        """In the prefill floors' keys (a decode step is a forward: `flops_fwd`, `bytes_fwd`)."""
+        return {"mode": "decode", "keys_per_query": self.keys, "keys_read": self.keys_read,
+                "flops_fwd": self.flops, "bytes_fwd": self.bytes}
+
+
+def decode_keys(pattern: Pattern, L: int) -> dict[str, int]:
+    """Branch -> keys the query at L - 1 attends (per query head)."""
+    return {name: int(k[-1]) for name, k in keys_per_query(pattern, L).items()}
+
+
+def decode_work(case: Case, L: int) -> DecodeWork:
+    return pattern_decode_work(case.pattern, L, case.q_heads, case.kv_heads, case.head_dim,
+                               len(case.gates))
+
+
+def pattern_decode_work(pattern: Pattern, L: int, q_heads: int, kv_heads: int, D: int,
+                        n_gates: int = 0, Dv: int | None = None) -> DecodeWork:
+    Dv = D if Dv is None else Dv
+    keys = decode_keys(pattern, L)
+    total = sum(keys.values())
+    pooled = sum(n for b, n in keys.items() if b in POOLED_BRANCHES)
+    tokens = max((n for b, n in keys.items() if b not in POOLED_BRANCHES), default=0)
+    flops = float(total) * q_heads * 2 * (D + Dv)
+    router_bytes = 0.0
+    if isinstance(pattern, Moba):  # q . mean key of every complete past block
+        candidates = (L - 1) // pattern.block
+        flops += float(candidates) * q_heads * 2 * D
+        router_bytes = float(candidates) * kv_heads * D * BYTES
+    read = tokens + pooled
+    nbytes = (q_heads * (D + Dv) + n_gates * q_heads) * BYTES + \
+        float(read) * kv_heads * (D + Dv) * BYTES + router_bytes
+    return DecodeWork(float(total), float(read), flops, nbytes)
+
+
+def dense_decode_work(L: int, q_heads: int, kv_heads: int, D: int) -> DecodeWork:
+    """One query against every cached key, for comparison."""
+    return DecodeWork(float(L), float(L), float(L) * q_heads * 4 * D,
+                      (2 * q_heads * D + 2 * L * kv_heads * D) * BYTES)
