@@ -8,8 +8,14 @@ installed. Forward and forward+backward times (medians of
 `triton.testing.do_bench`), peak memory, the analytic floor of each case, a table,
 JSON and a plot. Nothing here is imported until the verb runs (torch is heavy).
 
+With `--decode` it times one decode step instead (`decode.py`): the query at the last
+position of a KV cache of 8k to 128k tokens, sparsedsl's `layer.decode` (and the
+`cache.append` of one token) against SDPA and FlexAttention on that one query, with the
+floor of one step.
+
     sparsedsl bench --seq 8192,16384 --json out/bench.json --png out/bench.png
     python -m sparsedsl.bench --quick
+    python -m sparsedsl.bench --decode --case moba --json out/decode.json --png out/decode.png
 
 The CLI registers the verb with `add_arguments(parser)` and `run(args) -> int`.
 """

@@ -6,7 +6,7 @@ cannot disagree about them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .options import NSA_Q_HEADS, BenchOptions
 
@@ -87,6 +87,7 @@ class Case:
     head_dim: int = HEAD_DIM
     gates: tuple[str, ...] = ()  # gate inputs given as [batch, seq, q_heads] tensors
     peers: tuple[str, ...] = ()  # implementations of the same pattern
+    decode: bool = False  # one decode step against a KV cache (--decode), not fwd/bwd
 
     @property
     def group(self) -> int:
@@ -97,6 +98,7 @@ class Case:
         return {"label": self.label, "case": self.key, "title": self.title, "spec": spec,
                 "params": dict(self.params), "q_heads": self.q_heads, "kv_heads": self.kv_heads,
                 "head_dim": self.head_dim, "gates": list(self.gates), "peers": list(self.peers),
+                "mode": "decode" if self.decode else "prefill",
                 "pattern": {"kind": type(self.pattern).__name__.lower(),
                             **self.pattern.__dict__}}
 
@@ -154,4 +156,6 @@ def make_cases(opts: BenchOptions) -> list[Case]:
             cases.extend(_nsa(g) for g in opts.groups)
         elif key == "window-sinks":
             cases.append(_window_sinks())
+    if opts.decode:  # the same configurations, one decode step each ("moba decode", ...)
+        cases = [replace(c, label=f"{c.label} decode", decode=True) for c in cases]
     return cases

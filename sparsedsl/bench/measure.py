@@ -6,10 +6,19 @@ under `torch.no_grad()`; forward+backward times both passes together, with a
 fixed random dO. Peak memory is that of one forward+backward:
 `torch.cuda.max_memory_allocated()` after a reset, less what was allocated
 before, plus the bytes of the implementation's own inputs.
+
+Decode steps (`--decode`) are timed three ways, since at batch 1 launch overhead can
+outweigh the kernels: `do_bench` as above (GPU time between CUDA events, L2 cleared;
+host overhead shows only where it outlasts the GPU's work queued before the call),
+`time_loop` (back-to-back calls timed on the host: Python and launch overhead included)
+and `time_graph` (replays of a CUDA graph holding one call: no Python, no L2 flush).
+Their memory is the working memory of one step (`peak_forward`).
 """
 from __future__ import annotations
 
 import gc
+import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -124,3 +133,85 @@ def ceilings(warmup_ms: float, rep_ms: float) -> dict:
             "copy_bytes_per_s": nbytes / (cp_ms * 1e-3),
             "how": f"bf16 {n}x{n}x{n} torch.matmul; device-to-device copy of 512 MiB "
                    f"(bytes read + written); medians of do_bench"}
+
+
+# --------------------------------------------------------------------------- decode steps
+def _cuda_sync() -> None:
+    torch.cuda.synchronize()
+
+
+def _batches(rep_ms: float, one_ms: float, batches: int = 5) -> int:
+    """Calls per timed batch: `batches` batches fill about rep_ms."""
+    return max(3, min(20000, int(rep_ms / batches / max(one_ms, 1e-4))))
+
+
+def time_loop(fn: Callable[[], object], rep_ms: float, sync: Callable[[], None] = _cuda_sync,
+              batches: int = 5) -> float:
+    """Median ms per call of back-to-back calls timed on the host (perf_counter, one
+    synchronize per batch): what a Python decode loop pays, launch overhead included."""
+    with torch.no_grad():
+        fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            fn()
+        sync()
+        n = _batches(rep_ms, (time.perf_counter() - t0) / 3 * 1e3, batches)
+        times = []
+        for _ in range(batches):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            sync()
+            times.append((time.perf_counter() - t0) / n * 1e3)
+    return statistics.median(times)
+
+
+def time_graph(fn: Callable[[], object], rep_ms: float, batches: int = 5) -> float:
+    """Median ms per replay of a CUDA graph that holds one call (captured after a warm-up on
+    a side stream); replays run back to back, without clearing L2 between them."""
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize()
+        try:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(3):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            n = _batches(rep_ms, start.elapsed_time(end) / 3, batches)
+            times = []
+            for _ in range(batches):
+                start.record()
+                for _ in range(n):
+                    graph.replay()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / n)
+        finally:
+            del graph
+    return statistics.median(times)
+
+
+def peak_forward(p: Prepared) -> tuple[int, int]:
+    """(peak bytes of one forward (a decode step) with the implementation's inputs (its
+    cache), the working bytes alone)."""
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        p.fwd()
+    torch.cuda.synchronize()
+    work = torch.cuda.max_memory_allocated() - base
+    return work + p.input_bytes, work

@@ -8,6 +8,7 @@ CASES = ("moba", "nsa-fla", "nsa", "window-sinks")
 IMPLS = ("sparsedsl", "sdpa-cudnn", "sdpa-flash", "flex", "flex+routing", "fla")
 DEFAULT_SEQ = (8192, 16384, 32768, 65536)
 QUICK_SEQ = (8192,)
+DEFAULT_DECODE_SEQ = (8192, 16384, 32768, 65536, 131072)  # cache lengths with --decode
 NSA_Q_HEADS = 64  # both NSA cases: 64 query heads, kv heads = 64 / group
 DEFAULT_GROUPS = (16,)
 
@@ -32,6 +33,8 @@ class BenchOptions:
     ceilings: bool = True
     seed: int = 0
     quick: bool = False
+    decode: bool = False  # one new token against a KV cache of each length in `seqs`
+    graphs: bool = True   # --decode: also time each step replayed from a CUDA graph
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
@@ -67,7 +70,15 @@ def _names(text: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq", metavar="T,...",
-                        help="sequence lengths (default 8192,16384,32768,65536; 8k works)")
+                        help="sequence lengths (default 8192,16384,32768,65536; 8k works); "
+                             "with --decode, cache lengths (default 8k,16k,32k,64k,128k)")
+    parser.add_argument("--decode", action="store_true",
+                        help="time one decode step instead of the forward and backward: the "
+                             "query at the last position of a KV cache of each --seq length "
+                             "(batch 1): sparsedsl's layer.decode (and cache.append), SDPA and "
+                             "FlexAttention on one query")
+    parser.add_argument("--no-graph", action="store_true",
+                        help="with --decode: do not time the steps replayed from a CUDA graph")
     parser.add_argument("--quick", action="store_true",
                         help="a short run: 8192 tokens only (unless --seq), fewer repetitions")
     parser.add_argument("--case", metavar="NAME,...",
@@ -101,8 +112,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def options_from_args(args: argparse.Namespace) -> BenchOptions:
     """Validated options; raises UsageError with a one-line message."""
     quick = bool(getattr(args, "quick", False))
+    decode = bool(getattr(args, "decode", False))
     seqs = _ints(args.seq, "seq") if getattr(args, "seq", None) else \
-        (QUICK_SEQ if quick else DEFAULT_SEQ)
+        (QUICK_SEQ if quick else DEFAULT_DECODE_SEQ if decode else DEFAULT_SEQ)
+    if getattr(args, "no_graph", False) and not decode:
+        raise UsageError("--no-graph is an option of --decode")
     groups = _ints(args.group, "group") if getattr(args, "group", None) else DEFAULT_GROUPS
     bad = [g for g in groups if NSA_Q_HEADS % g]
     if bad:
@@ -123,4 +137,5 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
                         plot_from=plot_from, floors_only=bool(getattr(args, "floors_only", False)),
                         check=not getattr(args, "no_check", False),
                         ceilings=not getattr(args, "no_ceilings", False),
-                        seed=getattr(args, "seed", 0) or 0, quick=quick)
+                        seed=getattr(args, "seed", 0) or 0, quick=quick, decode=decode,
+                        graphs=not getattr(args, "no_graph", False))

@@ -169,7 +169,13 @@ def _grid(head: list[str], rows: list[list[str]], indent: str = "    ") -> list[
     return out
 
 
+def _us(ms: float) -> str:
+    return f"{ms * 1e3:.1f} us" if ms < 1 else f"{_ms(ms)} ms"
+
+
 def floor_line(f: dict) -> str:
+    if f.get("mode") == "decode":
+        return decode_floor_line(f)
     dense = f" (dense causal {f['dense_flops_fwd'] / 1e9:.1f})" if "dense_flops_fwd" in f else ""
     s = (f"floor: {f['keys_per_query']:.0f} keys/query, {f['flops_fwd'] / 1e9:.1f} GFLOP fwd{dense}, "
          f"{(f['flops_fwd'] + f['flops_bwd']) / 1e9:.1f} fwd+bwd, "
@@ -181,6 +187,47 @@ def floor_line(f: dict) -> str:
     return s
 
 
+def decode_floor_line(f: dict) -> str:
+    dense = ""
+    if "dense_flops_fwd" in f:
+        dense = (f" (dense {f['dense_flops_fwd'] / 1e6:.1f} MFLOP, "
+                 f"{f['dense_bytes_fwd'] / 2 ** 20:.1f} MiB)")
+    s = (f"floor of one step: {f['keys_per_query']:.0f} keys/query, {f['keys_read']:.0f} read "
+         f"per kv head, {f['flops_fwd'] / 1e6:.1f} MFLOP, "
+         f"{f['bytes_fwd'] / 2 ** 20:.2f} MiB{dense}")
+    if "floor_fwd_ms" in f:
+        s += f" -> {_us(f['floor_fwd_ms'])} ({f['floor_fwd_bound']})"
+    return s
+
+
+def _decode_timing(r: Row, name: str) -> str:
+    t = r.extra.get("timings_ms", {}).get(name)
+    return _ms(t) if isinstance(t, (int, float)) else "-"
+
+
+def _decode_notes(r: Row) -> str:
+    """Notes of a decode row: the timings not in a column, then what _notes says."""
+    e = dict(r.extra)
+    e["timings_ms"] = {k: v for k, v in e.get("timings_ms", {}).items()
+                       if k not in ("loop", "graph") or not isinstance(v, (int, float))}
+    return _notes(Row(r.case, r.seq, r.impl, r.kind, status=r.status, reason=r.reason, extra=e))
+
+
+DECODE_HEAD = ["impl", "step ms", "loop ms", "graph ms", "held GiB", "x dense", "/floor",
+               "x peer", "notes"]
+DECODE_LEGEND = ("Decode (--decode): one new query at the last position of a KV cache of L "
+                 "tokens, batch 1. step: median of do_bench (CUDA events, L2 cleared); loop: "
+                 "per call of back-to-back calls timed on the host (Python and launch overhead "
+                 "included); graph: per replay of a CUDA graph of one call (no L2 flush); held: "
+                 "the row's cache (or K/V copy) plus one step's working memory; x dense, "
+                 "/floor, x peer: on the step column. sparsedsl's append: cache.append of one "
+                 "token; append+decode: layer.decode(q1, cache, k1, v1).")
+
+
+def _decode_cases(res: Results) -> set:
+    return {c["label"] for c in res.cases if c.get("mode") == "decode"}
+
+
 def format_table(res: Results) -> str:
     head = ["impl", "fwd ms", "fwd+bwd ms", "peak GiB", "x dense", "/floor", "x peer", "notes"]
     lines = ["Times: medians of triton.testing.do_bench (ms); fwd+bwd: one forward and backward "
@@ -190,16 +237,22 @@ def format_table(res: Results) -> str:
              "mask build timed apart); flex+routing: routing, mask build and attention timed "
              "together."]
     titles = {c["label"]: c for c in res.cases}
+    decoding = _decode_cases(res)
     seen = []
     for r in res.rows:
         if (r.case, r.seq) not in seen:
             seen.append((r.case, r.seq))
+    if decoding:
+        if all(case in decoding for case, _ in seen):
+            lines = []
+        lines.append(DECODE_LEGEND)
     for case, seq in seen:
         c = titles.get(case, {})
         lines.append("")
         desc = f"{c.get('title', '')}; {c.get('q_heads', '?')}/{c.get('kv_heads', '?')} heads, " \
                f"head dim {c.get('head_dim', '?')}" if c else ""
-        lines.append(f"== {case}, T={seq}: {desc}")
+        dec = case in decoding
+        lines.append(f"== {case}, {'L' if dec else 'T'}={seq}: {desc}")
         f = res.floor(case, seq)
         if f:
             lines.append("   " + floor_line(f))
@@ -207,18 +260,29 @@ def format_table(res: Results) -> str:
         for r in res.group(case, seq):
             sp = res.speedups(r)
             peer = ", ".join(f"{p} {_x(v, 'fwd', 'fwdbwd')}" for p, v in sp.get("vs", {}).items())
+            if dec:
+                vs = ", ".join(f"{p} {v['fwd']:.2f}" for p, v in sp.get("vs", {}).items()
+                               if "fwd" in v)
+                rows.append([r.impl, _ms(r.fwd_ms), _decode_timing(r, "loop"),
+                             _decode_timing(r, "graph"),
+                             "-" if r.peak_bytes is None else f"{r.peak_bytes / GIB:.2f}",
+                             f"{sp['x_dense_fwd']:.2f}" if "x_dense_fwd" in sp else "-",
+                             f"{sp['over_floor_fwd']:.1f}" if "over_floor_fwd" in sp else "-",
+                             vs or "-", _decode_notes(r)])
+                continue
             rows.append([r.impl, _ms(r.fwd_ms), _ms(r.fwdbwd_ms),
                          "-" if r.peak_bytes is None else f"{r.peak_bytes / GIB:.2f}",
                          _x(sp, "x_dense_fwd", "x_dense_fwdbwd"),
                          _x(sp, "over_floor_fwd", "over_floor_fwdbwd"), peer or "-", _notes(r)])
-        lines.extend(_grid(head, rows))
+        lines.extend(_grid(DECODE_HEAD if dec else head, rows))
     return "\n".join(lines)
 
 
 def format_floors(res: Results) -> str:
     lines = []
     for f in res.floors:
-        lines.append(f"  {f['case']:<16} T={f['seq']:<6} {floor_line(f)}")
+        axis = "L" if f.get("mode") == "decode" else "T"
+        lines.append(f"  {f['case']:<16} {axis}={f['seq']:<6} {floor_line(f)}")
     return "\n".join(lines)
 
 
@@ -237,7 +301,11 @@ def write_png(res: Results, path: str) -> None:
     fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4.2 * nrows), squeeze=False)
     impls = list(dict.fromkeys(r.impl for r in res.rows))
     colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(impls)}
+    decoding = _decode_cases(res)
     for ax, case in zip(axes.flat, cases):
+        if case in decoding:
+            _plot_decode(ax, res, case, impls, colors)
+            continue
         for impl in impls:
             rows = sorted((r for r in res.rows if r.case == case and r.impl == impl),
                           key=lambda r: r.seq)
@@ -265,8 +333,44 @@ def write_png(res: Results, path: str) -> None:
     for ax in list(axes.flat)[len(cases):]:
         ax.set_visible(False)
     gpu = res.meta.get("gpu", "")
-    fig.suptitle(f"sparsedsl bench, bfloat16, batch 1, causal ({gpu})", fontsize=10)
+    what = "causal" if not decoding else "decode steps" if set(cases) <= decoding else \
+        "causal; decode steps"
+    fig.suptitle(f"sparsedsl bench, bfloat16, batch 1, {what} ({gpu})", fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_decode(ax, res: Results, case: str, impls: list[str], colors: dict) -> None:
+    """Decode latency vs cache length: the step (do_bench) solid, from a CUDA graph dashed,
+    sparsedsl's append+decode dash-dotted, the floor dotted."""
+    import matplotlib.ticker
+    for impl in impls:
+        rows = sorted((r for r in res.rows if r.case == case and r.impl == impl),
+                      key=lambda r: r.seq)
+        lines = [("step", "-", lambda r: r.fwd_ms),
+                 ("graph", "--", lambda r: r.extra.get("timings_ms", {}).get("graph")),
+                 ("append+decode", "-.",
+                  lambda r: r.extra.get("timings_ms", {}).get("append+decode"))]
+        for name, style, get in lines:
+            pts = [(r.seq, get(r)) for r in rows if isinstance(get(r), (int, float)) and get(r)]
+            if pts:
+                ax.plot(*zip(*pts), style, marker="o", ms=3, color=colors[impl],
+                        label=f"{impl} {name}")
+    fl = sorted((f for f in res.floors if f["case"] == case and "floor_fwd_ms" in f),
+                key=lambda f: f["seq"])
+    if fl:
+        ax.plot([f["seq"] for f in fl], [f["floor_fwd_ms"] for f in fl], ":", color="k",
+                label="floor (one step)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    seqs = sorted({r.seq for r in res.rows if r.case == case})
+    ax.set_xticks(seqs, [f"{s // 1024}k" if s % 1024 == 0 else str(s) for s in seqs])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlabel("cache length (one new token, batch 1)")
+    ax.set_ylabel("ms per decode step (median)")
+    title = next((c["title"] for c in res.cases if c["label"] == case), "")
+    ax.set_title(f"{case}: {title}", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6)

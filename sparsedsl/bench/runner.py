@@ -7,6 +7,10 @@ peers that express the same pattern. A failure (out of memory, an unsupported
 backend, a missing package) becomes a row with its reason; only a lost CUDA
 context stops the remaining rows. With --json the file is rewritten after every
 row, so an interrupted run keeps what it measured.
+
+With --decode the same loop runs one decode step per case and cache length
+(`decode.py`): the inputs are a cache's keys and values and one new token, rows are
+timed by `_measure_decode`, and the peers are checked against sparsedsl's decode output.
 """
 from __future__ import annotations
 
@@ -43,7 +47,9 @@ def run(args) -> int:
     if opts.floors_only:
         res = Results(options=_options_json(opts))
         _add_floors(res, make_cases(opts), opts, None)
-        print("Analytic floor per case (FLOPs and bytes; no GPU measured):")
+        print("Analytic floor per case (FLOPs and bytes; no GPU measured)"
+              + (", one decode step at the last position of each cache length:" if opts.decode
+                 else ":"))
         print(format_floors(res))
         return 0
     problem = _no_gpu_reason()
@@ -141,11 +147,20 @@ def _options_json(opts: BenchOptions) -> dict:
 
 # --------------------------------------------------------------------------------- floors
 def _add_floors(res: Results, cases: list[Case], opts: BenchOptions, ceil: dict | None) -> None:
-    from .floor import dense_work, work
+    from .floor import decode_work, dense_decode_work, dense_work, work
     for case in cases:
         if case.describe() not in res.cases:
             res.cases.append(case.describe())
         for T in opts.seqs:
+            if case.decode:
+                w = decode_work(case, T)
+                dense = dense_decode_work(T, case.q_heads, case.kv_heads, case.head_dim)
+                f = {"case": case.label, "seq": T, **w.to_json(), "dense_flops_fwd": dense.flops,
+                     "dense_bytes_fwd": dense.bytes}
+                if ceil:
+                    f.update(w.floor_ms(ceil["matmul_flops_per_s"], ceil["copy_bytes_per_s"]))
+                res.floors.append(f)
+                continue
             w = work(case, T)
             f = {"case": case.label, "seq": T, **w.to_json(),
                  "dense_flops_fwd": dense_work(T, case.q_heads, case.kv_heads,
@@ -156,13 +171,16 @@ def _add_floors(res: Results, cases: list[Case], opts: BenchOptions, ceil: dict 
 
 
 # ---------------------------------------------------------------------------------- bench
-def _bench(opts: BenchOptions) -> int:
+def _bench(opts: BenchOptions, device: str = "cuda") -> int:
+    """Every case and length on `device` (the tests run the decode loop on the CPU, in the
+    interpreter, with the GPU timers replaced)."""
     import torch
 
-    from . import impls
+    from . import decode, impls
     from .measure import Unavailable, ceilings, cuda_alive, describe_error, release
 
     torch.backends.cuda.matmul.allow_tf32 = False  # the router's float32 scores stay float32
+    on_gpu = torch.device(device).type == "cuda"
     cases = make_cases(opts)
     res = Results(meta=environment(), options=_options_json(opts))
     _progress(f"sparsedsl bench on {res.meta['gpu']} (torch {res.meta['torch']}, triton "
@@ -191,7 +209,7 @@ def _bench(opts: BenchOptions) -> int:
         key = (case.spec, case.params, case.q_heads, case.head_dim)
         if "sparsedsl" in wanted and not lost and key not in layers:
             try:
-                layers[key] = (impls.compile_layer(case), None)
+                layers[key] = (impls.compile_layer(case, device), None)
             except Exception as e:  # noqa: BLE001 - a row says why
                 layers[key] = (None, describe_error(e))
         compiled, compile_err = layers.get(key, (None, None))
@@ -201,9 +219,9 @@ def _bench(opts: BenchOptions) -> int:
                     res.rows.append(Row(case.label, T, impl, _kind(impl), status="skipped",
                                         reason=lost))
                 continue
-            _progress(f"[{case.label} T={T}]")
+            _progress(f"[{case.label} {'L' if case.decode else 'T'}={T}]")
             try:
-                inp = impls.make_inputs(case, T, opts.seed)
+                inp = (decode if case.decode else impls).make_inputs(case, T, opts.seed, device)
             except Exception as e:  # noqa: BLE001
                 reason = f"inputs: {describe_error(e)}"
                 for impl in wanted:
@@ -217,9 +235,11 @@ def _bench(opts: BenchOptions) -> int:
                 row = Row(case.label, T, impl, _kind(impl))
                 prep = None
                 try:
-                    if impl == "sparsedsl":
-                        if compiled is None:
-                            raise RuntimeError(f"compile: {compile_err}")
+                    if impl == "sparsedsl" and compiled is None:
+                        raise RuntimeError(f"compile: {compile_err}")
+                    if case.decode:
+                        prep = _prepare_decode(impl, case, inp, compiled, on_gpu)
+                    elif impl == "sparsedsl":
                         prep = impls.prepare_sparsedsl(case, inp, compiled)
                     elif impl in impls.DENSE:
                         prep = impls.prepare_sdpa(case, inp, impl)
@@ -228,12 +248,15 @@ def _bench(opts: BenchOptions) -> int:
                     elif impl == "fla":
                         prep = impls.prepare_fla(case, inp)
                     row.extra["notes"] = prep.notes
-                    _measure(row, prep, opts)
+                    (_measure_decode if case.decode else _measure)(row, prep, opts)
                     if opts.check:
+                        mod = decode if case.decode else impls
                         if impl == "sparsedsl" and any(p in wanted for p in case.peers):
-                            ref = _attempt(impls.sparsedsl_reference_output, prep)
+                            ref = _attempt(mod.sparsedsl_reference_output, prep)
                         elif row.kind == "peer" and row.status == "ok" and row.fwd_ms:
-                            row.extra["check"] = _check(case, prep, ref, impls)
+                            row.extra["check"] = (
+                                _attempt(decode.check, case, prep, ref) if case.decode
+                                else _check(case, prep, ref, impls))
                 except Unavailable as e:
                     row.status, row.reason = "n/a", str(e)
                 except Exception as e:  # noqa: BLE001 - OOM, compile failures: a row each
@@ -242,7 +265,7 @@ def _bench(opts: BenchOptions) -> int:
                     del prep
                     release()
                 if row.status != "ok" or row.reason:
-                    if not cuda_alive():
+                    if on_gpu and not cuda_alive():
                         lost = f"CUDA context lost after {case.label} T={T} {impl}: {row.reason}"
                 _progress(f"  {impl:<13} " + _summary(row))
                 res.rows.append(row)
@@ -317,6 +340,52 @@ def _measure(row: Row, prep, opts: BenchOptions) -> None:
         row.status = "error"
 
 
+def _prepare_decode(impl: str, case: Case, inp, compiled, on_gpu: bool):
+    from . import decode
+    from .impls import DENSE
+    if impl == "sparsedsl":
+        return decode.prepare_sparsedsl(case, inp, compiled)
+    if impl in DENSE:
+        return decode.prepare_sdpa(case, inp, impl)
+    if impl in ("flex", "flex+routing"):
+        return decode.prepare_flex(case, inp, impl, compiled=on_gpu)
+    return decode.prepare_fla(case, inp)
+
+
+def _measure_decode(row: Row, prep, opts: BenchOptions) -> None:
+    """Fill a decode row: the step (do_bench: fwd_ms), the prepared extra timings (append,
+    routing), the step in a host loop and from a CUDA graph, the step's working memory; each
+    part's failure is noted and the others still run."""
+    import torch
+
+    from .measure import (describe_error, do_bench, peak_forward, time_forward, time_graph,
+                          time_loop)
+    failures: dict[str, str] = {}
+    try:
+        row.fwd_ms = time_forward(prep, opts.warmup_ms, opts.rep_ms)
+    except Exception as e:  # noqa: BLE001
+        row.status, row.reason = "error", describe_error(e)
+        return
+    timings = row.extra.setdefault("timings_ms", {})
+    for name, fn in prep.extra.items():
+        try:
+            with torch.no_grad():
+                timings[name] = do_bench(fn, opts.warmup_ms, opts.rep_ms)
+        except Exception as e:  # noqa: BLE001
+            timings[name] = describe_error(e)
+    parts = [("loop", time_loop)] + ([("graph", time_graph)] if opts.graphs else [])
+    for name, timer in parts:
+        try:
+            timings[name] = timer(prep.fwd, opts.rep_ms)
+        except Exception as e:  # noqa: BLE001
+            timings[name] = describe_error(e)
+    try:
+        row.peak_bytes, row.work_bytes = peak_forward(prep)
+    except Exception as e:  # noqa: BLE001
+        failures["memory"] = describe_error(e)
+    row.reason = "; ".join(f"{part}: {why}" for part, why in failures.items())
+
+
 def _check(case: Case, prep, ref, impls):
     """A peer's output against sparsedsl's on the same inputs."""
     import torch
@@ -340,6 +409,13 @@ def _summary(row: Row) -> str:
     if row.status != "ok":
         return f"{row.status}: {row.reason}"
     f = lambda x: "-" if x is None else f"{x:.3f} ms"  # noqa: E731
+    if row.fwdbwd_ms is None and "loop" in row.extra.get("timings_ms", {}):  # a decode step
+        t = row.extra["timings_ms"]
+        g = lambda k: f(t[k]) if isinstance(t.get(k), float) else "-"  # noqa: E731
+        s = f"step {f(row.fwd_ms)}, loop {g('loop')}, graph {g('graph')}"
+        if "append" in t:
+            s += f", append {g('append')}"
+        return s + (f" ({row.reason})" if row.reason else "")
     peak = "-" if row.peak_bytes is None else f"{row.peak_bytes / 2 ** 30:.2f} GiB"
     s = f"fwd {f(row.fwd_ms)}, fwd+bwd {f(row.fwdbwd_ms)}, peak {peak}"
     return s + (f" ({row.reason})" if row.reason else "")
