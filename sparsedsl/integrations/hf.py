@@ -250,8 +250,9 @@ def _check_mask(mask, B: int, T: int, cu_seqlens=None):
     causal = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
     what = "plain causal"
     if cu_seqlens is not None:  # causal within each packed sequence
-        seq = torch.searchsorted(cu_seqlens[1:].to(device=mask.device, dtype=torch.int64),
-                                 torch.arange(T, device=mask.device), right=True)
+        seq = torch.searchsorted(cu_seqlens, torch.arange(T, device=cu_seqlens.device,
+                                                          dtype=cu_seqlens.dtype), right=True)
+        seq = seq.to(mask.device)
         causal = causal & (seq[:, None] == seq[None, :])
         what = "causal within the packed sequences (cu_seq_lens_q or position_ids)"
     if mask.dtype != torch.bool:  # an additive float mask: 0 where visible

@@ -96,9 +96,11 @@ def padded_index(cu_seqlens: torch.Tensor, total: int, max_seqlen: int):
     and the length of its sequence: two int64 [total] tensors. Token t of sequence i
     (cu[i] <= t < cu[i+1]) goes to i * max_seqlen + t - cu[i]. Built on the device: the
     sequence of each token by a sorted search of the offsets."""
+    t = torch.arange(total, device=cu_seqlens.device, dtype=torch.int32)
+    # the last offset <= t (empty sequences are skipped); searched in cu_seqlens itself, not
+    # a slice or a cast of it: inductor's CUDA lowering of searchsorted needs a real buffer
+    seq = torch.searchsorted(cu_seqlens, t, right=True) - 1
     cu = cu_seqlens.to(torch.int64)
-    t = torch.arange(total, device=cu.device)
-    seq = torch.searchsorted(cu[1:], t, right=True)  # empty sequences are skipped
     start = cu[seq]
     return seq * max_seqlen + (t - start), cu[seq + 1] - start
 
