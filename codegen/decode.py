@@ -224,11 +224,14 @@ class DecodeHostEmitter(HostEmitter):
         extra = [self._scale(int(a[5:])) if a.startswith("scale") else a for a in em.args]
         deps = "".join(f"HS{d}=HS{d}, SH{d}={self._shared(d)}, KS{d}=KS{d}, "
                        f"KSP{d}=triton.next_power_of_2(KS{d}), " for d in em.list_deps)
+        c("# one program per (query, list): chunks of 64 blocks and 8 warps (H100, NSA at 32k:"
+          " 2.3 ms against 5.8 with 32 and 4)")
+        c("CS, WS = (64, 8) if q.is_cuda else (32, 4)")
         c(f"select_{st.name}_dec_kernel[(TQ, HS{st.node}, B)](q, sel{st.node}, "
           f"{''.join(x + ', ' for x in extra)}T, TQ, Q0, {''.join(f'NB{x}, ' for x in em.nbs)}"
           f"{deps}H=H, HKV=HKV, G=G, HS=HS{st.node}, R=R, RP=_p2(R), SHARED={shared}, D=D, "
           f"BD=BD, K={st.k}, KB=max(2, triton.next_power_of_2({st.k})), KS=KS{st.node}, "
-          f"KSP=triton.next_power_of_2(KS{st.node}), C=32, num_stages=1)")
+          f"KSP=triton.next_power_of_2(KS{st.node}), C=CS, num_warps=WS, num_stages=1)")
         c(f"lists[{st.name!r}] = sel{st.node}")
 
     def _attend_dec(self, st: AttendStage, em: DecodeAttendEmitter) -> None:
