@@ -1093,6 +1093,21 @@ def pool_{st.name}_bwd_kernel(
 
 
 # -------------------------------------------------------------------------- host
+def pool_launch(st: PoolStage, side: str, x: str, out: str, nb: str) -> str:
+    """The launch of a pool kernel over the T tokens of `x` into `out` ([B, nb, HKV, dim])."""
+    g = st.grid
+    d, bd = ("D", "BD") if side == "k" else ("DV", "BDV")
+    if st.method == "mean":
+        return (f"pool_{st.name}_fwd_kernel[(triton.cdiv({nb}, 16), HKV, B)]({x}, {out}, T, "
+                f"{nb}, HKV=HKV, D={d}, BD={bd}, BNB=16, "
+                f"BL=min(16, triton.next_power_of_2({g.length})))")
+    pre = f"'{st.owner}.{side}."
+    return (f"pool_{st.name}_fwd_kernel[(triton.cdiv({nb}, 16), HKV, B)]({x}, "
+            f"params[{pre}pe'], params[{pre}w1'], params[{pre}b1'], params[{pre}w2'], "
+            f"params[{pre}b2'], {out}, T, {nb}, params[{pre}w1'].shape[1], "
+            f"HKV=HKV, D={d}, BD={bd}, BNB=16, BK=32, BH=32)")
+
+
 class HostEmitter:
     """The `forward` function of the generated module: buffers and launches."""
 
@@ -1145,18 +1160,11 @@ class HostEmitter:
         c(f"# pool `{st.name}`: {st.method} over blocks(len={g.length}, stride={g.stride})")
         for side, x, d, bd in (("k", "k", "D", "BD"), ("v", "v", "DV", "BDV")):
             c(f"{side}p{st.node} = torch.empty(B, NB{g.node}, HKV, {d}, device=dev, dtype=f32)")
-            if st.method == "mean":
-                c(f"pool_{st.name}_fwd_kernel[(triton.cdiv(NB{g.node}, 16), HKV, B)]({x}, "
-                  f"{side}p{st.node}, T, NB{g.node}, HKV=HKV, D={d}, BD={bd}, BNB=16, "
-                  f"BL=min(16, triton.next_power_of_2({g.length})))")
-            else:
-                pre = f"'{st.owner}.{side}."
-                c(f"pool_{st.name}_fwd_kernel[(triton.cdiv(NB{g.node}, 16), HKV, B)]({x}, "
-                  f"params[{pre}pe'], params[{pre}w1'], params[{pre}b1'], params[{pre}w2'], "
-                  f"params[{pre}b2'], {side}p{st.node}, T, NB{g.node}, params[{pre}w1'].shape[1], "
-                  f"HKV=HKV, D={d}, BD={bd}, BNB=16, BK=32, BH=32)")
+            c(pool_launch(st, side, x, f"{side}p{st.node}", f"NB{g.node}"))
 
-    def _select(self, st: SelectStage, em: SelectEmitter) -> None:
+    def _select_setup(self, st: SelectStage, em: SelectEmitter, rows: str) -> tuple[list, str]:
+        """The list buffer of a select stage ([B, rows, HS, KS]) and its kernel's extra
+        arguments and list dependencies (the decode host shares this)."""
         c = self.c
         shared = st.heads == "group"
         c(f"# select `{st.name}`: {st.op} k={st.k}, one list per {st.heads}")
@@ -1164,13 +1172,17 @@ class HostEmitter:
         c(f"KS{st.node} = max(1, {st.slots})")
         c(f"HS{st.node} = {'HKV' if shared else 'H'}")
         c(f"R = {'G' if shared else '1'}")
-        c(f"sel{st.node} = torch.empty(B, T, HS{st.node}, KS{st.node}, device=dev, dtype=torch.int32)")
-        extra = []
-        for a in em.args:
-            if a.startswith("scale"):
-                extra.append(self._scale(int(a[5:])))
-            else:
-                extra.append(a)
+        c(f"sel{st.node} = torch.empty(B, {rows}, HS{st.node}, KS{st.node}, device=dev, "
+          f"dtype=torch.int32)")
+        extra = [self._scale(int(a[5:])) if a.startswith("scale") else a for a in em.args]
+        deps = "".join(f"HS{d}=HS{d}, SH{d}={self._shared(d)}, KS{d}=KS{d}, "
+                       f"KSP{d}=triton.next_power_of_2(KS{d}), " for d in em.list_deps)
+        return extra, deps
+
+    def _select(self, st: SelectStage, em: SelectEmitter) -> None:
+        c = self.c
+        shared = st.heads == "group"
+        extra, deps = self._select_setup(st, em, "T")
         if em.tiled:
             c("BQ, CB, W = (16, 64, 2) if q.is_cuda else (16, 32, 4)  # (H100: 16 rows of 64 "
               "spill least)")
@@ -1181,8 +1193,6 @@ class HostEmitter:
               f"KSP=triton.next_power_of_2(KS{st.node}), BQ=BQ, C=CB, num_warps=W)")
             c(f"lists[{st.name!r}] = sel{st.node}")
             return
-        deps = "".join(f"HS{d}=HS{d}, SH{d}={self._shared(d)}, KS{d}=KS{d}, "
-                       f"KSP{d}=triton.next_power_of_2(KS{d}), " for d in em.list_deps)
         c(f"select_{st.name}_fwd_kernel[(T, HS{st.node}, B)](q, sel{st.node}, "
           f"{''.join(x + ', ' for x in extra)}T, {''.join(f'NB{x}, ' for x in em.nbs)}{deps}"
           f"H=H, HKV=HKV, G=G, HS=HS{st.node}, R=R, RP=_p2(R), SHARED={shared}, D=D, BD=BD, "
