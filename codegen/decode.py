@@ -179,16 +179,7 @@ class DecodeHostEmitter(HostEmitter):
         c('"""Attention of q [B, TQ, H, D], the queries at positions Q0 .. Q0 + TQ - 1, over')
         c("the cache: k, v [B, T, HKV, dim] buffers (T: capacity) and pooled buffers `pools`.")
         c('S splits the key axis. Returns [B, TQ, H, DV] in q\'s dtype and the block lists."""')
-        c("B, TQ, H, D = q.shape")
-        c("T, HKV, DV = k.shape[1], k.shape[2], v.shape[3]")
-        c("G = H // HKV")
-        c("dev = q.device")
-        c("BD, BDV = _p2(D), _p2(DV)")
-        c("IEEE = q.dtype in (torch.float32, torch.float64)")
-        c("f32 = torch.float32")
-        c("lists = {}")
-        for gid, g in sorted(plan.grids.items()):
-            c(f"NB{gid} = triton.cdiv(T, {g.stride})  # blocks(len={g.length}, stride={g.stride})")
+        self._sizes("B, TQ, H, D = q.shape", "T, HKV, DV = k.shape[1], k.shape[2], v.shape[3]")
         for st in plan.stages:
             if st.kind == "pool":
                 c(f"kp{st.node}, vp{st.node} = pools['kp{st.node}'], pools['vp{st.node}']")

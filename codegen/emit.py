@@ -1121,16 +1121,7 @@ class HostEmitter:
         c("gates: name -> [B, T, H] tensors; params: learnable tensors by name.")
         c("Returns the output [B, T, H, DV] in q's dtype, the selected block lists and, with")
         c('`save`, what `backward` needs."""')
-        c("B, T, H, D = q.shape")
-        c("HKV, DV = k.shape[2], v.shape[3]")
-        c("G = H // HKV")
-        c("dev = q.device")
-        c("BD, BDV = _p2(D), _p2(DV)")
-        c("IEEE = q.dtype in (torch.float32, torch.float64)")
-        c("f32 = torch.float32")
-        c("lists = {}")
-        for gid, g in sorted(plan.grids.items()):
-            c(f"NB{gid} = triton.cdiv(T, {g.stride})  # blocks(len={g.length}, stride={g.stride})")
+        self._sizes("B, T, H, D = q.shape", "HKV, DV = k.shape[2], v.shape[3]")
         for st in plan.stages:
             c("")
             if st.kind == "pool":
@@ -1149,6 +1140,20 @@ class HostEmitter:
         c("saved = dict(" + ", ".join(f"{x}={x}" for x in saved) + ") if save else None")
         c("return o, lists, saved")
         return "\n\ndef forward(q, k, v, gates, params, save=False):\n" + c.text() + "\n"
+
+    def _sizes(self, *shapes: str) -> None:
+        """The host prologue: sizes (`shapes`), dtypes, and each grid's block count NB<g>."""
+        c = self.c
+        for line in shapes:
+            c(line)
+        c("G = H // HKV")
+        c("dev = q.device")
+        c("BD, BDV = _p2(D), _p2(DV)")
+        c("IEEE = q.dtype in (torch.float32, torch.float64)")
+        c("f32 = torch.float32")
+        c("lists = {}")
+        for gid, g in sorted(self.plan.grids.items()):
+            c(f"NB{gid} = triton.cdiv(T, {g.stride})  # blocks(len={g.length}, stride={g.stride})")
 
     def _scale(self, node: int) -> str:
         s = self.ir.node(node)["args"]["scale"]
