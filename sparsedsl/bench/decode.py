@@ -24,7 +24,6 @@ selection with sparsedsl's block list of that step).
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +31,7 @@ import torch
 from .cases import Case, Moba, WindowSinks
 from .flexmasks import (moba_block_means, moba_decode_block_mask, moba_decode_mask_mod,
                         moba_decode_selected, moba_route_decode, window_sinks_decode_block_mask)
-from .impls import DTYPE, CompiledLayer, _nbytes, compare, compiled_flex, describe_error
+from .impls import DTYPE, CompiledLayer, _nbytes, _probe, compare, compiled_flex
 from .measure import Prepared, Unavailable
 
 
@@ -138,22 +137,6 @@ def sparsedsl_reference_output(p: Prepared) -> tuple[torch.Tensor, dict]:
 
 
 # ------------------------------------------------------------------------------ SDPA
-def _probe(fwd, device: torch.device) -> str | None:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            with torch.no_grad():
-                fwd()
-            _sync(device)
-            return None
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except RuntimeError as e:
-            why = [str(w.message).strip().splitlines()[0] for w in caught
-                   if "kernel not used because" in str(w.message) or "requires" in str(w.message)]
-            return "; ".join([describe_error(e)] + why[:3])
-
-
 def prepare_sdpa(case: Case, inp: DecodeInputs, name: str) -> Prepared:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -127,15 +127,16 @@ def sparsedsl_reference_output(p: Prepared) -> tuple[torch.Tensor, dict]:
 
 
 # ------------------------------------------------------------------------------ SDPA
-def _probe(fwd) -> str | None:
+def _probe(fwd, device: torch.device | None = None) -> str | None:
     """Run a forward once; None if it works, else why not (SDPA's warnings say why a
-    backend refused)."""
+    backend refused). Synchronises CUDA unless `device` is another device."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             with torch.no_grad():
                 fwd()
-            torch.cuda.synchronize()
+            if device is None or device.type == "cuda":
+                torch.cuda.synchronize()
             return None
         except torch.cuda.OutOfMemoryError:
             raise
