@@ -137,3 +137,15 @@ def test_other_refusals(spec, match):
 def test_bad_seq_len(seq_len):
     with pytest.raises(ValueError, match="seq_len must be a positive integer"):
         sparsedsl.compile("out = attend(causal)").to_block_mask(seq_len, device="cpu")
+
+
+def test_the_example_runs(capsys):
+    import importlib.util
+    path = EXAMPLES / "flex_fallback.py"
+    spec = importlib.util.spec_from_file_location("flex_fallback_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--seq", "40"]) == 0
+    assert "longformer at 40 tokens: BlockMask keeps" in capsys.readouterr().out
+    assert module.main(["--spec", "moba"]) == 2  # no fixed mask: the error says why
+    assert "has no fixed mask" in capsys.readouterr().out
