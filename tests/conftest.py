@@ -17,6 +17,9 @@ import os
 
 import pytest
 
+# first, in every (xdist worker) process: without a GPU this selects Triton's interpreter,
+# which must happen before any test module imports Triton (torch._dynamo, flex_attention)
+import sparsedsl.runtime  # noqa: F401,E402
 from sparsedsl.testing import poison_empty
 
 try:
