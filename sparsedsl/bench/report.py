@@ -292,7 +292,6 @@ def write_png(res: Results, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
     cases = list(dict.fromkeys(r.case for r in res.rows))
     if not cases:
         raise ValueError("no rows to plot")
@@ -319,17 +318,7 @@ def write_png(res: Results, path: str) -> None:
         if fl:
             ax.plot([f["seq"] for f in fl], [f["floor_fwdbwd_ms"] for f in fl], ":", color="k",
                     label="floor fwd+bwd")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        seqs = sorted({r.seq for r in res.rows if r.case == case})
-        ax.set_xticks(seqs, [f"{s // 1024}k" if s % 1024 == 0 else str(s) for s in seqs])
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.set_xlabel("sequence length")
-        ax.set_ylabel("ms (median)")
-        title = next((c["title"] for c in res.cases if c["label"] == case), "")
-        ax.set_title(f"{case}: {title}", fontsize=8)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6)
+        _style_axes(ax, res, case, "sequence length", "ms (median)")
     for ax in list(axes.flat)[len(cases):]:
         ax.set_visible(False)
     gpu = res.meta.get("gpu", "")
@@ -345,7 +334,6 @@ def write_png(res: Results, path: str) -> None:
 def _plot_decode(ax, res: Results, case: str, impls: list[str], colors: dict) -> None:
     """Decode latency vs cache length: the step (do_bench) solid, from a CUDA graph dashed,
     sparsedsl's append+decode dash-dotted, the floor dotted."""
-    import matplotlib.ticker
     for impl in impls:
         rows = sorted((r for r in res.rows if r.case == case and r.impl == impl),
                       key=lambda r: r.seq)
@@ -363,13 +351,20 @@ def _plot_decode(ax, res: Results, case: str, impls: list[str], colors: dict) ->
     if fl:
         ax.plot([f["seq"] for f in fl], [f["floor_fwd_ms"] for f in fl], ":", color="k",
                 label="floor (one step)")
+    _style_axes(ax, res, case, "cache length (one new token, batch 1)",
+                "ms per decode step (median)")
+
+
+def _style_axes(ax, res: Results, case: str, xlabel: str, ylabel: str) -> None:
+    """Log-log axes with the case's lengths as ticks (8k, 16k, ...), labels, title, legend."""
+    import matplotlib.ticker
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     seqs = sorted({r.seq for r in res.rows if r.case == case})
     ax.set_xticks(seqs, [f"{s // 1024}k" if s % 1024 == 0 else str(s) for s in seqs])
     ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax.set_xlabel("cache length (one new token, batch 1)")
-    ax.set_ylabel("ms per decode step (median)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     title = next((c["title"] for c in res.cases if c["label"] == case), "")
     ax.set_title(f"{case}: {title}", fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
