@@ -72,6 +72,19 @@ def _group_by_block(sel, H, NB, BM):
     return order, goff, gcnt, tend - tiles, tgroup.to(torch.int32)
 
 
+@triton.jit
+def _rowdot_kernel(a, b, out, N, DV: tl.constexpr, BDV: tl.constexpr, BR: tl.constexpr):
+    """out[r] = sum_d a[r, d] * b[r, d] in out's dtype (float32, or float64 for float64
+    inputs), for N contiguous rows of DV."""
+    o_row = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
+    o_d = tl.arange(0, BDV)
+    m = (o_row < N)[:, None] & (o_d < DV)[None, :]
+    p = o_row[:, None] * DV + o_d[None, :]
+    b_a = tl.load(a + p, mask=m, other=0.).to(out.dtype.element_ty)
+    b_b = tl.load(b + p, mask=m, other=0.).to(out.dtype.element_ty)
+    tl.store(out + o_row, tl.sum(b_a * b_b, 1), mask=o_row < N)
+
+
 def _grouped_config(q):
     """Tile sizes (entries BM, keys BN), warps and pipeline stages of the grouped kernels."""
     if q.is_cuda:
@@ -168,12 +181,12 @@ class GroupedEmitter:
             f"1.)), float('-inf')), mask=m_r)",
         ]
         fwd = "\n".join(c) + "\n"
-        c = self._head("combine", "po, pl, sel, o, osave, lsave, N, H: tl.constexpr, "
+        c = self._head("combine", "po, pl, sel, o, lsave, N, H: tl.constexpr, "
                         "HS: tl.constexpr, KS, KSP: tl.constexpr, DV: tl.constexpr, "
                         "BDV: tl.constexpr, BR: tl.constexpr, SAVE: tl.constexpr",
                         f"Merges each (query, head) row's partial outputs of `{self.st.name}` "
                         f"(one per listed block) by their log-sum-exp; with SAVE also writes the "
-                        f"row's output and log-sum-exp for the backward.")
+                        f"row's log-sum-exp for the backward (which reads o itself).")
         c += [
             f"{ind}o_row = tl.program_id(0) * BR + tl.arange(0, BR)  # [BR] (b, t, h) rows",
             f"{ind}m_row = o_row < N",
@@ -205,8 +218,6 @@ class GroupedEmitter:
             f"{ind}tl.store(o + o_row[:, None] * DV + o_dv[None, :], b_o.to(o.dtype.element_ty), "
             f"mask=m_row[:, None] & m_dv[None, :])",
             f"{ind}if SAVE:",
-            f"{ind}    tl.store(osave + o_row[:, None] * DV + o_dv[None, :], b_o, "
-            f"mask=m_row[:, None] & m_dv[None, :])",
             f"{ind}    tl.store(lsave + o_row, tl.where(b_sum > 0, b_use + tl.log(tl.where("
             f"b_sum > 0, b_sum, 1.)), float('-inf')), mask=m_row)",
         ]
@@ -358,10 +369,10 @@ class GroupedEmitter:
           f"ggcnt, gtoff, gtgroup, {self._common(scale)}, BM=GBM, BN=GBN, IEEE=IEEE, "
           f"num_warps=GW, num_stages=GS)")
         c("o = torch.empty(B, T, H, DV, device=dev, dtype=q.dtype)")
-        c("osave = torch.empty(1, B, T, H, DV, device=dev, dtype=f32) if save else o")
+        c("osave = o  # the backward's delta reads the output itself, as FlashAttention's does")
         c("lsave = torch.empty(1, B, T, H, device=dev, dtype=f32) if save else o")
         c(f"attend_{self.st.name}_combine_kernel[(triton.cdiv(B * T * H, 16),)](po, pl, sel{s}, o, "
-          f"osave, lsave, B * T * H, H=H, HS=HS{s}, KS=KS{s}, KSP=triton.next_power_of_2(KS{s}), "
+          f"lsave, B * T * H, H=H, HS=HS{s}, KS=KS{s}, KSP=triton.next_power_of_2(KS{s}), "
           f"DV=DV, BDV=BDV, BR=16, SAVE=save)")
         c("del po, pl")
 
@@ -375,7 +386,9 @@ class GroupedEmitter:
           "'ggcnt', 'gtoff', 'gtgroup'))")
         c(f"NG = B * H * NB{self.grid.node}")
         c("glse = lsave[0]")
-        c("gdelta = (do.to(osave.dtype) * osave[0]).sum(-1)  # [B, T, H]")
+        c("gdelta = torch.empty(B, T, H, device=dev, dtype=f32)")
+        c("_rowdot_kernel[(triton.cdiv(B * T * H, 16),)](do, osave, gdelta, B * T * H, DV=DV, "
+          "BDV=BDV, BR=16)  # delta = rowsum(dO * o), accumulated in f32, no temporaries")
         c(f"attend_{self.st.name}_bwd_dq_kernel[(gtgroup.numel(),)](q, k, v, do, dq, glse, "
           f"gdelta, gorder, ggoff, ggcnt, gtoff, gtgroup, {self._common(scale)}, BM=GBM, BN=GBN, "
           f"IEEE=IEEE, num_warps=GW, num_stages=GS)")

@@ -38,8 +38,10 @@ def test_which_specs_are_grouped(spec, grouped):
 
 
 def test_group_by_block_invariants():
+    import triton
+    import triton.language as tl
     from codegen.grouped import HELPER
-    ns = {"torch": torch}
+    ns = {"torch": torch, "triton": triton, "tl": tl}
     exec(HELPER, ns)
     g = torch.Generator().manual_seed(0)
     B, T, HS, H, KS, NB, BM = 2, 29, 2, 4, 3, 5, 4
