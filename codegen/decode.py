@@ -43,6 +43,10 @@ class DecodeSelectEmitter(SelectEmitter):
     def tiled(self) -> bool:  # a handful of queries: one program each
         return False
 
+    @property
+    def tree_tiled(self) -> bool:
+        return False
+
     def _pids(self) -> None:
         self.c("i_q, i_hs, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)")
         self.c("i_t = Q0 + i_q  # the query's position in the cache")

@@ -279,11 +279,46 @@ def pool_{st.name}_fwd_kernel(
 
 
 # ------------------------------------------------------------------------ select
+def score_chain(ir: IR, nid: int) -> tuple[list[int], int, int]:
+    """A score as a chain (scores have one score operand at most): its `remap` nodes from
+    the top down, how many `groupsum`s, and the leaf (`dot` or `probs`)."""
+    remaps, sums = [], 0
+    while ir.node(nid)["op"] in ("remap", "groupsum"):
+        if ir.node(nid)["op"] == "remap":
+            remaps.append(nid)
+        else:
+            sums += 1
+        nid = ir.operand(nid, "score")
+    return remaps, sums, nid
+
+
+def select_kernel(ir: IR, ex: "Exprs", st: SelectStage) -> str:
+    """Which select kernel a stage gets:
+      tile   BQ queries of one head per program, a plain `dot(q, pool)` score (MoBA's router)
+      tree   BQ queries x the head set's heads per program, any other top-k score (`probs`,
+             `remap`, `groupsum` over `dot`/`probs`: NSA's), each score node evaluated once
+             over a chunk of its own grid
+      deps   one query per program: the score or masks read other block lists
+      random one query per program: `random`"""
+    if st.op != "topk":
+        return "random"
+    if ex.lists(st.node) - {st.node}:
+        return "deps"
+    score = ir.operand(st.node, "score")
+    if st.heads == "head" and ir.node(score)["op"] == "dot":
+        return "tile"
+    remaps, sums, leaf = score_chain(ir, score)
+    if ir.node(leaf)["op"] not in ("dot", "probs") or (sums == 0) != (st.heads == "head"):
+        return "query"  # pragma: no cover - every score is such a chain
+    return "tree"
+
+
 class SelectEmitter:
     # the row of query position {} in q-shaped tensors (q, block lists, lse); the decode
     # emitters (codegen/decode.py) index a few new queries at positions Q0.. instead
     QROW = "(i_b * T + {})"
     SCALARS = ""  # extra scalar arguments after T ("TQ, Q0, " when decoding)
+    WHY = None  # why the per-query kernel, for its docstring (None: from `select_kernel`)
 
     def __init__(self, ir: IR, plan: KernelPlan, ex: Exprs, st: SelectStage):
         self.ir, self.plan, self.ex, self.st = ir, plan, ex, st
@@ -375,14 +410,19 @@ class SelectEmitter:
         """A tile of queries per program (one head): for a per-head top-k over a plain
         `dot(q, pool)` score, the common router (MoBA's). The scores of BQ queries against
         C blocks are one [BQ, C] product, and the top-k runs row-wise."""
-        st, ir = self.st, self.ir
-        return (st.op == "topk" and st.heads == "head"
-                and ir.node(ir.operand(st.node, "score"))["op"] == "dot"
-                and not (self.ex.lists(st.node) - {st.node}))
+        return select_kernel(self.ir, self.ex, self.st) == "tile"
+
+    @property
+    def tree_tiled(self) -> bool:
+        """A tile of queries per program for any other top-k score (`probs`, `remap`,
+        `groupsum` over `dot`/`probs`: NSA's): `emit_tree`."""
+        return select_kernel(self.ir, self.ex, self.st) == "tree"
 
     def emit(self) -> str:
         if self.tiled:
             return self.emit_tiled()
+        if self.tree_tiled:
+            return self.emit_tree()
         st, ir, c = self.st, self.ir, self.c
         n = ir.node(st.node)
         ops = ir.operands(st.node)
@@ -471,9 +511,11 @@ class SelectEmitter:
                f"R: tl.constexpr, RP: tl.constexpr, SHARED: tl.constexpr, D: tl.constexpr, "
                f"BD: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, KS, KSP: tl.constexpr, "
                f"C: tl.constexpr")
+        why = self.WHY if self.WHY is not None else {"deps": " (it reads other block lists)"}.get(
+            select_kernel(self.ir, self.ex, st), "")
         doc = (f'    """Gate scores and top-k for `{st.name}` ({st.op}, k={st.k}, one list per '
-               f'{st.heads}): writes the selected block indices of blocks(len={g.length}, '
-               f'stride={g.stride}) to sel[b, t, h, :KS], -1 padded."""')
+               f'{st.heads}; one query per program{why}): writes the selected block indices of '
+               f'blocks(len={g.length}, stride={g.stride}) to sel[b, t, h, :KS], -1 padded."""')
         self.signature = sig
         self.nbs = nbs
         self.list_deps = list_deps
@@ -562,6 +604,182 @@ class SelectEmitter:
         self.nbs = nbs
         self.list_deps = []
         return f"\n@triton.jit\ndef select_{st.name}_fwd_kernel(\n    {sig},\n):\n{doc}\n{body}\n"
+
+
+    def emit_tree(self) -> str:
+        """The query-tiled select kernel for a score tree (`remap`s and `groupsum`s over a
+        `dot` or `probs`). Rows: BQ consecutive queries, each with the RP heads of its head
+        set (BR = BQ * RP rows for per-head values). For each chunk of the list's grid (C
+        columns, CV of them real), the leaf is evaluated once over the source chunk that the
+        remaps need ([BR, CW] from one product of the pooled keys), summed over the group's
+        heads ([BQ, CW]: groupsum commutes with remap, so the remaps run on query rows), then
+        each remap is one product with its [CW_src, CW_dst] overlap weights."""
+        st, ir, c = self.st, self.ir, self.c
+        ops = ir.operands(st.node)
+        g = st.grid
+        remaps, sums, leaf = score_chain(ir, ops["score"])
+        c("i_tq, i_hs, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)")
+        c("# rows: BQ consecutive queries (o_i); per-head values have BQ * RP rows (o_iq, o_h)")
+        c("o_i = i_tq * BQ + tl.arange(0, BQ)  # [BQ]")
+        c("m_r = o_i < T")
+        c("I = o_i[:, None]  # [BQ, 1]")
+        c("o_row = tl.arange(0, BQ * RP)")
+        c("o_iq = i_tq * BQ + o_row // RP  # [BR] the query of each row")
+        c("o_h = i_hs * R + o_row % RP  # [BR] its head")
+        c("m_rq = (o_row % RP < R) & (o_iq < T)")
+        c("i_hk = (i_hs * R) // G")
+        c("o_d = tl.arange(0, BD)")
+        c("m_d = o_d < D")
+        c("p_q = q + ((i_b * T + o_iq).to(tl.int64) * H + o_h)[:, None] * D + o_d[None, :]")
+        c("b_q = tl.load(p_q, mask=m_rq[:, None] & m_d[None, :], other=0.).to(tl.float32)"
+          "  # [BR, BD]")
+        c("p_sel = sel + ((i_b * T + o_i).to(tl.int64) * HS + i_hs) * KS  # [BQ]")
+        c("o_ks = tl.arange(0, KSP)")
+        c("tl.store(p_sel[:, None] + o_ks[None, :], tl.full([BQ, KSP], -1, tl.int32), "
+          "mask=m_r[:, None] & (o_ks[None, :] < KS))")
+        c(f"NB = NB{g.node}")
+        c("n_forced = tl.zeros([BQ], dtype=tl.int32)")
+        c("n_counted = tl.zeros([BQ], dtype=tl.int32)")
+        c("b_val = tl.full([BQ, KB], float('-inf'), tl.float32)  # each row's best free blocks")
+        c("b_idx = 2147483000 + tl.arange(0, KB)[None, :] + tl.zeros([BQ, KB], dtype=tl.int32)")
+        c("o_c = tl.arange(0, C)")
+        c("for n0 in range(0, NB, CV):  # chunks of CV blocks (C columns, the last C - CV unused)")
+        with c.indent():
+            c("o_n = n0 + o_c")
+            c("N = o_n[None, :]  # [1, C]")
+            c("m_n = (o_c < CV) & (o_n < NB)")
+            force = self.ex.blocks(ops["force"], "I", "N") if "force" in ops else None
+            forbid = self.ex.blocks(ops["forbid"], "I", "N") if "forbid" in ops else None
+            c(f"m_force = m_n[None, :] & m_r[:, None] & {force if force else 'False'}")
+            c(f"m_forbid = {forbid if forbid else '(N < 0)'}")
+            c("m_cand = m_n[None, :] & m_r[:, None] & ~m_force & ~m_forbid  # [BQ, C]")
+            c("o_pos = n_forced[:, None] + tl.cumsum(m_force.to(tl.int32), 1) - 1")
+            c("tl.store(p_sel[:, None] + o_pos, o_n[None, :] + tl.zeros([BQ, C], dtype=tl.int32), "
+              "mask=m_force & (o_pos < KS))")
+            c("n_forced += tl.sum(m_force.to(tl.int32), 1)")
+            c(f"n_counted += tl.sum((m_force & (N * {g.stride} <= I)).to(tl.int32), 1)"
+              "  # forced blocks that have started count against k")
+            c("if tl.max(tl.sum(m_cand.to(tl.int32), 1), 0) > 0:  # score chunks with candidates")
+            with c.indent():
+                self._tree_score(ops["score"], remaps, sums, leaf)
+                c("for _ in tl.static_range(K):  # merge the chunk's best candidates, row by row")
+                with c.indent():
+                    c("c_val = tl.max(tl.where(m_cand, b_score, float('-inf')), 1)  # [BQ]")
+                    c("c_idx = tl.min(tl.where(m_cand & (b_score == c_val[:, None]), N, "
+                      "2147483647), 1)")
+                    c("w_val = tl.min(b_val, 1)")
+                    c("w_idx = tl.max(tl.where(b_val == w_val[:, None], b_idx, -1), 1)")
+                    c("better = (c_idx < 2147483647) & ((c_val > w_val) | ((c_val == w_val) & "
+                      "(c_idx < w_idx)))")
+                    c("m_slot = (b_idx == w_idx[:, None]) & better[:, None]")
+                    c("b_val = tl.where(m_slot, c_val[:, None], b_val)")
+                    c("b_idx = tl.where(m_slot, c_idx[:, None], b_idx)")
+                    c("m_cand = m_cand & (N != c_idx[:, None])")
+        c("# forced blocks first, then the best free blocks while slots remain")
+        c("n_free = tl.maximum(K - n_counted, 0)  # [BQ]")
+        c("b_beats = ((b_val[:, :, None] > b_val[:, None, :]) | ((b_val[:, :, None] == "
+          "b_val[:, None, :]) & (b_idx[:, :, None] < b_idx[:, None, :])))  # [BQ, KB, KB]")
+        c("b_rank = tl.sum(b_beats.to(tl.int32), 1)  # [BQ, KB]")
+        c("m_keep = (b_idx < 2147483000) & (b_rank < n_free[:, None]) & m_r[:, None]")
+        c("o_pos = n_forced[:, None] + b_rank")
+        c("tl.store(p_sel[:, None] + o_pos, b_idx, mask=m_keep & (o_pos < KS))")
+        body = c.text()
+        extra = "".join(f"{x}, " for x in self.args)
+        nbs = sorted({g.node} | set(self._tree_nbs))
+        widths = "".join(f"CW{i + 1}: tl.constexpr, " for i in range(len(remaps)))
+        sig = (f"q, sel, {extra}T, {''.join(f'NB{x}, ' for x in nbs)}"
+               f"H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, HS: tl.constexpr, "
+               f"R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, "
+               f"K: tl.constexpr, KB: tl.constexpr, KS, KSP: tl.constexpr, BQ: tl.constexpr, "
+               f"C: tl.constexpr, CV: tl.constexpr, {widths}".rstrip(", "))
+        doc = (f'    """Gate scores and top-k for `{st.name}` (topk, k={st.k}, one list per '
+               f'{st.heads}; query-tiled: BQ queries x {"the group" if sums else "one head"} '
+               f'per program, the score tree evaluated once per chunk of each grid, remaps as '
+               f'products with overlap weights): writes the selected block indices of '
+               f'blocks(len={g.length}, stride={g.stride}) to sel[b, t, h, :KS], -1 padded."""')
+        self.signature = sig
+        self.nbs = nbs
+        self.list_deps = []
+        self.remap_shapes = [(self.ex.grid(r).stride, self.ex.grid(r).length,
+                              self.ex.grid(ir.operand(r, "score")).stride,
+                              self.ex.grid(ir.operand(r, "score")).length) for r in remaps]
+        return f"\n@triton.jit\ndef select_{st.name}_fwd_kernel(\n    {sig},\n):\n{doc}\n{body}\n"
+
+    def _tree_score(self, top: int, remaps: list[int], sums: int, leaf: int) -> None:
+        """Lines computing b_score [BQ, C] for the chunk at n0 (see emit_tree)."""
+        c, ir = self.c, self.ir
+        self._tree_nbs = set()
+        # chunk starts, top down: level 0 is the list's grid (n0, C columns); level i + 1 the
+        # source of remap i, starting at the first source block overlapping level i's start.
+        # Starts can be negative: floor division on non-negative numbers by an offset `off`
+        # (a multiple of the stride) keeps to integer arithmetic that means the same in the
+        # interpreter and compiled (Triton's // truncates).
+        starts, widths, low = ["n0"], ["C"], 0  # low: a bound on -start
+        for i, r in enumerate(remaps):
+            gs, gd = self.ex.grid(ir.operand(r, "score")), self.ex.grid(r)
+            self._tree_nbs |= {gs.node, gd.node}
+            k = (low * gd.stride + gs.length) // gs.stride + 2
+            c(f"i_s{i + 1} = ({starts[-1]} * {gd.stride} - {gs.length} + {k * gs.stride}) // "
+              f"{gs.stride} - {k - 1}  # first block of blocks(len={gs.length}, "
+              f"stride={gs.stride}) overlapping the chunk")
+            starts.append(f"i_s{i + 1}")
+            widths.append(f"CW{i + 1}")
+            low = k
+        o_s, W = f"o_s{len(remaps)}", widths[-1]
+        c(f"{o_s} = {starts[-1]} + tl.arange(0, {W})" if remaps else f"{o_s} = o_n")
+        n = ir.node(leaf)
+        lops = ir.operands(leaf)
+        if n["op"] == "dot":
+            pool = lops["pool"]
+            scale = f"{float(n['args']['scale'])!r}"
+        else:
+            br = lops["branch"]
+            pool = ir.operand(br, "keys")
+            if br not in self.branches:
+                self.branches[br] = f"lse{br}"
+                self.args += [f"lse{br}", f"scale{br}"]
+            scale = f"scale{br}"
+        kp = self._pool(pool)
+        pg = self.ex.grid(pool).node
+        self._tree_nbs.add(pg)
+        c(f"m_nb = ({o_s} >= 0) & ({o_s} < NB{pg})  # [{W}]")
+        c(f"b_kp = tl.load({kp} + ((i_b * NB{pg} + {o_s}).to(tl.int64) * HKV + i_hk)[:, None] "
+          f"* D + o_d[None, :], mask=m_nb[:, None] & m_d[None, :], other=0.)  # [{W}, BD]")
+        c(f"b_x = tl.dot(b_q, tl.trans(b_kp), input_precision='ieee') * {scale}  # [BR, {W}]")
+        if n["op"] == "probs":
+            br = lops["branch"]
+            c(f"b_lse = tl.load(lse{br} + (i_b * T + o_iq).to(tl.int64) * H + o_h, mask=m_rq, "
+              f"other=0.)  # [BR]")
+            vis = self.ex.blocks(ir.operand(br, "blocks"), "o_iq[:, None]", f"{o_s}[None, :]")
+            c(f"b_x = tl.where(m_nb[None, :] & m_rq[:, None] & {vis}, tl.exp(b_x - "
+              f"b_lse[:, None]), 0.)  # [BR, {W}] probabilities of "
+              f"`{ir.node(br)['name'] or br}`")
+        if sums:
+            c(f"b_x = tl.sum(tl.reshape(tl.where(m_rq[:, None], b_x, 0.), [BQ, RP, {W}]), 1)"
+              f"  # [BQ, {W}]: summed over the group's heads")
+            for _ in range(sums - 1):
+                c("b_x = b_x * R  # a group sum of a group sum: R equal rows")
+        for i in reversed(range(len(remaps))):
+            r = remaps[i]
+            gs, gd = self.ex.grid(ir.operand(r, "score")), self.ex.grid(r)
+            src, dst = f"o_s{i + 1}", ("o_n" if i == 0 else f"o_s{i}")
+            if i > 0:
+                c(f"{dst} = {starts[i]} + tl.arange(0, {widths[i]})")
+            c(f"b_w = (tl.minimum({src}[:, None] * {gs.stride} + {gs.length}, {dst}[None, :] * "
+              f"{gd.stride} + {gd.length}) - tl.maximum({src}[:, None] * {gs.stride}, "
+              f"{dst}[None, :] * {gd.stride})).to(tl.float32) / {gs.stride}")
+            c(f"b_w = tl.where((({src} >= 0) & ({src} < NB{gs.node}))[:, None], "
+              f"tl.maximum(b_w, 0.), 0.)  # [{widths[i + 1]}, {widths[i]}] token overlap")
+            c(f"b_x = tl.dot(b_x, b_w, input_precision='ieee')  # [BQ, {widths[i]}] "
+              f"remapped onto blocks(len={gd.length}, stride={gd.stride})")
+        c("b_score = b_x  # [BQ, C]")
+
+
+class QuerySelectEmitter(SelectEmitter):
+    """The per-query select kernel of a stage that has a query-tiled one: launched instead
+    with SPARSEDSL_SELECT_TILE=query."""
+    tiled = tree_tiled = False
+    WHY = ": the query-tiled kernel's fallback, run with SPARSEDSL_SELECT_TILE=query"
 
 
 # ------------------------------------------------------------------------ attend
@@ -1108,6 +1326,50 @@ def pool_launch(st: PoolStage, side: str, x: str, out: str, nb: str) -> str:
             f"HKV=HKV, D={d}, BD={bd}, BNB=16, BK=32, BH=32)")
 
 
+SELECT_HOST = '''
+
+
+def _select_tile(q, cuda, cpu):
+    """(BQ, C, num_warps) of a query-tiled select kernel: the environment variable
+    SPARSEDSL_SELECT_TILE="BQ,C,WARPS" (read at every call, for sweeps), else the default for
+    q's device (`cuda` or `cpu`: the interpreter); None for SPARSEDSL_SELECT_TILE=query (the
+    per-query kernel instead)."""
+    import os
+    env = os.environ.get("SPARSEDSL_SELECT_TILE", "").strip()
+    if not env:
+        return cuda if q.is_cuda else cpu
+    if env == "query":  # the per-query kernel (for comparisons)
+        return None
+    try:
+        bq, c, w = (int(x) for x in env.split(","))
+    except ValueError:
+        raise ValueError(f"SPARSEDSL_SELECT_TILE={env!r}: expected three integers BQ,C,WARPS")
+    if min(bq, c, w) < 1 or any(x & (x - 1) for x in (bq, c, w)):
+        raise ValueError(f"SPARSEDSL_SELECT_TILE={env!r}: BQ, C and WARPS must be powers of two")
+    return bq, c, w
+
+
+def _select_widths(C, remaps):
+    """Chunk sizes of a query-tiled score-tree select kernel: CV target blocks per step (of
+    the C columns the top-k merge sees) and, per remap from the top down, the width (a power
+    of two, at least 16: a tl.dot operand) of the source chunk covering the previous level's
+    blocks (CW1, CW2..). remaps: (target stride, target length, source stride, source length)
+    per remap. CV is the one in [C/2, C] with the least leaf width per target block: NSA's
+    64-token blocks over compressed blocks of stride 16 need 258 of them for 64 selection
+    blocks (a 512-wide leaf), 254 for 63 (256 wide)."""
+    best = None
+    for cv in range(max(1, C // 2), C + 1):
+        n, ws = cv, []
+        for sd, ld, ss, ls in remaps:
+            n = ((n - 1) * sd + ld + ls - 1) // ss + 1
+            ws.append(max(16, 1 << (n - 1).bit_length()))
+        cost = (ws[-1] if ws else C) / cv
+        if best is None or cost <= best[0]:
+            best = (cost, cv, ws)
+    return best[1], best[2]
+'''
+
+
 class HostEmitter:
     """The `forward` function of the generated module: buffers and launches."""
 
@@ -1139,7 +1401,9 @@ class HostEmitter:
                 saved += attend_emitters[id(st)].saved()
         c("saved = dict(" + ", ".join(f"{x}={x}" for x in saved) + ") if save else None")
         c("return o, lists, saved")
-        return "\n\ndef forward(q, k, v, gates, params, save=False):\n" + c.text() + "\n"
+        tiled = any(em.tiled or em.tree_tiled for em in select_emitters.values())
+        return ((SELECT_HOST if tiled else "") +
+                "\n\ndef forward(q, k, v, gates, params, save=False):\n" + c.text() + "\n")
 
     def _sizes(self, *shapes: str) -> None:
         """The host prologue: sizes (`shapes`), dtypes, and each grid's block count NB<g>."""
@@ -1167,9 +1431,15 @@ class HostEmitter:
             c(f"{side}p{st.node} = torch.empty(B, NB{g.node}, HKV, {d}, device=dev, dtype=f32)")
             c(pool_launch(st, side, x, f"{side}p{st.node}", f"NB{g.node}"))
 
-    def _select_setup(self, st: SelectStage, em: SelectEmitter, rows: str) -> tuple[list, str]:
+    def _select_setup(self, st: SelectStage, em: SelectEmitter, rows: str,
+                      quiet: bool = False) -> tuple[list, str]:
         """The list buffer of a select stage ([B, rows, HS, KS]) and its kernel's extra
-        arguments and list dependencies (the decode host shares this)."""
+        arguments and list dependencies (the decode host shares this); `quiet`: only those."""
+        extra = [self._scale(int(a[5:])) if a.startswith("scale") else a for a in em.args]
+        deps = "".join(f"HS{d}=HS{d}, SH{d}={self._shared(d)}, KS{d}=KS{d}, "
+                       f"KSP{d}=triton.next_power_of_2(KS{d}), " for d in em.list_deps)
+        if quiet:
+            return extra, deps
         c = self.c
         shared = st.heads == "group"
         c(f"# select `{st.name}`: {st.op} k={st.k}, one list per {st.heads}")
@@ -1179,31 +1449,53 @@ class HostEmitter:
         c(f"R = {'G' if shared else '1'}")
         c(f"sel{st.node} = torch.empty(B, {rows}, HS{st.node}, KS{st.node}, device=dev, "
           f"dtype=torch.int32)")
-        extra = [self._scale(int(a[5:])) if a.startswith("scale") else a for a in em.args]
-        deps = "".join(f"HS{d}=HS{d}, SH{d}={self._shared(d)}, KS{d}=KS{d}, "
-                       f"KSP{d}=triton.next_power_of_2(KS{d}), " for d in em.list_deps)
         return extra, deps
 
     def _select(self, st: SelectStage, em: SelectEmitter) -> None:
         c = self.c
-        shared = st.heads == "group"
         extra, deps = self._select_setup(st, em, "T")
-        if em.tiled:
-            c("BQ, CB, W = (16, 64, 2) if q.is_cuda else (16, 32, 4)  # (H100: 16 rows of 64 "
-              "spill least)")
-            c(f"select_{st.name}_fwd_kernel[(triton.cdiv(T, BQ), HS{st.node}, B)](q, sel{st.node}, "
-              f"{''.join(x + ', ' for x in extra)}T, {''.join(f'NB{x}, ' for x in em.nbs)}"
-              f"H=H, HKV=HKV, G=G, HS=HS{st.node}, D=D, BD=BD, K={st.k}, "
-              f"KB=max(2, triton.next_power_of_2({st.k})), KS=KS{st.node}, "
-              f"KSP=triton.next_power_of_2(KS{st.node}), BQ=BQ, C=CB, num_warps=W)")
+        if not (em.tiled or em.tree_tiled):
+            self._select_query(st, em, f"select_{st.name}_fwd_kernel", extra, deps)
             c(f"lists[{st.name!r}] = sel{st.node}")
             return
-        c(f"select_{st.name}_fwd_kernel[(T, HS{st.node}, B)](q, sel{st.node}, "
-          f"{''.join(x + ', ' for x in extra)}T, {''.join(f'NB{x}, ' for x in em.nbs)}{deps}"
-          f"H=H, HKV=HKV, G=G, HS=HS{st.node}, R=R, RP=_p2(R), SHARED={shared}, D=D, BD=BD, "
-          f"K={st.k}, KB=max(2, triton.next_power_of_2({st.k})), KS=KS{st.node}, "
-          f"KSP=triton.next_power_of_2(KS{st.node}), C=32, num_stages=1)")
+        if em.tree_tiled:
+            c("RP = triton.next_power_of_2(R)")
+            c("# BQ queries x RP heads per program: about 64 rows on a GPU (a guess: the H100 "
+              "numbers are pending, see docs/perf-notes.md)")
+            c("tile = _select_tile(q, (max(1, min(32, 64 // RP)), 32, 4), (max(2, 32 // RP), 16, 4))")
+        else:
+            c("tile = _select_tile(q, (16, 64, 2), (16, 32, 4))  # (H100: 16 rows of 64 spill "
+              "least)")
+        c("if tile is None:  # SPARSEDSL_SELECT_TILE=query: the per-query kernel")
+        with c.indent():
+            fb = em.fallback
+            fextra, fdeps = self._select_setup(st, fb, "T", quiet=True)
+            self._select_query(st, fb, f"select_{st.name}_query_fwd_kernel", fextra, fdeps)
+        c("else:")
+        with c.indent():
+            c("BQ, CB, W = tile")
+            grid = f"select_{st.name}_fwd_kernel[(triton.cdiv(T, BQ), HS{st.node}, B)]"
+            head = (f"{grid}(q, sel{st.node}, {''.join(x + ', ' for x in extra)}T, "
+                    f"{''.join(f'NB{x}, ' for x in em.nbs)}H=H, HKV=HKV, G=G, HS=HS{st.node}, ")
+            tail = (f"K={st.k}, KB=max(2, triton.next_power_of_2({st.k})), KS=KS{st.node}, "
+                    f"KSP=triton.next_power_of_2(KS{st.node}), BQ=BQ, C=CB, ")
+            if em.tree_tiled:
+                c(f"CV, CW = _select_widths(CB, {tuple(em.remap_shapes)!r})")
+                widths = "".join(f"CW{i + 1}=CW[{i}], " for i in range(len(em.remap_shapes)))
+                c(f"{head}R=R, RP=RP, D=D, BD=BD, {tail}CV=CV, {widths}num_warps=W, "
+                  f"num_stages=1)")
+            else:
+                c(f"{head}D=D, BD=BD, {tail}num_warps=W)")
         c(f"lists[{st.name!r}] = sel{st.node}")
+
+    def _select_query(self, st: SelectStage, em: SelectEmitter, kname: str, extra, deps) -> None:
+        """The launch of the per-query select kernel: one program per (query, list)."""
+        self.c(f"{kname}[(T, HS{st.node}, B)](q, sel{st.node}, "
+               f"{''.join(x + ', ' for x in extra)}T, {''.join(f'NB{x}, ' for x in em.nbs)}{deps}"
+               f"H=H, HKV=HKV, G=G, HS=HS{st.node}, R=R, RP=_p2(R), "
+               f"SHARED={st.heads == 'group'}, D=D, BD=BD, K={st.k}, "
+               f"KB=max(2, triton.next_power_of_2({st.k})), KS=KS{st.node}, "
+               f"KSP=triton.next_power_of_2(KS{st.node}), C=32, num_stages=1)")
 
     def _launch(self, st: AttendStage, em: "AttendEmitter"):
         """Rows per program, the grid, and the arguments of an attention stage's kernel
@@ -1364,6 +1656,11 @@ def generate(ir: IR, plan: KernelPlan | None = None) -> tuple[str, KernelPlan]:
             em = SelectEmitter(ir, plan, ex, st)
             parts.append(em.emit())
             selects[st.node] = em
+            if em.tiled or em.tree_tiled:  # and the per-query kernel, for comparisons
+                em.fallback = QuerySelectEmitter(ir, plan, ex, st)
+                parts.append(em.fallback.emit().replace(
+                    f"def select_{st.name}_fwd_kernel(", f"def select_{st.name}_query_fwd_kernel(",
+                    1))
         elif st.layout == "grouped":
             em = GroupedEmitter(ir, plan, ex, st, st.groups[0][0].sources[0])
             parts += em.emit_fwd()

@@ -310,8 +310,20 @@ class Planner:
             stage = self._attend_stage(groups, "union" if len(groups[0]) > 1 else "single",
                                        (None,), False, out, precomputed=emitted_early)
         plan.stages.append(stage)
-        plan.strategy = self._describe(plan)
+        plan.strategy = self._describe(plan) + self._describe_selects(plan)
         return plan
+
+    def _describe_selects(self, plan: KernelPlan) -> str:
+        """Which select kernel each list gets (codegen/emit.py, `select_kernel`)."""
+        from .emit import Exprs, select_kernel
+        ex = Exprs(self.ir, plan)
+        words = {"tile": "query-tiled (BQ queries of one head per program)",
+                 "tree": "query-tiled (BQ queries x the head set per program, the score tree "
+                         "evaluated once per chunk of each grid)",
+                 "deps": "one query per program (it reads other lists)",
+                 "random": "one query per program"}
+        return "".join(f"; select `{st.name}`: {words[select_kernel(self.ir, ex, st)]}"
+                       for st in plan.stages if st.kind == "select")
 
     def _early_deps(self, select: int, early: set) -> set:
         import networkx as nx

@@ -1,0 +1,132 @@
+"""The query-tiled select kernel for score trees (`emit_tree` in codegen/emit.py): NSA's
+`groupsum(remap(probs(...)))` and any other top-k score built from `probs`, `remap`,
+`groupsum` and `dot`, BQ queries (x the head set's heads) per program.
+
+Its block lists must equal the per-query kernel's (the same module's fallback, run with
+SPARSEDSL_SELECT_TILE=query) exactly in float64, for tile sizes that cut the sequence and
+the grids at odd places, and the reference's (up to near ties) in float32.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparsedsl
+from sparsedsl.codegen.decode import generate_decode
+from sparsedsl.codegen.emit import Exprs, select_kernel
+from sparsedsl.testing import Shape, spec_inputs
+from sparsedsl.testing.oracle import check_layer
+
+# per-head lists (no groupsum) over remapped compression probabilities
+HEAD_SPEC = """pattern tree_head "per-head lists over remapped probabilities"
+let cblk = blocks(8, stride=4)
+let cmp_out = attend(pool(cblk, mean), past(cblk))
+let sblk = blocks(12)
+let sel = topk(remap(probs(cmp_out), sblk), 3, force=first(sblk, 1) | recent(sblk, 1), forbid=~past(sblk))
+out = attend(tokens(sel) & causal)
+"""
+
+# two remaps in a row (compressed -> 8-token blocks -> 16-token blocks), summed over the group
+NESTED_SPEC = """pattern tree_nested "a remap of a remap, shared by the group"
+let cblk = blocks(6, stride=3)
+let cmp_out = attend(pool(cblk, mean), past(cblk))
+let mid = blocks(8)
+let sblk = blocks(16)
+let sel = topk(groupsum(remap(remap(probs(cmp_out), mid), sblk)), 2, force=recent(sblk, 1), forbid=~past(sblk))
+out = attend(tokens(sel) & causal)
+"""
+
+# a group sum of a plain dot product (MoBA's router shared by the group)
+DOT_SPEC = """pattern tree_dot "a router summed over the group"
+let blk = blocks(8)
+let sel = topk(groupsum(dot(q, pool(blk, mean))), 2, force=current(blk), forbid=future(blk))
+out = attend(tokens(sel) & causal)
+"""
+
+NSA = dict(cmp="mean", cmp_len=8, cmp_stride=4, sel_len=12, topn=3, init_blocks=1,
+           local_blocks=2, window=8)
+CASES = [  # (id, spec, params, B, T, Hkv, G, D, tiles): BQ,C,WARPS, None: the default
+    ("nsa-g4", "nsa", NSA, 1, 45, 1, 4, 16, (None, "2,4,1", "1,2,1")),
+    ("nsa-g16", "nsa", dict(NSA, cmp_len=16, cmp_stride=8, sel_len=8, topn=4), 1, 37, 1, 16, 8,
+     (None, "4,8,2")),
+    ("nsa-g1-mlp", "nsa", dict(NSA, cmp="mlp", sel_len=16), 1, 35, 2, 1, 8, (None, "2,4,1")),
+    ("head-g2", HEAD_SPEC, {}, 1, 30, 1, 2, 8, (None, "2,4,1")),
+    ("nested-g4", NESTED_SPEC, {}, 1, 41, 1, 4, 8, (None, "2,4,1")),
+    ("dot-g4", DOT_SPEC, {}, 2, 27, 1, 4, 8, (None, "2,4,1")),
+]
+
+
+def _layer(spec, params, shape: Shape, seed=0):
+    layer = sparsedsl.compile(spec, head_dim=shape.head_dim, q_heads=shape.q_heads,
+                              d_model=shape.d_model, **params)
+    data = spec_inputs(layer.ir, shape, seed, dtype=torch.float64)
+    with torch.no_grad():
+        for name, p in layer.learnable().items():
+            p.copy_(data.params[name])
+    return layer, data
+
+
+class _Skip:
+    """A kernel launch that does nothing (the final attention: only the lists matter here)."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def _lists(layer, data, dtype, tile, monkeypatch):
+    mod = layer._kernels(torch.device("cpu"))
+    for name in dir(mod):  # the final stage's kernels (row or grouped layout)
+        if name.startswith("attend_out_") and name.endswith("_kernel"):
+            monkeypatch.setattr(mod, name, _Skip())
+    if tile is None:
+        monkeypatch.delenv("SPARSEDSL_SELECT_TILE", raising=False)
+    else:
+        monkeypatch.setenv("SPARSEDSL_SELECT_TILE", tile)
+    to = lambda t: t.to(dtype)  # noqa: E731
+    with torch.no_grad():
+        _, lists = layer(to(data.q), to(data.k), to(data.v), return_lists=True,
+                         **{n: to(t) for n, t in data.tensors.items()})
+    return lists
+
+
+def test_nsa_gets_the_tiled_kernel():
+    ir = sparsedsl.lower("nsa")
+    layer = sparsedsl.compile("nsa", head_dim=16, q_heads=4, d_model=16)
+    st = next(s for s in layer.plan.stages if s.kind == "select")
+    assert select_kernel(ir, Exprs(ir, layer.plan), st) == "tree"
+    assert "score tree" in layer.plan.strategy
+    src = layer.source
+    kernel = src.split("def select_sel_fwd_kernel(")[1].split("@triton.jit")[0]
+    assert "query-tiled" in kernel and "tl.dot(b_x, b_w" in kernel
+    assert "def select_sel_query_fwd_kernel(" in src  # the fallback
+    # decoding keeps one program per query
+    dec = generate_decode(layer.ir, layer.plan)
+    assert "one query per program" in dec.split("def select_sel_dec_kernel(")[1]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_tiled_lists_equal_per_query_and_reference(case, monkeypatch):
+    _, spec, params, B, T, Hkv, G, D, tiles = case
+    shape = Shape(batch=B, seq=T, kv_heads=Hkv, group=G, head_dim=D, d_model=8)
+    layer, data = _layer(spec, params, shape)
+    ir = layer.ir
+    st = next(s for s in layer.plan.stages if s.kind == "select")
+    assert select_kernel(ir, Exprs(ir, layer.plan), st) == "tree"
+    want = _lists(layer, data, torch.float64, "query", monkeypatch)
+    for tile in tiles:  # sequence and grids cut at odd places
+        got = _lists(layer, data, torch.float64, tile, monkeypatch)
+        for name in want:
+            assert torch.equal(got[name], want[name]), (tile, name)
+    # float32 against the float64 reference (near ties only), the whole layer
+    monkeypatch.undo()
+    f32 = {n: t.float() for n, t in data.tensors.items()}
+    rep = check_layer(layer, data.q.float(), data.k.float(), data.v.float(), f32, 1e-4, 1e-4)
+    assert rep.finite and rep.error < 1e-4, rep
+
+
+def test_select_tile_environment(monkeypatch):
+    layer, data = _layer(DOT_SPEC, {}, Shape(seq=9, kv_heads=1, group=2, head_dim=4))
+    for bad in ("3,4,1", "4,4", "a,b,c", "0,4,1"):
+        monkeypatch.setenv("SPARSEDSL_SELECT_TILE", bad)
+        with pytest.raises(ValueError, match="SPARSEDSL_SELECT_TILE"):
+            layer(data.q.float(), data.k.float(), data.v.float())
