@@ -1336,14 +1336,16 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
             c("I = o_i[:, None]  # [BM, 1]")
             m_q, m_o, m_row = "m_r[:, None] & m_d[None, :]", "m_r[:, None] & m_dv[None, :]", "m_r"
         rmask = f", mask={m_row}" if m_row else ""
+        other = lambda x: f", other={x}" if m_row else ""  # noqa: E731
+        NEG_INF = "float('-inf')"
         c(f"b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask={m_q}, other=0.)  # [BM, BD]")
         if st.writes_lse:
             for a in ("xlse", "xdelta"):
                 arg(a)
             c(f"b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask={m_o}, "
               "other=0.).to(b_q.dtype)")
-            c(f"b_lse = tl.load(xlse + p_row{rmask}, other=float('-inf'))")
-            c(f"b_delta = tl.load(xdelta + p_row{rmask}, other=0.)")
+            c(f"b_lse = tl.load(xlse + p_row{rmask}{other(NEG_INF)})")
+            c(f"b_delta = tl.load(xdelta + p_row{rmask}{other('0.')})")
         else:
             arg("lsave")
             arg("dsave")
@@ -1351,10 +1353,10 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
             gate = st.gates[gi] if st.combine == "mix" else None
             if gate is not None:
                 arg(f"gate_{gate}")
-                c(f"b_g = tl.load(gate_{gate} + p_row{rmask}, other=0.).to(tl.float32)")
+                c(f"b_g = tl.load(gate_{gate} + p_row{rmask}{other('0.')}).to(tl.float32)")
                 c("b_do = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)")
-            c(f"b_lse = tl.load(lsave + {gi} * n_rows + p_row{rmask}, other=float('-inf'))")
-            c(f"b_delta = tl.load(dsave + {gi} * n_rows + p_row{rmask}, other=0.)")
+            c(f"b_lse = tl.load(lsave + {gi} * n_rows + p_row{rmask}{other(NEG_INF)})")
+            c(f"b_delta = tl.load(dsave + {gi} * n_rows + p_row{rmask}{other('0.')})")
         c(f"b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * {scale}"
           "  # [BM, BN]")
         if unmasked:
