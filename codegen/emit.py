@@ -55,6 +55,34 @@ def _p2(x):
 '''
 
 
+TILE_HELPER = '''
+
+def _tile_config(kernel, q, pooled=False):
+    """(BM, BN, num_warps, num_stages) of a tile-layout kernel ('fwd', 'dq' or 'dkdv'; BM
+    queries by BN keys), read at each call: SPARSEDSL_TILE (forward), SPARSEDSL_TILE_DQ,
+    SPARSEDSL_TILE_DKDV = "BM,BN,WARPS,STAGES" override; else small tiles in the interpreter
+    (several tiles of each kind in tests) and per-dtype defaults on CUDA (a stage over pooled
+    keys, whose products run in float32, keeps 32 x 32 tiles)."""
+    import os
+    env = os.environ.get({'fwd': 'SPARSEDSL_TILE', 'dq': 'SPARSEDSL_TILE_DQ',
+                          'dkdv': 'SPARSEDSL_TILE_DKDV'}[kernel])
+    if env:
+        bm, bn, w, s = (int(x) for x in env.split(","))
+        if min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1):
+            raise ValueError(f"tile sizes must be powers of two >= 16, got {env!r}")
+        return bm, bn, w, s
+    if not q.is_cuda:
+        return 16, 16, 4, 1
+    if pooled:
+        return 32, 32, 4, 3
+    if q.element_size() <= 2:  # bf16 / fp16: tensor-core tiles, fp32 accumulation
+        return {'fwd': (128, 64, 8, 3), 'dq': (64, 64, 4, 2), 'dkdv': (64, 64, 4, 2)}[kernel]
+    if q.element_size() == 4:  # fp32 ('ieee' products): half the tile, twice the bytes
+        return {'fwd': (64, 32, 4, 2), 'dq': (32, 32, 4, 2), 'dkdv': (32, 32, 4, 2)}[kernel]
+    return 32, 32, 4, 1
+'''
+
+
 class Code:
     """Indented lines with fresh temporaries."""
 
@@ -186,6 +214,15 @@ def _p2(x: int) -> int:
 
 
 # ------------------------------------------------------------------------- header
+def deterministic_bwd(plan: KernelPlan) -> bool:
+    """Whether the backward has no atomics: every attention stage in the tile layout over
+    token keys only (pooled keys add their gradients atomically; so do the row and grouped
+    layouts)."""
+    attends = [st for st in plan.stages if st.kind == "attend"]
+    return all(st.layout == "tile" and not any(b.pooled for grp in st.groups for b in grp)
+               for st in attends) and not any(st.kind == "pool" for st in plan.stages)
+
+
 def header(ir: IR, plan: KernelPlan) -> str:
     src = ir.source
     lines = [
@@ -197,6 +234,12 @@ def header(ir: IR, plan: KernelPlan) -> str:
     ]
     lines += ["#   " + ln for ln in plan.format().splitlines()[2:]]
     grouped = any(st.kind == "attend" and st.layout == "grouped" for st in plan.stages)
+    if deterministic_bwd(plan):
+        lines += ["# deterministic: forward yes and backward yes (each output and gradient "
+                  "element is written by one program, no atomics: dq by query tiles, dk and dv "
+                  "by key tiles summing the GQA group's heads in order)", "#", "# spec source:"]
+        lines += ["#   " + ln if ln else "#" for ln in src.text.splitlines()]
+        return "\n".join(lines) + "\n"
     lines += ["# deterministic: forward yes (each output element is written by one program, no "
               f"atomics); backward no ({'dq, ' if grouped else ''}dk, dv and parameter gradients "
               "are accumulated with atomic adds, whose order varies)",
@@ -890,7 +933,8 @@ class AttendEmitter:
                 sources += [s for s in b.sources if s not in sources]
             scale = f"scale{tokens[0].node}"
             self._arg(scale)
-            self._walk(gi, sources, mask, scale, pooled=None)
+            full = tuple(f for b in tokens for f in b.full)
+            self._walk(gi, sources, mask, scale, pooled=None, full=full)
         for b in grp:
             if b.pooled and not b.precomputed:
                 blocks = ir.operand(b.node, "blocks")
@@ -919,8 +963,9 @@ class AttendEmitter:
                 c(f"l{gi} = l{gi} * b_a + b_b")
                 c(f"m{gi} = m_new")
 
-    def _walk(self, gi, sources, mask, scale, pooled) -> None:
-        """Loops over each source's keys, each key visited once across sources."""
+    def _walk(self, gi, sources, mask, scale, pooled, full=()) -> None:
+        """Loops over each source's keys, each key visited once across sources (`full`, the
+        keys every row attends, is used by the tile layout's walk: TileWalk)."""
         c = self.c
         seen: list = []
         for si, s in enumerate(sources):
@@ -1157,7 +1202,8 @@ class AttendBwdEmitter(AttendEmitter):
                 sources += [x for x in b.sources if x not in sources]
             scale = f"scale{tokens[0].node}"
             self._arg(scale)
-            self._walk(gi, sources, mask, scale, pooled=None)
+            full = tuple(f for b in tokens for f in b.full)
+            self._walk(gi, sources, mask, scale, pooled=None, full=full)
         for b in grp:
             if b.pooled and not b.precomputed:
                 blocks = self.ir.operand(b.node, "blocks")
@@ -1204,6 +1250,349 @@ class AttendBwdEmitter(AttendEmitter):
         c("p_dq = dq + p_row[:, None] * D + o_d[None, :]")
         c("m_dq = m_r[:, None] & m_d[None, :]")
         c("tl.store(p_dq, tl.load(p_dq, mask=m_dq, other=0.) + b_dq, mask=m_dq)")
+
+# ------------------------------------------------------------------- tile layout
+def _nbs_in(*exprs: str) -> set[int]:
+    return {int(x) for e in exprs for x in re.findall(r"\bNB(\d+)\b", e)}
+
+
+class TileWalk:
+    """The tile layout's walk over a token source: its key tiles in three runs, masked edge
+    tiles, then the tiles inside a `full` range (every row of the tile attends every key of
+    them, and no earlier source has them: no masks at all), then masked edge tiles again.
+    The full range is the widest of the pattern's inner ranges (`BranchPlan.full`) within
+    the source, less the keys of earlier sources, rounded inward to whole key tiles; a tile
+    with rows past T has none."""
+
+    def _walk(self, gi, sources, mask, scale, pooled, full=()) -> None:
+        if pooled is not None or not full:
+            return AttendEmitter._walk(self, gi, sources, mask, scale, pooled)
+        c = self.c
+        seen: list = []
+        for si, s in enumerate(sources):
+            excl = self._exclusion(seen, pooled)
+            self.nbs.update(_nbs_in(s.lo, s.hi))
+            c(f"# source {si}: keys [{s.lo}, {s.hi})")
+            c(f"lo{si} = tl.maximum({_tl(s.lo)}, 0)")
+            c(f"hi{si} = tl.minimum({_tl(s.hi)}, T)")
+            self._full_span(si, seen, full)
+            runs = ((f"js{si}", f"fa{si}", False), (f"fa{si}", f"fb{si}", True),
+                    (f"fb{si}", f"hi{si}", False))
+            for a, b, unmasked in runs:
+                c(f"for j0 in range({a}, {b}, BN):"
+                  + ("  # full tiles: no masks" if unmasked else "  # edge tiles: masked"))
+                with c.indent():
+                    c("o_j = j0 + tl.arange(0, BN)")
+                    if unmasked:
+                        self._update_full(gi, scale)
+                    else:
+                        c("J = o_j[None, :]  # [1, BN]")
+                        c(f"m_s = (J >= lo{si}) & (J < hi{si}) & m_r[:, None]{excl}")
+                        self._update(gi, mask, scale, pooled, "o_j")
+            seen.append((si, s))
+
+    def _full_span(self, si: int, seen: list, full) -> None:
+        """fa<si>, fb<si>: the run of full key tiles of source si; js<si>: its first tile."""
+        c = self.c
+        c("# the keys of this source every row attends: the widest inner range, less the keys")
+        c("# of earlier sources, rounded inward to whole key tiles")
+        for fi, f in enumerate(full):
+            self.nbs.update(_nbs_in(f.lo, f.hi))
+            lo, hi = f"tl.maximum({_tl(f.lo)}, lo{si})", f"tl.minimum({_tl(f.hi)}, hi{si})"
+            if fi == 0:
+                c(f"fl = {lo}")
+                c(f"fh = {hi}")
+            else:
+                c(f"f_a = {lo}")
+                c(f"f_b = {hi}")
+                c("f_w = f_b - f_a > fh - fl")
+                c("fl = tl.where(f_w, f_a, fl)")
+                c("fh = tl.where(f_w, f_b, fh)")
+        for sp, _ in seen:
+            c(f"f_o = (lo{sp} < hi{sp}) & (lo{sp} < fh) & (hi{sp} > fl)  # source {sp} overlaps")
+            c(f"fh = tl.where(f_o & (lo{sp} > fl), lo{sp}, fh)")
+            c(f"fl = tl.where(f_o & (lo{sp} <= fl), hi{sp}, fl)")
+        c("fl = (fl + BN - 1) // BN * BN")
+        c("fh = fh // BN * BN")
+        c(f"js{si} = lo{si} // BN * BN")
+        c("f_ok = (fh > fl) & (i_hi - i_lo == BM)")
+        c(f"fa{si} = tl.where(f_ok, fl, js{si})")
+        c(f"fb{si} = tl.where(f_ok, fh, js{si})")
+
+
+class TileAttendEmitter(TileWalk, AttendEmitter):
+    """The tile layout's forward: AttendEmitter's kernel with full key tiles unmasked."""
+
+    def _update_full(self, gi, scale) -> None:
+        c = self.c
+        c("o_kv = ((i_b * T + o_j).to(tl.int64) * HKV + i_hk)  # [BN]")
+        c("b_k = tl.load(k + o_kv[:, None] * D + o_d[None, :], mask=m_d[None, :], other=0.)")
+        c("b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_dv[None, :], other=0.)")
+        c("b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * "
+          f"{scale}  # [RP, BN]")
+        c(f"m_new = tl.maximum(m{gi}, tl.max(b_s, 1))")
+        c(f"b_alpha = tl.exp(m{gi} - m_new)")
+        c("b_p = tl.exp(b_s - m_new[:, None])")
+        c(f"l{gi} = l{gi} * b_alpha + tl.sum(b_p, 1)")
+        c(f"acc{gi} = acc{gi} * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, "
+          "input_precision='ieee' if IEEE else 'tf32')")
+        c(f"m{gi} = m_new")
+
+
+class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
+    """The tile layout's backward, without atomics for token keys (FlashAttention-2's split):
+
+      * `attend_<name>_bwd_kernel` (this emitter's `emit`): dq per query tile, walking the
+        forward's key tiles (full tiles unmasked); it writes each softmax group's delta =
+        rowsum(do_g * o_g) for the second kernel. Pooled keys (blocks) still get their
+        gradients by atomic adds here.
+      * `attend_<name>_bwd_dkdv_kernel` (`emit_dkdv`): one program per (key tile, kv head)
+        walks the query tiles that can see it, for each query head of the kv head, and
+        writes dk, dv once. The query tiles are found by bisection on the source bounds
+        (nondecreasing in the tile); the full ones, by bisection on the inner bounds.
+    """
+
+    def _doc(self, combine: str) -> str:
+        st = self.st
+        pooled = any(b.pooled and not b.precomputed for grp in st.groups for b in grp)
+        tail = ("; pooled dk, dv by atomic adds: not deterministic" if pooled else
+                ": deterministic")
+        return (f'    """Backward of attention `{st.name}` (tile layout, {combine}): dq of a tile '
+                f'of queries, written by this program alone (token dk, dv: '
+                f'attend_{st.name}_bwd_dkdv_kernel){tail}."""')
+
+    def _prologue(self) -> None:
+        if self._token_groups():
+            self.c("b_qn = b_q  # q in its own dtype: the token products")
+        super()._prologue()
+
+    def _walk(self, gi, sources, mask, scale, pooled, full=()) -> None:
+        if pooled is None:
+            self.c(f"b_don{gi} = b_do{gi}.to(b_qn.dtype)")
+        TileWalk._walk(self, gi, sources, mask, scale, pooled, full)
+
+    def _token_groups(self):
+        return [(gi, [b for b in grp if not b.pooled and not b.precomputed])
+                for gi, grp in enumerate(self.st.groups)
+                if any(not b.pooled and not b.precomputed for b in grp)]
+
+    def _update(self, gi, mask, scale, pooled, idx) -> None:
+        if pooled is not None:
+            return super()._update(gi, mask, scale, pooled, idx)
+        c = self.c
+        c(f"o_kv = ((i_b * T + {idx}).to(tl.int64) * HKV + i_hk)  # [BN]")
+        c(f"m_k = ({idx} < T)[:, None]")
+        c("b_k = tl.load(k + o_kv[:, None] * D + o_d[None, :], mask=m_k & m_d[None, :], other=0.)")
+        c("b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_k & m_dv[None, :], "
+          "other=0.)")
+        c(f"b_s = tl.dot(b_qn, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * {scale}")
+        c(f"m_a = m_s & {mask} & (b_lse{gi} > float('-inf'))[:, None]")
+        c(f"b_p = tl.where(m_a, tl.exp(b_s - b_lse{gi}[:, None]), 0.)  # [RP, BN]")
+        self._dq(gi, scale)
+
+    def _update_full(self, gi, scale) -> None:
+        c = self.c
+        c("o_kv = ((i_b * T + o_j).to(tl.int64) * HKV + i_hk)  # [BN]")
+        c("b_k = tl.load(k + o_kv[:, None] * D + o_d[None, :], mask=m_d[None, :], other=0.)")
+        c("b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_dv[None, :], other=0.)")
+        c(f"b_s = tl.dot(b_qn, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * {scale}")
+        c(f"b_p = tl.exp(b_s - b_lse{gi}[:, None])  # [RP, BN]")
+        self._dq(gi, scale)
+
+    def _dq(self, gi, scale) -> None:
+        c = self.c
+        c(f"b_dp = tl.dot(b_don{gi}, tl.trans(b_v), input_precision='ieee' if IEEE else 'tf32')")
+        c(f"b_ds = b_p * (b_dp - b_delta{gi}[:, None])")
+        c(f"b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision='ieee' if IEEE else 'tf32') "
+          f"* {scale}")
+
+    def _finish(self) -> None:
+        if not self.st.writes_lse and self._token_groups():
+            self._arg("dsave")
+            self.c("")
+            self.c("# each group's delta, for the dk/dv kernel")
+            for gi, _ in self._token_groups():
+                self.c(f"tl.store(dsave + {gi} * n_rows + p_row, b_delta{gi}, mask=m_r)")
+        super()._finish()
+
+    # ---------------------------------------------------------------- dk, dv by key tiles
+    def emit_dkdv(self) -> str:
+        """The key-major dk/dv kernel ("" when the stage has no token branch)."""
+        st, ir = self.st, self.ir
+        groups = self._token_groups()
+        if not groups:
+            self.dkdv = None
+            return ""
+        c = Code()
+        args: list[str] = []
+        nbs: set[int] = set()
+
+        def arg(a):
+            if a not in args:
+                args.append(a)
+
+        def bisect(var: str, pred: str) -> None:
+            """var = the first query tile t in [0, NT) with pred(t), NT if none (pred is
+            false then true as t grows)."""
+            c(f"{var} = NT * 0")
+            c("t_b = NT")
+            c(f"while {var} < t_b:")
+            with c.indent():
+                c(f"t_m = ({var} + t_b) // 2")
+                c("i_lo = t_m * BM")
+                c("i_hi = tl.minimum(i_lo + BM, T)")
+                c(f"t_ok = {pred}")
+                c("t_b = tl.where(t_ok, t_m, t_b)")
+                c(f"{var} = tl.where(t_ok, {var}, t_m + 1)")
+
+        c("i_n, i_hk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)")
+        c("# a tile of BN consecutive keys of one kv head; dk, dv accumulate in registers over")
+        c("# the query tiles that can see it, for each of the kv head's G query heads")
+        c("j0 = i_n * BN")
+        c("j1 = tl.minimum(j0 + BN, T)")
+        c("o_j = j0 + tl.arange(0, BN)  # [BN] key positions")
+        c("m_j = o_j < T")
+        c("J = o_j[None, :]  # [1, BN]")
+        c("o_d = tl.arange(0, BD)")
+        c("m_d = o_d < D")
+        c("o_dv = tl.arange(0, BDV)")
+        c("m_dv = o_dv < DV")
+        c("p_kv = ((i_b * T + o_j).to(tl.int64) * HKV + i_hk)  # [BN]")
+        c("b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_j[:, None] & m_d[None, :], "
+          "other=0.)  # [BN, BD]")
+        c("b_v = tl.load(v + p_kv[:, None] * DV + o_dv[None, :], mask=m_j[:, None] & "
+          "m_dv[None, :], other=0.)  # [BN, BDV]")
+        c("b_dk = tl.zeros([BN, BD], dtype=tl.float32)")
+        c("b_dv = tl.zeros([BN, BDV], dtype=tl.float32)")
+        c("NT = tl.cdiv(T, BM)  # query tiles")
+        c("NF = T // BM  # query tiles without rows past T")
+        if not st.writes_lse:
+            c("n_rows = T * H * tl.num_programs(2)  # B * T * H rows per group")
+        plans = {}
+        for gi, tokens in groups:
+            masks = [self.ex.keys(ir.operand(b.node, "keys"), "I", "J") for b in tokens]
+            mask = masks[0] if len(masks) == 1 else "(" + " | ".join(masks) + ")"
+            sources: list = []
+            for b in tokens:
+                sources += [x for x in b.sources if x not in sources]
+            full = [f for b in tokens for f in b.full]
+            scale = f"scale{tokens[0].node}"
+            arg(scale)
+            plans[gi] = (sources, mask, scale)
+            c("")
+            c(f"# ---- softmax group {gi}: {' + '.join(b.name for b in tokens)}")
+            c(f"# the query tiles [ta{gi}, tb{gi}) whose source bounds reach keys [j0, j1)")
+            c(f"ta{gi} = NT")
+            c(f"tb{gi} = NT * 0")
+            for si, s in enumerate(sources):
+                nbs.update(_nbs_in(s.lo, s.hi))
+                c(f"# source {si}: keys [{s.lo}, {s.hi})")
+                bisect("t_lo", f"tl.minimum({_tl(s.hi)}, T) > j0")
+                bisect("t_hi", f"tl.maximum({_tl(s.lo)}, 0) >= j1")
+                c(f"ta{gi} = tl.where(t_lo < t_hi, tl.minimum(ta{gi}, t_lo), ta{gi})")
+                c(f"tb{gi} = tl.where(t_lo < t_hi, tl.maximum(tb{gi}, t_hi), tb{gi})")
+            c(f"tb{gi} = tl.maximum(tb{gi}, ta{gi})")
+            c(f"# the query tiles [fa{gi}, fb{gi}) that attend every key of the tile: no masks")
+            c(f"fa{gi} = ta{gi}")
+            c(f"fb{gi} = ta{gi}")
+            for f in full:
+                nbs.update(_nbs_in(f.lo, f.hi))
+                c(f"# inner range [{f.lo}, {f.hi})")
+                bisect("t_lo", f"{_tl(f.hi)} >= j0 + BN")
+                bisect("t_hi", f"{_tl(f.lo)} > j0")
+                c(f"t_lo = tl.maximum(t_lo, ta{gi})")
+                c(f"t_hi = tl.minimum(tl.minimum(t_hi, tb{gi}), NF)")
+                c(f"f_w = t_hi - t_lo > fb{gi} - fa{gi}")
+                c(f"fa{gi} = tl.where(f_w, t_lo, fa{gi})")
+                c(f"fb{gi} = tl.where(f_w, t_hi, fb{gi})")
+            c(f"f_ok = (fb{gi} > fa{gi}) & (j1 - j0 == BN)")
+            c(f"fa{gi} = tl.where(f_ok, fa{gi}, ta{gi})")
+            c(f"fb{gi} = tl.where(f_ok, fb{gi}, ta{gi})")
+        c("")
+        c("for i_g in range(G):  # the query heads of this kv head, in order")
+        with c.indent():
+            c("i_h = i_hk * G + i_g")
+            for gi, _ in groups:
+                sources, mask, scale = plans[gi]
+                runs = ((f"ta{gi}", f"fa{gi}", False), (f"fa{gi}", f"fb{gi}", True),
+                        (f"fb{gi}", f"tb{gi}", False))
+                for a, b, unmasked in runs:
+                    c(f"for t in range({a}, {b}):"
+                      + ("  # full tiles: no masks" if unmasked else "  # edge tiles: masked"))
+                    with c.indent():
+                        self._dkdv_tile(c, gi, sources, mask, scale, unmasked, arg)
+        c("")
+        c("# written once: this program owns these keys (other stages ran before: add)")
+        c("p_dk = dk + p_kv[:, None] * D + o_d[None, :]")
+        c("m_dk = m_j[:, None] & m_d[None, :]")
+        c("tl.store(p_dk, tl.load(p_dk, mask=m_dk, other=0.) + b_dk, mask=m_dk)")
+        c("p_dv = dv + p_kv[:, None] * DV + o_dv[None, :]")
+        c("m_dv2 = m_j[:, None] & m_dv[None, :]")
+        c("tl.store(p_dv, tl.load(p_dv, mask=m_dv2, other=0.) + b_dv, mask=m_dv2)")
+        sig = (f"q, k, v, do, dk, dv, {''.join(a + ', ' for a in args)}T, "
+               f"{''.join(f'NB{x}, ' for x in sorted(nbs))}"
+               "H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, "
+               "DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, "
+               "BN: tl.constexpr, IEEE: tl.constexpr")
+        self.dkdv = (args, sorted(nbs))
+        doc = (f'    """dk, dv of attention `{st.name}` (tile layout), by key tiles: each program '
+               f'walks the query tiles that see its keys and writes their gradients once, no '
+               f'atomics: deterministic."""')
+        return (f"\n@triton.jit\ndef attend_{st.name}_bwd_dkdv_kernel(\n    {sig},\n):\n{doc}\n"
+                f"{c.text()}\n")
+
+    def _dkdv_tile(self, c, gi, sources, mask, scale, unmasked, arg) -> None:
+        st = self.st
+        c("i_lo = t * BM")
+        c("i_hi = tl.minimum(i_lo + BM, T)")
+        c("o_i = i_lo + tl.arange(0, BM)  # [BM] query positions")
+        c("p_row = ((i_b * T + o_i).to(tl.int64) * H + i_h)  # [BM]")
+        if unmasked:
+            m_q, m_o, m_row = "m_d[None, :]", "m_dv[None, :]", None
+        else:
+            c("m_r = o_i < T")
+            c("I = o_i[:, None]  # [BM, 1]")
+            m_q, m_o, m_row = "m_r[:, None] & m_d[None, :]", "m_r[:, None] & m_dv[None, :]", "m_r"
+        rmask = f", mask={m_row}" if m_row else ""
+        other = lambda x: f", other={x}" if m_row else ""  # noqa: E731
+        NEG_INF = "float('-inf')"
+        c(f"b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask={m_q}, other=0.)  # [BM, BD]")
+        if st.writes_lse:
+            for a in ("xlse", "xdelta"):
+                arg(a)
+            c(f"b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask={m_o}, "
+              "other=0.).to(b_q.dtype)")
+            c(f"b_lse = tl.load(xlse + p_row{rmask}{other(NEG_INF)})")
+            c(f"b_delta = tl.load(xdelta + p_row{rmask}{other('0.')})")
+        else:
+            arg("lsave")
+            arg("dsave")
+            c(f"b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask={m_o}, other=0.)")
+            gate = st.gates[gi] if st.combine == "mix" else None
+            if gate is not None:
+                arg(f"gate_{gate}")
+                c(f"b_g = tl.load(gate_{gate} + p_row{rmask}{other('0.')}).to(tl.float32)")
+                c("b_do = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)")
+            c(f"b_lse = tl.load(lsave + {gi} * n_rows + p_row{rmask}{other(NEG_INF)})")
+            c(f"b_delta = tl.load(dsave + {gi} * n_rows + p_row{rmask}{other('0.')})")
+        c(f"b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * {scale}"
+          "  # [BM, BN]")
+        if unmasked:
+            c("b_p = tl.exp(b_s - b_lse[:, None])")
+        else:
+            for si, s in enumerate(sources):
+                c(f"lo{si} = tl.maximum({_tl(s.lo)}, 0)")
+                c(f"hi{si} = tl.minimum({_tl(s.hi)}, T)")
+            m_s = " | ".join(f"((J >= lo{si}) & (J < hi{si}))" for si in range(len(sources)))
+            c(f"m_a = m_r[:, None] & m_j[None, :] & ({m_s}) & {mask}")
+            c("m_a = m_a & (b_lse > float('-inf'))[:, None]  # a row that saw no key has none")
+            c("b_p = tl.where(m_a, tl.exp(b_s - b_lse[:, None]), 0.)  # [BM, BN]")
+        c("b_dp = tl.dot(b_do, tl.trans(b_v), input_precision='ieee' if IEEE else 'tf32')")
+        c("b_ds = b_p * (b_dp - b_delta[:, None])")
+        c("b_dv += tl.dot(tl.trans(b_p.to(b_q.dtype)), b_do, "
+          "input_precision='ieee' if IEEE else 'tf32')")
+        c("b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, "
+          f"input_precision='ieee' if IEEE else 'tf32') * {scale}")
 
 
 def emit_pool_bwd(st: PoolStage) -> str:
@@ -1497,13 +1886,15 @@ class HostEmitter:
                f"KB=max(2, triton.next_power_of_2({st.k})), KS=KS{st.node}, "
                f"KSP=triton.next_power_of_2(KS{st.node}), C=32, num_stages=1)")
 
-    def _launch(self, st: AttendStage, em: "AttendEmitter"):
+    def _launch(self, st: AttendStage, em: "AttendEmitter", kernel: str = "fwd"):
         """Rows per program, the grid, and the arguments of an attention stage's kernel
-        (forward and backward launch alike)."""
+        (forward and backward launch alike; `kernel` names the tile layout's block sizes)."""
         c = self.c
         if st.layout == "tile":
-            c("R, BM = 1, 32")
-            c("RP = BM")
+            pooled = ", pooled=True" if any(b.pooled for g in st.groups for b in g) else ""
+            c(f"BM, BN, W, NS = _tile_config({kernel!r}, q{pooled})  # (SPARSEDSL_TILE"
+              f"{'' if kernel == 'fwd' else '_' + kernel.upper()})")
+            c("R, RP = 1, BM")
             grid = "(triton.cdiv(T, BM), H, B)"
         else:
             c(f"R, BM = {'1' if st.rows == 'head' else 'G'}, 1")
@@ -1542,9 +1933,11 @@ class HostEmitter:
             c(f"osave = torch.empty({ng}, B, T, H, DV, device=dev, dtype=f32) if save else o")
             c(f"lsave = torch.empty({ng}, B, T, H, device=dev, dtype=f32) if save else o")
         grid, args, deps = self._launch(st, em)
+        tiles = "BN=BN, IEEE=IEEE, SAVE=save, num_warps=W, num_stages=NS" if st.layout == "tile" \
+            else "BN=32, IEEE=IEEE, SAVE=save"
         c(f"attend_{st.name}_fwd_kernel[{grid}](q, k, v, o, {''.join(x + ', ' for x in args)}T, "
           f"{''.join(f'NB{x}, ' for x in sorted(em.nbs))}{deps}H=H, HKV=HKV, G=G, R=R, RP=RP, "
-          f"D=D, DV=DV, BD=BD, BDV=BDV, BM=BM, BN=32, IEEE=IEEE, SAVE=save)")
+          f"D=D, DV=DV, BD=BD, BDV=BDV, BM=BM, {tiles})")
 
 
 class HostBwdEmitter(HostEmitter):
@@ -1553,7 +1946,10 @@ class HostBwdEmitter(HostEmitter):
     def emit(self, attend_bwd: dict) -> str:
         c, plan = self.c, self.plan
         c('"""dO [B, T, H, DV] -> (dq, dk, dv, dgates, dparams). Top-k selections are not')
-        c('differentiated; the kernels add into shared keys atomically (not deterministic)."""')
+        if deterministic_bwd(plan):
+            c('differentiated; dq by query tiles, dk and dv by key tiles: no atomics."""')
+        else:
+            c('differentiated; the kernels add into shared keys atomically (not deterministic)."""')
         c("B, T, H, D = q.shape")
         c("HKV, DV = k.shape[2], v.shape[3]")
         c("G = H // HKV")
@@ -1610,14 +2006,28 @@ class HostBwdEmitter(HostEmitter):
             em.host_bwd(c, self._scale(st.groups[0][0].node))
             return
         c(f"# backward of attend `{st.name}`")
-        grid, args, deps = self._launch(st, em)
+        tile = st.layout == "tile"
+        if tile and getattr(em, "dkdv", None) and not st.writes_lse:
+            c(f"dsave = torch.empty({len(st.groups)}, B, T, H, device=dev, dtype=f32)  "
+              "# delta per group")
+        grid, args, deps = self._launch(st, em, "dq")
         do = f"xdo{st.node}" if st.writes_lse else "do"
         deps = "".join(f"HS{d}=HS{d}, SH{d}={self._shared(d)}, KS{d}=KS{d}, "
                        f"KSP{d}=triton.next_power_of_2(KS{d}), " for d in sorted(em.lists))
+        tiles = "BN=BN, IEEE=IEEE, num_warps=W, num_stages=NS" if tile else "BN=32, IEEE=IEEE"
         c(f"attend_{st.name}_bwd_kernel[{grid}](q, k, v, {do}, dq, dk, dv, "
           f"{''.join(x + ', ' for x in args)}T, {''.join(f'NB{x}, ' for x in sorted(em.nbs))}"
-          f"{deps}H=H, HKV=HKV, G=G, R=R, RP=RP, D=D, DV=DV, BD=BD, BDV=BDV, BM=BM, BN=32, "
-          f"IEEE=IEEE)")
+          f"{deps}H=H, HKV=HKV, G=G, R=R, RP=RP, D=D, DV=DV, BD=BD, BDV=BDV, BM=BM, {tiles})")
+        if tile and getattr(em, "dkdv", None):
+            dargs, nbs = em.dkdv
+            dargs = [self._scale(int(a[5:])) if a.startswith("scale") else
+                     f"gates[{a[5:]!r}]" if a.startswith("gate_") else
+                     f"{a}{st.node}" if a in ("xlse", "xdelta") else a for a in dargs]
+            c("BM, BN, W, NS = _tile_config('dkdv', q)  # (SPARSEDSL_TILE_DKDV)")
+            c(f"attend_{st.name}_bwd_dkdv_kernel[(triton.cdiv(T, BN), HKV, B)](q, k, v, {do}, "
+              f"dk, dv, {''.join(x + ', ' for x in dargs)}T, {''.join(f'NB{x}, ' for x in nbs)}"
+              "H=H, HKV=HKV, G=G, D=D, DV=DV, BD=BD, BDV=BDV, BM=BM, BN=BN, IEEE=IEEE, "
+              "num_warps=W, num_stages=NS)")
 
     def _pool_bwd(self, st: PoolStage) -> None:
         c = self.c
@@ -1647,7 +2057,9 @@ def generate(ir: IR, plan: KernelPlan | None = None) -> tuple[str, KernelPlan]:
     from .grouped import HELPER, GroupedEmitter
     ex = Exprs(ir, plan)
     grouped = any(st.kind == "attend" and st.layout == "grouped" for st in plan.stages)
-    parts = [header(ir, plan), TRITON_PRELUDE + (HELPER if grouped else "")]
+    tile = any(st.kind == "attend" and st.layout == "tile" for st in plan.stages)
+    parts = [header(ir, plan), TRITON_PRELUDE + (HELPER if grouped else "")
+             + (TILE_HELPER if tile else "")]
     selects, attends = {}, {}
     for st in plan.stages:
         if st.kind == "pool":
@@ -1666,7 +2078,7 @@ def generate(ir: IR, plan: KernelPlan | None = None) -> tuple[str, KernelPlan]:
             parts += em.emit_fwd()
             attends[id(st)] = em
         else:
-            em = AttendEmitter(ir, plan, ex, st)
+            em = (TileAttendEmitter if st.layout == "tile" else AttendEmitter)(ir, plan, ex, st)
             parts.append(em.emit())
             attends[id(st)] = em
     attends_bwd = {}
@@ -1674,6 +2086,13 @@ def generate(ir: IR, plan: KernelPlan | None = None) -> tuple[str, KernelPlan]:
         if st.kind == "attend" and st.layout == "grouped":
             em = attends[id(st)]
             parts += em.emit_bwd()
+            attends_bwd[id(st)] = em
+        elif st.kind == "attend" and st.layout == "tile":
+            em = TileAttendBwdEmitter(ir, plan, ex, st)
+            parts.append(em.emit())
+            dkdv = em.emit_dkdv()
+            if dkdv:
+                parts.append(dkdv)
             attends_bwd[id(st)] = em
         elif st.kind == "attend":
             em = AttendBwdEmitter(ir, plan, ex, st)

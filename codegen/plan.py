@@ -17,7 +17,15 @@
                lists: the whole GQA group when selections are per group (NSA's
                kernel design), one head when selections are per head
   * where keys come from (`sources` of each branch): token ranges with bounds
-    that are affine in the query position, block ranges, or block index lists.
+    that are affine in the query position, block ranges, or block index lists;
+    and, for a token branch, which keys every query of a tile attends (`full`:
+    token ranges inside the mask for every row of the tile), so the tile kernels
+    can run the key tiles inside them without masks.
+
+Every bound is written in the tile's first query `i_lo` and its end `i_hi` (and
+`T`, the block counts `NB<g>`) and is nondecreasing as the tile moves right (each
+rule's bounds are, and max/min keep it): the key-major backward relies on this to
+find, by bisection, the query tiles that can see a key tile.
 
 Everything here is plain data and prints as text (`KernelPlan.format`).
 """
@@ -103,6 +111,7 @@ class BranchPlan:
     scale: float  # 0: 1/sqrt(head_dim)
     grid: Grid | None = None  # pooled branches
     precomputed: bool = False  # computed by an earlier attend stage (its probs feed a gate)
+    full: tuple[TokenRange, ...] = ()  # keys every query of a tile attends (token branches)
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,8 @@ class KernelPlan:
                 br = " + ".join(
                     (f"{gate} * " if gate else "") + "union(" * (len(grp) > 1) + ", ".join(
                         f"{b.name}{'*' if b.precomputed else ''}[{_fmt_sources(b.sources)}]"
+                        + (f" full[{_fmt_sources(b.full)}]" if s.layout == "tile" and b.full
+                           else "")
                         for b in grp) + ")" * (len(grp) > 1)
                     for grp, gate in zip(s.groups, s.gates))
                 lines.append(f"  attend {s.name}: layout={s.layout}"
@@ -239,6 +250,55 @@ class Planner:
         if op == "and":
             return _intersect(self.block_sources(ops["0"]), self.block_sources(ops["1"]))
         raise AssertionError(op)  # pragma: no cover
+
+    # ---- keys (blocks) that every query of the tile [i_lo, i_hi) has: inner bounds
+    def full_ranges(self, nid: int) -> list[TokenRange]:
+        """Token ranges inside the key set for every query of the tile (an under-approximation:
+        a rule without a simple inner bound gives none)."""
+        n = self.ir.node(nid)
+        op, a = n["op"], n["args"]
+        ops = self.ir.operands(nid)
+        if op == "causal":
+            return [TokenRange("0", "i_lo + 1")]
+        if op == "window":
+            return [TokenRange(f"i_hi - {a['size']}", "i_lo + 1")]
+        if op in ("sink", "global"):
+            return [TokenRange("0", str(a["n"]))]
+        if op == "tokens":
+            g = self.grid_of(ops["blocks"])
+            if g.stride != g.length:  # overlapping or gapped blocks: no simple inner bound
+                return []
+            return [TokenRange(f"({r.lo}) * {g.stride}", f"({r.hi}) * {g.stride}")
+                    for r in self.block_full(ops["blocks"])]
+        if op == "or":
+            return _dedup(self.full_ranges(ops["0"]) + self.full_ranges(ops["1"]))
+        if op == "and":
+            return _intersect(self.full_ranges(ops["0"]), self.full_ranges(ops["1"]))
+        return []  # strided, summary, not
+
+    def block_full(self, nid: int) -> list[BlockRange]:
+        """Block ranges in the block set for every query of the tile."""
+        n = self.ir.node(nid)
+        op, a = n["op"], n["args"]
+        ops = self.ir.operands(nid)
+        g = self.grid_of(nid)
+        L, S = g.length, g.stride
+        if op == "past":
+            return [BlockRange(g.node, "0", f"_fdiv(i_lo - {L - 1}, {S}) + 1")]
+        if op == "current":
+            return [BlockRange(g.node, f"_fdiv(i_hi - {L + 1}, {S}) + 1", f"_fdiv(i_lo, {S}) + 1")]
+        if op == "future":
+            return [BlockRange(g.node, f"_fdiv(i_hi - 1, {S}) + 1", f"NB{g.node}")]
+        if op == "first":
+            return [BlockRange(g.node, "0", str(a["n"]))]
+        if op == "recent":
+            return [BlockRange(g.node, f"_fdiv(i_hi - 1, {S}) - {a['n'] - 1}",
+                               f"_fdiv(i_lo, {S}) + 1")]
+        if op == "or":
+            return _dedup(self.block_full(ops["0"]) + self.block_full(ops["1"]))
+        if op == "and":
+            return _intersect(self.block_full(ops["0"]), self.block_full(ops["1"]))
+        return []  # lists, not
 
     # ---- the count bound of a block set (list slots for forced blocks)
     def max_count(self, nid: int) -> str:
@@ -347,7 +407,8 @@ class Planner:
         ops = self.ir.operands(nid)
         if n["op"] == "attend_tokens":
             return BranchPlan(nid, self.name(nid), False, tuple(self.token_sources(ops["keys"])),
-                              n["args"]["scale"], precomputed=precomputed)
+                              n["args"]["scale"], precomputed=precomputed,
+                              full=tuple(self.full_ranges(ops["keys"])))
         if n["op"] == "attend_pooled":
             return BranchPlan(nid, self.name(nid), True, tuple(self.block_sources(ops["blocks"])),
                               n["args"]["scale"], grid=self.grid_of(nid), precomputed=precomputed)
@@ -403,6 +464,10 @@ def _intersect(a: list, b: list) -> list:
             else:  # pragma: no cover - kinds never mix
                 raise AssertionError((x, y))
     # identical sources visit the same keys: keep one
+    return _dedup(out)
+
+
+def _dedup(out: list) -> list:
     seen, uniq = set(), []
     for s in out:
         if s not in seen:

@@ -66,3 +66,31 @@ def test_regression_files(path):
             b, t, hk, g, d = (int(x) for x in line.split(":", 1)[1].split())
             shape = Shape(batch=b, seq=t, kv_heads=hk, group=g, head_dim=d, d_model=d)
     check_spec(text, shape, seed=0)
+
+
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=cases(shape_options=SHAPES))
+def test_static_specs_reach_the_tile_kernels(case):
+    """A generated spec's tile-layout stages (static patterns) get the tile kernels: a dk/dv
+    kernel by key tiles for token branches, and no atomic adds at all when no stage attends
+    pooled keys or block lists (the header then says the backward is deterministic)."""
+    from hypothesis import event
+
+    from sparsedsl.codegen.emit import deterministic_bwd
+    shape = case.shape
+    layer = sparsedsl.compile(case.text, head_dim=shape.head_dim, q_heads=shape.q_heads,
+                              head_dim_v=shape.dv, d_model=shape.d_model)
+    src = layer.source
+    for st in layer.plan.stages:
+        if st.kind == "attend" and st.layout == "tile":
+            event("tile stage")
+            tokens = any(not b.pooled and not b.precomputed for g in st.groups for b in g)
+            assert (f"attend_{st.name}_bwd_dkdv_kernel" in src) == tokens
+            if any(b.full for g in st.groups for b in g):
+                event("tile stage with full ranges")
+    if deterministic_bwd(layer.plan):
+        event("deterministic backward")
+        assert "atomic_add" not in src and "backward yes" in src
+    else:
+        assert "backward no" in src
