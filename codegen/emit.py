@@ -1357,9 +1357,10 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
         pooled = any(b.pooled and not b.precomputed for grp in st.groups for b in grp)
         tail = ("; pooled dk, dv by atomic adds: not deterministic" if pooled else
                 ": deterministic")
+        tokens = (f" (token dk, dv: attend_{st.name}_bwd_dkdv_kernel)"
+                  if self._token_groups() else "")
         return (f'    """Backward of attention `{st.name}` (tile layout, {combine}): dq of a tile '
-                f'of queries, written by this program alone (token dk, dv: '
-                f'attend_{st.name}_bwd_dkdv_kernel){tail}."""')
+                f'of queries, written by this program alone{tokens}{tail}."""')
 
     def _prologue(self) -> None:
         if self._token_groups():
