@@ -420,7 +420,10 @@ class SelectEmitter:
             src = ops["score"]
             gs, gd = self.ex.grid(src), self.ex.grid(nid)
             self.grids.add(gs.node)
-            reach = math.ceil((gd.length + gs.length) / gs.stride) + 1
+            # the most source blocks one target block overlaps, over the offsets of its start
+            # within a source stride: NSA's 64-token blocks over 32/16 compressed ones: 5
+            reach = max(-(-(r + gd.length) // gs.stride) - (r - gs.length) // gs.stride - 1
+                        for r in range(0, gs.stride, math.gcd(gd.stride, gs.stride)))
             v = c.fresh("b_r")
             r, w = c.fresh("r"), c.fresh("b_w")  # fresh names: remaps can nest
             c(f"{v} = tl.zeros([RP, C], dtype=tl.float32)")
@@ -460,6 +463,26 @@ class SelectEmitter:
         """A tile of queries per program for any other top-k score (`probs`, `remap`,
         `groupsum` over `dot`/`probs`: NSA's): `emit_tree`."""
         return select_kernel(self.ir, self.ex, self.st) == "tree"
+
+    def _merge_loop(self) -> None:
+        """Merge a chunk's candidates (m_cand, b_score over o_n) into the best-K buffer (b_val,
+        b_idx): the best candidate a step, lowest index first among equals. A candidate below
+        the buffer's worst can never enter (the worst only rises), so only the others are
+        walked, at most K of them."""
+        c = self.c
+        c("m_cand = m_cand & (b_score >= tl.min(b_val, 0))")
+        c("for _ in range(tl.minimum(tl.sum(m_cand.to(tl.int32), 0), K)):")
+        with c.indent():
+            c("c_val = tl.max(tl.where(m_cand, b_score, float('-inf')), 0)")
+            c("c_idx = tl.min(tl.where(m_cand & (b_score == c_val), o_n, 2147483647), 0)")
+            c("w_val = tl.min(b_val, 0)")
+            c("w_idx = tl.max(tl.where(b_val == w_val, b_idx, -1), 0)")
+            c("better = (c_idx < 2147483647) & ((c_val > w_val) | ((c_val == w_val) & "
+              "(c_idx < w_idx)))")
+            c("m_slot = (b_idx == w_idx) & better")
+            c("b_val = tl.where(m_slot, c_val, b_val)")
+            c("b_idx = tl.where(m_slot, c_idx, b_idx)")
+            c("m_cand = m_cand & (o_n != c_idx)")
 
     def emit(self) -> str:
         if self.tiled:
@@ -503,9 +526,6 @@ class SelectEmitter:
             c("N = o_n[None, :]  # [1, C]")
             c("m_n = o_n < NB")
             if st.op == "topk":
-                score = self.score(ops["score"], "o_n")
-                c(f"b_score = tl.sum(tl.where(o_r[:, None] == 0, {score}, 0.), 0)  # [C] (row 0: "
-                  f"the head, or the group once summed)")
                 force = self.ex.blocks(ops["force"], "i_t", "N") if "force" in ops else None
                 forbid = self.ex.blocks(ops["forbid"], "i_t", "N") if "forbid" in ops else None
                 c(f"m_force = m_n & {'tl.sum(' + force + '.to(tl.int32), 0) > 0' if force else 'False'}")
@@ -513,7 +533,6 @@ class SelectEmitter:
             else:  # random: n blocks by hash among those ending before the query's block starts
                 a = n["args"]
                 c(f"i_qb = i_t // {g.stride}")
-                c(f"b_score = _hash24({a['seed']}, i_qb, o_n)")
                 c("m_force = o_n < 0")
                 c(f"m_forbid = ~(o_n * {g.stride} + {g.length - 1} < i_qb * {g.stride})")
             c("m_cand = m_n & ~m_force & ~m_forbid")
@@ -522,18 +541,16 @@ class SelectEmitter:
             c("n_forced += tl.sum(m_force.to(tl.int32), 0)")
             c(f"n_counted += tl.sum((m_force & (o_n * {g.stride} <= i_t)).to(tl.int32), 0)"
               "  # forced blocks that have started count against k")
-            c("for _ in tl.static_range(K):  # merge the chunk's best candidates into the buffer")
+            c("if tl.sum(m_cand.to(tl.int32), 0) > 0:  # score only chunks with candidates "
+              "(not the future's)")
             with c.indent():
-                c("c_val = tl.max(tl.where(m_cand, b_score, float('-inf')), 0)")
-                c("c_idx = tl.min(tl.where(m_cand & (b_score == c_val), o_n, 2147483647), 0)")
-                c("w_val = tl.min(b_val, 0)")
-                c("w_idx = tl.max(tl.where(b_val == w_val, b_idx, -1), 0)")
-                c("better = (c_idx < 2147483647) & ((c_val > w_val) | ((c_val == w_val) & "
-                  "(c_idx < w_idx)))")
-                c("m_slot = (b_idx == w_idx) & better")
-                c("b_val = tl.where(m_slot, c_val, b_val)")
-                c("b_idx = tl.where(m_slot, c_idx, b_idx)")
-                c("m_cand = m_cand & (o_n != c_idx)")
+                if st.op == "topk":
+                    score = self.score(ops["score"], "o_n")
+                    c(f"b_score = tl.sum(tl.where(o_r[:, None] == 0, {score}, 0.), 0)  # [C] "
+                      f"(row 0: the head, or the group once summed)")
+                else:
+                    c(f"b_score = _hash24({n['args']['seed']}, i_qb, o_n)")
+                self._merge_loop()
         c("# forced blocks first, then the best free blocks while slots remain")
         c("n_free = tl.maximum(K - n_counted, 0)")
         c("b_beats = ((b_val[:, None] > b_val[None, :]) | ((b_val[:, None] == b_val[None, :]) & "
@@ -1706,9 +1723,13 @@ def pool_launch(st: PoolStage, side: str, x: str, out: str, nb: str) -> str:
     g = st.grid
     d, bd = ("D", "BD") if side == "k" else ("DV", "BDV")
     if st.method == "mean":
-        return (f"pool_{st.name}_fwd_kernel[(triton.cdiv({nb}, 16), HKV, B)]({x}, {out}, T, "
-                f"{nb}, HKV=HKV, D={d}, BD={bd}, BNB=16, "
-                f"BL=min(16, triton.next_power_of_2({g.length})))")
+        # on a GPU one block per program, 64 tokens a step: MoBA's 512-token blocks at 8k are
+        # 16 blocks per head, and 16 blocks per program left 16 programs for the whole GPU
+        # (0.38 ms a pool on the H100); the interpreter keeps 16 blocks per program
+        bnb = f"(1 if {x}.is_cuda else 16)"
+        return (f"pool_{st.name}_fwd_kernel[(triton.cdiv({nb}, {bnb}), HKV, B)]({x}, {out}, T, "
+                f"{nb}, HKV=HKV, D={d}, BD={bd}, BNB={bnb}, "
+                f"BL=min(64 if {x}.is_cuda else 16, triton.next_power_of_2({g.length})))")
     pre = f"'{st.owner}.{side}."
     return (f"pool_{st.name}_fwd_kernel[(triton.cdiv({nb}, 16), HKV, B)]({x}, "
             f"params[{pre}pe'], params[{pre}w1'], params[{pre}b1'], params[{pre}w2'], "
@@ -1722,8 +1743,8 @@ SELECT_HOST = '''
 def _select_tile(q, cuda, cpu):
     """(BQ, C, num_warps) of a query-tiled select kernel: the environment variable
     SPARSEDSL_SELECT_TILE="BQ,C,WARPS" (read at every call, for sweeps), else the default for
-    q's device (`cuda` or `cpu`: the interpreter); None for SPARSEDSL_SELECT_TILE=query (the
-    per-query kernel instead)."""
+    q's device (`cuda` or `cpu`: the interpreter). None, as a default or from
+    SPARSEDSL_SELECT_TILE=query, runs the per-query kernel instead."""
     import os
     env = os.environ.get("SPARSEDSL_SELECT_TILE", "").strip()
     if not env:
@@ -1850,9 +1871,11 @@ class HostEmitter:
             return
         if em.tree_tiled:
             c("RP = triton.next_power_of_2(R)")
-            c("# BQ queries x RP heads per program: about 64 rows on a GPU (a guess: the H100 "
-              "numbers are pending, see docs/perf-notes.md)")
-            c("tile = _select_tile(q, (max(1, min(32, 64 // RP)), 32, 4), (max(2, 32 // RP), 16, 4))")
+            c("# on a GPU the per-query kernel by default: NSA as fla at 8k on the H100 took "
+              "22.0 ms with it,")
+            c("# 28.6 ms with 4 queries x 16 heads per program, 32-61 ms with other tiles "
+              "(docs/perf-notes.md)")
+            c("tile = _select_tile(q, None, (max(2, 32 // RP), 16, 4))")
         else:
             c("tile = _select_tile(q, (16, 64, 2), (16, 32, 4))  # (H100: 16 rows of 64 spill "
               "least)")
