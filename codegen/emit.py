@@ -76,7 +76,9 @@ def _tile_config(kernel, q, pooled=False):
     if pooled:
         return 32, 32, 4, 3
     if q.element_size() <= 2:  # bf16 / fp16: tensor-core tiles, fp32 accumulation
-        return {'fwd': (128, 64, 8, 3), 'dq': (64, 64, 4, 2), 'dkdv': (64, 64, 4, 2)}[kernel]
+        # H100, window 4096 + 64 sinks at 64k (docs/perf-notes.md): forward 64x64/4 warps
+        # 6.08 ms, 128x64/8 6.97, 128x128/8 8.05; the dq and dk/dv defaults were fastest
+        return {'fwd': (64, 64, 4, 3), 'dq': (64, 64, 4, 2), 'dkdv': (64, 64, 4, 2)}[kernel]
     if q.element_size() == 4:  # fp32 ('ieee' products): half the tile, twice the bytes
         return {'fwd': (64, 32, 4, 2), 'dq': (32, 32, 4, 2), 'dkdv': (32, 32, 4, 2)}[kernel]
     return 32, 32, 4, 1
