@@ -466,6 +466,36 @@ class SelectEmitter:
         `groupsum` over `dot`/`probs`: NSA's): `emit_tree`."""
         return select_kernel(self.ir, self.ex, self.st) == "tree"
 
+    def _merge_rows(self) -> None:
+        """The query-tiled kernels' merge: each of the BQ rows takes its chunk's best
+        candidate into its best-K buffer, K steps (lowest index first among equals)."""
+        c = self.c
+        c("for _ in tl.static_range(K):  # merge the chunk's best candidates, row by row")
+        with c.indent():
+            c("c_val = tl.max(tl.where(m_cand, b_score, float('-inf')), 1)  # [BQ]")
+            c("c_idx = tl.min(tl.where(m_cand & (b_score == c_val[:, None]), N, 2147483647), 1)")
+            c("w_val = tl.min(b_val, 1)")
+            c("w_idx = tl.max(tl.where(b_val == w_val[:, None], b_idx, -1), 1)")
+            c("better = (c_idx < 2147483647) & ((c_val > w_val) | ((c_val == w_val) & "
+              "(c_idx < w_idx)))")
+            c("m_slot = (b_idx == w_idx[:, None]) & better[:, None]")
+            c("b_val = tl.where(m_slot, c_val[:, None], b_val)")
+            c("b_idx = tl.where(m_slot, c_idx[:, None], b_idx)")
+            c("m_cand = m_cand & (N != c_idx[:, None])")
+
+    def _store_rows(self) -> None:
+        """The query-tiled kernels' final store: forced blocks first, then each row's best
+        free blocks by rank while slots remain."""
+        c = self.c
+        c("# forced blocks first, then the best free blocks while slots remain")
+        c("n_free = tl.maximum(K - n_counted, 0)  # [BQ]")
+        c("b_beats = ((b_val[:, :, None] > b_val[:, None, :]) | ((b_val[:, :, None] == "
+          "b_val[:, None, :]) & (b_idx[:, :, None] < b_idx[:, None, :])))  # [BQ, KB, KB]")
+        c("b_rank = tl.sum(b_beats.to(tl.int32), 1)  # [BQ, KB]")
+        c("m_keep = (b_idx < 2147483000) & (b_rank < n_free[:, None]) & m_r[:, None]")
+        c("o_pos = n_forced[:, None] + b_rank")
+        c("tl.store(p_sel[:, None] + o_pos, b_idx, mask=m_keep & (o_pos < KS))")
+
     def _merge_loop(self) -> None:
         """Merge a chunk's candidates (m_cand, b_score over o_n) into the best-K buffer (b_val,
         b_idx): the best candidate a step, lowest index first among equals. A candidate below
@@ -632,26 +662,8 @@ class SelectEmitter:
             c("n_forced += tl.sum(m_force.to(tl.int32), 1)")
             c(f"n_counted += tl.sum((m_force & (N * {g.stride} <= I)).to(tl.int32), 1)"
               "  # forced blocks that have started count against k")
-            c("for _ in tl.static_range(K):  # merge the chunk's best candidates, row by row")
-            with c.indent():
-                c("c_val = tl.max(tl.where(m_cand, b_score, float('-inf')), 1)  # [BQ]")
-                c("c_idx = tl.min(tl.where(m_cand & (b_score == c_val[:, None]), N, 2147483647), 1)")
-                c("w_val = tl.min(b_val, 1)")
-                c("w_idx = tl.max(tl.where(b_val == w_val[:, None], b_idx, -1), 1)")
-                c("better = (c_idx < 2147483647) & ((c_val > w_val) | ((c_val == w_val) & "
-                  "(c_idx < w_idx)))")
-                c("m_slot = (b_idx == w_idx[:, None]) & better[:, None]")
-                c("b_val = tl.where(m_slot, c_val[:, None], b_val)")
-                c("b_idx = tl.where(m_slot, c_idx[:, None], b_idx)")
-                c("m_cand = m_cand & (N != c_idx[:, None])")
-        c("# forced blocks first, then the best free blocks while slots remain")
-        c("n_free = tl.maximum(K - n_counted, 0)  # [BQ]")
-        c("b_beats = ((b_val[:, :, None] > b_val[:, None, :]) | ((b_val[:, :, None] == "
-          "b_val[:, None, :]) & (b_idx[:, :, None] < b_idx[:, None, :])))  # [BQ, KB, KB]")
-        c("b_rank = tl.sum(b_beats.to(tl.int32), 1)  # [BQ, KB]")
-        c("m_keep = (b_idx < 2147483000) & (b_rank < n_free[:, None]) & m_r[:, None]")
-        c("o_pos = n_forced[:, None] + b_rank")
-        c("tl.store(p_sel[:, None] + o_pos, b_idx, mask=m_keep & (o_pos < KS))")
+            self._merge_rows()
+        self._store_rows()
         body = c.text()
         extra = "".join(f"{x}, " for x in self.args)
         nbs = sorted({g.node, pg})
@@ -724,27 +736,8 @@ class SelectEmitter:
             c("if tl.max(tl.sum(m_cand.to(tl.int32), 1), 0) > 0:  # score chunks with candidates")
             with c.indent():
                 self._tree_score(ops["score"], remaps, sums, leaf)
-                c("for _ in tl.static_range(K):  # merge the chunk's best candidates, row by row")
-                with c.indent():
-                    c("c_val = tl.max(tl.where(m_cand, b_score, float('-inf')), 1)  # [BQ]")
-                    c("c_idx = tl.min(tl.where(m_cand & (b_score == c_val[:, None]), N, "
-                      "2147483647), 1)")
-                    c("w_val = tl.min(b_val, 1)")
-                    c("w_idx = tl.max(tl.where(b_val == w_val[:, None], b_idx, -1), 1)")
-                    c("better = (c_idx < 2147483647) & ((c_val > w_val) | ((c_val == w_val) & "
-                      "(c_idx < w_idx)))")
-                    c("m_slot = (b_idx == w_idx[:, None]) & better[:, None]")
-                    c("b_val = tl.where(m_slot, c_val[:, None], b_val)")
-                    c("b_idx = tl.where(m_slot, c_idx[:, None], b_idx)")
-                    c("m_cand = m_cand & (N != c_idx[:, None])")
-        c("# forced blocks first, then the best free blocks while slots remain")
-        c("n_free = tl.maximum(K - n_counted, 0)  # [BQ]")
-        c("b_beats = ((b_val[:, :, None] > b_val[:, None, :]) | ((b_val[:, :, None] == "
-          "b_val[:, None, :]) & (b_idx[:, :, None] < b_idx[:, None, :])))  # [BQ, KB, KB]")
-        c("b_rank = tl.sum(b_beats.to(tl.int32), 1)  # [BQ, KB]")
-        c("m_keep = (b_idx < 2147483000) & (b_rank < n_free[:, None]) & m_r[:, None]")
-        c("o_pos = n_forced[:, None] + b_rank")
-        c("tl.store(p_sel[:, None] + o_pos, b_idx, mask=m_keep & (o_pos < KS))")
+                self._merge_rows()
+        self._store_rows()
         body = c.text()
         extra = "".join(f"{x}, " for x in self.args)
         nbs = sorted({g.node} | set(self._tree_nbs))
