@@ -1976,10 +1976,33 @@ class HostBwdEmitter(HostEmitter):
         c("BD, BDV = _p2(D), _p2(DV)")
         c("IEEE = q.dtype in (torch.float32, torch.float64)")
         c("f32 = torch.float32")
+        # which stages run a backward: an earlier stage only if the output uses its branch (a
+        # branch that only feeds a gate's scores gets no gradient: the selection is not
+        # differentiated); which pools: those with parameters, and mean pools a running stage
+        # attends (a pool that only feeds a router gets no gradient)
+        attends = [st for st in plan.stages if st.kind == "attend"]
+        used = {b.node for grp in attends[-1].groups for b in grp if b.precomputed}
+        runs = [st for st in reversed(attends) if not (st.writes_lse and st.node not in used)]
+        read = {self.ir.operand(b.node, "keys") for st in runs for grp in st.groups for b in grp
+                if b.pooled and not b.precomputed}
+        pools = [x for x in reversed(plan.stages)
+                 if x.kind == "pool" and (x.method != "mean" or x.node in read)]
+        # gradients written once per element (a single stage whose kernels own their rows or
+        # keys, no pool adding in afterwards) go straight into q's dtype: no float32 buffers
+        # and no casting copies (MoBA at 64k: 1.5 GiB of float32 dq, dk, dv)
+        one = runs[0] if len(runs) == 1 and not pools else None
+        dq_dt = "q.dtype" if one is not None and one.layout in ("tile", "row") else "f32"
+        kv_store = "False"
+        dkv_dt = "f32"
+        if one is not None and one.layout == "tile":
+            dkv_dt = "q.dtype"
+        elif one is not None and one.layout == "grouped" and attend_bwd[id(one)].disjoint_blocks:
+            kv_store = "G == 1"
+            dkv_dt = "q.dtype if G == 1 else f32"
         c("do = do.contiguous()")
-        c("dq = torch.zeros(B, T, H, D, device=dev, dtype=f32)")
-        c("dk = torch.zeros(B, T, HKV, D, device=dev, dtype=f32)")
-        c("dv = torch.zeros(B, T, HKV, DV, device=dev, dtype=f32)")
+        c(f"dq = torch.zeros(B, T, H, D, device=dev, dtype={dq_dt})")
+        c(f"dk = torch.zeros(B, T, HKV, D, device=dev, dtype={dkv_dt})")
+        c(f"dv = torch.zeros(B, T, HKV, DV, device=dev, dtype={dkv_dt})")
         c("dparams = {}")
         c("osave, lsave = saved['osave'], saved['lsave']")
         for gid, g in sorted(plan.grids.items()):
@@ -1992,21 +2015,15 @@ class HostBwdEmitter(HostEmitter):
             elif st.kind == "select":
                 c(f"sel{st.node} = saved['sel{st.node}']")
                 c(f"HS{st.node}, KS{st.node} = sel{st.node}.shape[2], sel{st.node}.shape[3]")
-        attends = [st for st in plan.stages if st.kind == "attend"]
         for st in attends:
             if st.writes_lse:
                 c(f"xdo{st.node} = torch.zeros(B, T, H, DV, device=dev, dtype=f32)")
                 c(f"xlse{st.node} = torch.full((B, T, H), float('-inf'), device=dev, dtype=f32)")
                 c(f"xdelta{st.node} = torch.zeros(B, T, H, device=dev, dtype=f32)")
-        # an earlier stage needs a backward only if the output uses its branch (a branch
-        # that only feeds a gate's scores gets no gradient: the selection is not differentiated)
-        used = {b.node for grp in attends[-1].groups for b in grp if b.precomputed}
-        for st in reversed(attends):
-            if st.writes_lse and st.node not in used:
-                continue
+        for st in runs:
             c("")
-            self._attend_bwd(st, attend_bwd[id(st)])
-        for st in reversed([x for x in plan.stages if x.kind == "pool"]):
+            self._attend_bwd(st, attend_bwd[id(st)], kv_store)
+        for st in pools:
             c("")
             self._pool_bwd(st)
         final = attends[-1]
@@ -2019,10 +2036,10 @@ class HostBwdEmitter(HostEmitter):
         c("return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgates, dparams")
         return "\n\ndef backward(q, k, v, gates, params, saved, do):\n" + c.text() + "\n"
 
-    def _attend_bwd(self, st: AttendStage, em: "AttendBwdEmitter") -> None:
+    def _attend_bwd(self, st: AttendStage, em: "AttendBwdEmitter", kv_store: str) -> None:
         c = self.c
         if st.layout == "grouped":
-            em.host_bwd(c, self._scale(st.groups[0][0].node))
+            em.host_bwd(c, self._scale(st.groups[0][0].node), kv_store)
             return
         c(f"# backward of attend `{st.name}`")
         tile = st.layout == "tile"

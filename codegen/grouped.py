@@ -269,10 +269,12 @@ class GroupedEmitter:
         dq = "\n".join(c) + "\n"
         L, S = self.grid.length, self.grid.stride
         c = self._head("bwd_dkdv", f"q, k, v, do, dk, dv, lse, delta, order, goff, gcnt, "
-                        f"scale, T, NG, NB, {consts}",
+                        f"scale, T, NG, NB, {consts}, STORE: tl.constexpr",
                         f"Backward of `{self.st.name}`, grouped: dk, dv of BN keys of one "
                         f"group's block, accumulated over the group's queries in registers and "
-                        f"added once (the heads of a GQA group share kv: atomic adds).")
+                        f"added once (the heads of a GQA group share kv: atomic adds), or "
+                        f"stored in dk's dtype when STORE (this program is the keys' only "
+                        f"writer: one head per kv head, blocks that do not overlap).")
         c += [
             f"{ind}i_g, i_c = tl.program_id(0), tl.program_id(1)",
             f"{ind}i_n = i_g % NB  # the key block",
@@ -314,9 +316,15 @@ class GroupedEmitter:
             f"{ind2}b_dk += tl.dot(tl.trans(b_ds).to(b_q.dtype), b_q, input_precision='ieee' "
             f"if IEEE else 'tf32') * scale",
             f"{ind}m_w = m_k & (e_hi > e_lo)",
-            f"{ind}tl.atomic_add(dk + p_kv[:, None] * D + o_d[None, :], b_dk, "
+            f"{ind}if STORE:",
+            f"{ind2}tl.store(dk + p_kv[:, None] * D + o_d[None, :], "
+            f"b_dk.to(dk.dtype.element_ty), mask=m_w[:, None] & m_d[None, :])",
+            f"{ind2}tl.store(dv + p_kv[:, None] * DV + o_dv[None, :], "
+            f"b_dv.to(dv.dtype.element_ty), mask=m_w[:, None] & m_dv[None, :])",
+            f"{ind}else:",
+            f"{ind2}tl.atomic_add(dk + p_kv[:, None] * D + o_d[None, :], b_dk, "
             f"mask=m_w[:, None] & m_d[None, :])",
-            f"{ind}tl.atomic_add(dv + p_kv[:, None] * DV + o_dv[None, :], b_dv, "
+            f"{ind2}tl.atomic_add(dv + p_kv[:, None] * DV + o_dv[None, :], b_dv, "
             f"mask=m_w[:, None] & m_dv[None, :])",
         ]
         return [dq, "\n".join(c) + "\n"]
@@ -379,7 +387,15 @@ class GroupedEmitter:
     def saved(self) -> list[str]:
         return ["gorder", "ggoff", "ggcnt", "gtoff", "gtgroup"]
 
-    def host_bwd(self, c, scale: str) -> None:
+    @property
+    def disjoint_blocks(self) -> bool:
+        """Whether each key lies in one block of the grid (then, with one head per kv head,
+        one dk/dv program writes it)."""
+        return self.grid.stride >= self.grid.length
+
+    def host_bwd(self, c, scale: str, store: str = "False") -> None:
+        """`store`: a host expression, true when dk and dv hold only this stage's gradients
+        and may be stored in place of atomic adds (the caller allocates them to match)."""
         c(f"# backward of attend `{self.st.name}`: grouped by selected block")
         c("GBM, GBN, GW, GS = _grouped_config(q)")
         c("gorder, ggoff, ggcnt, gtoff, gtgroup = (saved[x] for x in ('gorder', 'ggoff', "
@@ -394,4 +410,5 @@ class GroupedEmitter:
           f"IEEE=IEEE, num_warps=GW, num_stages=GS)")
         c(f"attend_{self.st.name}_bwd_dkdv_kernel[(NG, triton.cdiv({self.grid.length}, GBN))]("
           f"q, k, v, do, dk, dv, glse, gdelta, gorder, ggoff, ggcnt, {self._common(scale)}, "
-          f"BM=GBM, BN=GBN, IEEE=IEEE, num_warps=GW, num_stages=GS)")
+          f"BM=GBM, BN=GBN, IEEE=IEEE, STORE={store if self.disjoint_blocks else 'False'}, "
+          f"num_warps=GW, num_stages=GS)")

@@ -93,3 +93,40 @@ def test_grouped_outputs_and_gradients(spec, params, B, T, Hq, Hkv):
     ref.out.backward(do)
     for mine, theirs in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
         torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10)
+
+
+
+def _backward_source(spec, **kw):
+    src = sparsedsl.compile(spec, head_dim=16, q_heads=4, **kw).source
+    return src[src.index("\ndef backward("):]
+
+
+def _buffers(src):
+    """{gradient: dtype expression} of the backward's dq, dk, dv buffers."""
+    out = {}
+    for g in ("dq", "dk", "dv"):
+        line = next(x for x in src.splitlines() if x.strip().startswith(f"{g} = torch.zeros("))
+        out[g] = line.split("dtype=", 1)[1].rstrip(")")
+    return out
+
+
+def test_single_owner_gradients_skip_float32_buffers():
+    """Gradients that one program writes once go straight into the inputs' dtype: MoBA's dk
+    and dv when each kv head has one query head (the dk/dv kernel then stores instead of
+    adding atomically), a static pattern's dq, dk and dv, a block-list pattern's dq. Gradients
+    added by several programs (MoBA's dq, the keys of row-layout and NSA stages) keep
+    float32 buffers. A mean pool that only feeds a router gets no backward (its gradient is
+    zero: the selection is not differentiated)."""
+    moba = _backward_source("moba")
+    assert _buffers(moba) == {"dq": "f32", "dk": "q.dtype if G == 1 else f32",
+                              "dv": "q.dtype if G == 1 else f32"}
+    assert "STORE=G == 1" in moba and "pool_" not in moba
+    static = _backward_source("out = attend((sink(4) | window(32)) & causal)")
+    assert _buffers(static) == {"dq": "q.dtype", "dk": "q.dtype", "dv": "q.dtype"}
+    rows = _backward_source("let b = blocks(16, stride=8)\n"
+                            "let s = topk(dot(q, pool(b, mean)), 2, force=current(b), "
+                            "forbid=future(b))\n"
+                            "out = attend(tokens(s) & causal)")
+    assert _buffers(rows) == {"dq": "q.dtype", "dk": "f32", "dv": "f32"}
+    nsa = _backward_source("nsa", d_model=32)
+    assert _buffers(nsa) == {"dq": "f32", "dk": "f32", "dv": "f32"}
