@@ -52,6 +52,17 @@ def _hash24(seed, qb, kb):
 
 def _p2(x):
     return max(16, triton.next_power_of_2(int(x)))
+
+
+def _list_bwd(q):
+    """Whether a block list's token keys get dk, dv from the key-major kernel (default) or
+    by atomic adds from the per-query kernel: SPARSEDSL_LIST_BWD=keys|query, read at every
+    call (for A/B runs)."""
+    import os
+    env = os.environ.get("SPARSEDSL_LIST_BWD", "keys").strip()
+    if env not in ("keys", "query"):
+        raise ValueError(f"SPARSEDSL_LIST_BWD={env!r}: expected keys or query")
+    return env == "keys"
 '''
 
 
@@ -1155,10 +1166,43 @@ class AttendBwdEmitter(AttendEmitter):
     head_args = "do, dq, dk, dv"
     extra_consts = ""
 
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        # softmax groups whose keys come from one block list: their dk, dv are computed by
+        # key blocks in a second kernel (emit_list_dkdv); gi -> (list source, token branches)
+        self.by_keys: dict[int, tuple] = {}
+        self._skip_kv = False
+        if self.st.layout == "row":
+            for gi, grp in enumerate(self.st.groups):
+                src = self._list_source(grp)
+                if src is not None:
+                    self.by_keys[gi] = src
+        if self.by_keys:
+            self.extra_consts += "".join(f", KM{gi}: tl.constexpr" for gi in self.by_keys)
+
+    def _list_source(self, grp):
+        """(the BlockList, the token branches) when a group's token keys are exactly the
+        tokens of one block list's blocks (blocks that do not overlap, a mask reading no other
+        list): the case a key-major dk/dv kernel covers."""
+        tokens = [b for b in grp if not b.pooled and not b.precomputed]
+        sources = []
+        for b in tokens:
+            sources += [x for x in b.sources if x not in sources]
+        if len(sources) != 1 or not isinstance(sources[0], BlockList):
+            return None
+        src = sources[0]
+        if self.plan.grids[src.grid].overlap != 1 or any(b.full for b in tokens):
+            return None
+        if any(self.ex.lists(self.ir.operand(b.node, "keys")) != {src.select} for b in tokens):
+            return None
+        return src, tokens
+
     def _doc(self, combine: str) -> str:
         st = self.st
+        keys = "".join(f"; group {gi}'s block-list keys: attend_{st.name}_bwd_dkdv{gi}_kernel "
+                       f"when KM{gi}" for gi in self.by_keys)
         return (f'    """Backward of attention `{st.name}` ({st.layout} layout, {combine}): dq, and '
-                f'dk, dv (and pooled dk, dv) by atomic adds: not deterministic."""')
+                f'dk, dv (and pooled dk, dv) by atomic adds{keys}: not deterministic."""')
 
     def _prologue(self) -> None:
         c = self.c
@@ -1215,7 +1259,14 @@ class AttendBwdEmitter(AttendEmitter):
             scale = f"scale{tokens[0].node}"
             self._arg(scale)
             full = tuple(f for b in tokens for f in b.full)
+            if gi in self.by_keys:
+                if not st.writes_lse:
+                    self._arg("ksave")
+                    c(f"tl.store(ksave + {gi} * n_rows + p_row, b_delta{gi}, mask=m_r)  "
+                      f"# delta, for the key-major dk/dv kernel")
+                self._skip_kv = f"KM{gi}"
             self._walk(gi, sources, mask, scale, pooled=None, full=full)
+            self._skip_kv = False
         for b in grp:
             if b.pooled and not b.precomputed:
                 blocks = self.ir.operand(b.node, "blocks")
@@ -1249,12 +1300,142 @@ class AttendBwdEmitter(AttendEmitter):
         c(f"b_dp = tl.dot(b_do{gi}, tl.trans(b_v), input_precision='ieee' if IEEE else 'tf32')")
         c(f"b_ds = b_p * (b_dp - b_delta{gi}[:, None])")
         c(f"b_dq += tl.dot(b_ds, b_k, input_precision='ieee' if IEEE else 'tf32') * {scale}")
+        if self._skip_kv:
+            c(f"if not {self._skip_kv}:  # else dk, dv come from the key-major kernel")
+            c.level += 1
         c(f"b_dk = tl.dot(tl.trans(b_ds), b_q, input_precision='ieee' if IEEE else 'tf32') * {scale}")
         c(f"b_dv = tl.dot(tl.trans(b_p), b_do{gi}, input_precision='ieee' if IEEE else 'tf32')")
         c(f"m_w = m_k & (tl.sum(m_a.to(tl.int32), 0) > 0)[:, None]  # keys some row attended")
         c(f"tl.atomic_add({dkptr} + o_kv[:, None] * D + o_d[None, :], b_dk, mask=m_w & m_d[None, :])")
         c(f"tl.atomic_add({dvptr} + o_kv[:, None] * DV + o_dv[None, :], b_dv, "
           f"mask=m_w & m_dv[None, :])")
+        if self._skip_kv:
+            c.level -= 1
+
+    def emit_list_dkdv(self) -> list[str]:
+        """For each group in `by_keys`, a kernel computing its dk, dv by key blocks: one
+        program per (BN keys of a block of the list's grid, batch and kv head) walks the query
+        tiles (BT queries x the kv head's G query heads), keeps the rows whose block list holds
+        its block, and adds its keys' gradients once (other branches may add to the same keys,
+        so the add is atomic) instead of one atomic add per (query, key) from the per-query
+        kernel. The math is the per-query kernel's: p = exp(scale q.k - lse_g),
+        ds = p (do_g . v - delta_g), dk = scale ds^T q, dv = p^T do_g."""
+        st, out = self.st, []
+        for gi, (src, tokens) in self.by_keys.items():
+            g = self.plan.grids[src.grid]
+            L, S, sel = g.length, g.stride, src.select
+            masks = [self.ex.with_given({sel}).keys(self.ir.operand(b.node, "keys"), "I", "J")
+                     for b in tokens]
+            mask = masks[0] if len(masks) == 1 else "(" + " | ".join(masks) + ")"
+            scale = f"scale{tokens[0].node}"
+            gate = st.gates[gi] if (st.combine == "mix" and not st.writes_lse) else None
+            args = [f"sel{sel}"]
+            c = Code()
+            c("i_c, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)")
+            c("i_b, i_hk = i_bh // HKV, i_bh % HKV")
+            c("n_rows = T * H * (tl.num_programs(2) // HKV)")
+            c("o_d = tl.arange(0, BD)")
+            c("m_d = o_d < D")
+            c("o_dv = tl.arange(0, BDV)")
+            c("m_dv = o_dv < DV")
+            c(f"o_jj = i_c * BN + tl.arange(0, BN)  # [BN] keys of block i_n")
+            c(f"o_j = i_n * {S} + o_jj")
+            c(f"m_k = (o_jj < {L}) & (o_j < T)")
+            c("J = o_j[None, :]")
+            c("p_kv = (i_b * T + o_j).to(tl.int64) * HKV + i_hk  # [BN]")
+            c("b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_k[:, None] & "
+              "m_d[None, :], other=0.)  # [BN, BD]")
+            c("b_v = tl.load(v + p_kv[:, None] * DV + o_dv[None, :], mask=m_k[:, None] & "
+              "m_dv[None, :], other=0.)  # [BN, BDV]")
+            c("b_dk = tl.zeros([BN, BD], dtype=tl.float32)")
+            c("b_dv = tl.zeros([BN, BDV], dtype=tl.float32)")
+            c("# rows: BT queries x the kv head's query heads (RP >= G, padded)")
+            c("o_row = tl.arange(0, BT * RP)")
+            c("o_g = o_row % RP")
+            c("o_h = i_hk * G + o_g  # [BR] query heads")
+            c(f"o_ks = tl.arange(0, KSP{sel})")
+            c(f"m_ks = o_ks[None, :] < KS{sel}")
+            c("o_tq = tl.arange(0, BT)")
+            c("# every accepted spec is causal (passes/causality.py): queries before the block")
+            c("# cannot see its keys")
+            c(f"for t0 in range((i_n * {S} // BT) * BT, T, BT):")
+            with c.indent():
+                c("o_iq = t0 + o_row // RP  # [BR] the query of each row")
+                c("m_rq = (o_g < G) & (o_iq < T)")
+                c("p_row = (i_b * T + o_iq).to(tl.int64) * H + o_h  # [BR]")
+                c(f"if SH{sel}:  # one list per query and kv head: read it once per query")
+                with c.indent():
+                    c(f"p_sel = sel{sel} + ((i_b * T + t0 + o_tq).to(tl.int64) * HS{sel} + i_hk) "
+                      f"* KS{sel}")
+                    c(f"b_sel = tl.load(p_sel[:, None] + o_ks[None, :], mask=((t0 + o_tq) < T)"
+                      f"[:, None] & m_ks, other=-1)  # [BT, KSP]")
+                    c("m_tq = tl.sum((b_sel == i_n).to(tl.int32), 1) > 0  # queries listing i_n")
+                    c("m_in = m_rq & tl.reshape(tl.broadcast_to(m_tq[:, None], [BT, RP]), "
+                      "[BT * RP])")
+                c("else:  # one list per query head")
+                with c.indent():
+                    c(f"p_sel = sel{sel} + ((i_b * T + o_iq).to(tl.int64) * HS{sel} + o_h) "
+                      f"* KS{sel}")
+                    c("b_sel = tl.load(p_sel[:, None] + o_ks[None, :], mask=m_rq[:, None] & m_ks, "
+                      "other=-1)  # [BR, KSP]")
+                    c("m_in = m_rq & (tl.sum((b_sel == i_n).to(tl.int32), 1) > 0)  # rows listing i_n")
+                c("if tl.sum(m_in.to(tl.int32), 0) > 0:")
+                with c.indent():
+                    c("I = o_iq[:, None]")
+                    c("b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_in[:, None] & "
+                      "m_d[None, :], other=0.)  # [BR, BD]")
+                    if st.writes_lse:  # an earlier stage: do, lse, delta from the stage using it
+                        args += ["xdo", "xlse", "xdelta"]
+                        c("b_do = tl.load(xdo + p_row[:, None] * DV + o_dv[None, :], mask=m_in[:, "
+                          "None] & m_dv[None, :], other=0.)")
+                        c("b_lse = tl.load(xlse + p_row, mask=m_in, other=float('-inf'))")
+                        c("b_delta = tl.load(xdelta + p_row, mask=m_in, other=0.)")
+                    else:
+                        args += ["do", "lsave", "ksave"]
+                        c("b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask=m_in[:, "
+                          "None] & m_dv[None, :], other=0.).to(tl.float32)")
+                        if gate is not None:
+                            args.append(f"gate_{gate}")
+                            c(f"b_do = b_do * tl.load(gate_{gate} + p_row, mask=m_in, "
+                              f"other=0.).to(tl.float32)[:, None]")
+                        c(f"b_lse = tl.load(lsave + {gi} * n_rows + p_row, mask=m_in, "
+                          f"other=float('-inf'))")
+                        c(f"b_delta = tl.load(ksave + {gi} * n_rows + p_row, mask=m_in, other=0.)")
+                    c(f"b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else "
+                      f"'tf32') * {scale}  # [BR, BN]")
+                    c(f"m_a = m_in[:, None] & m_k[None, :] & {mask} & "
+                      f"(b_lse > float('-inf'))[:, None]")
+                    c("b_p = tl.where(m_a, tl.exp(b_s - b_lse[:, None]), 0.)")
+                    c("b_dp = tl.dot(b_do.to(b_v.dtype), tl.trans(b_v), input_precision='ieee' if "
+                      "IEEE else 'tf32')")
+                    c("b_ds = b_p * (b_dp - b_delta[:, None])")
+                    c("b_dv += tl.dot(tl.trans(b_p).to(b_v.dtype), b_do.to(b_v.dtype), "
+                      "input_precision='ieee' if IEEE else 'tf32')")
+                    c(f"b_dk += tl.dot(tl.trans(b_ds).to(b_q.dtype), b_q, input_precision='ieee' "
+                      f"if IEEE else 'tf32') * {scale}")
+            c("tl.atomic_add(dk + p_kv[:, None] * D + o_d[None, :], b_dk, mask=m_k[:, None] & "
+              "m_d[None, :])")
+            c("tl.atomic_add(dv + p_kv[:, None] * DV + o_dv[None, :], b_dv, mask=m_k[:, None] & "
+              "m_dv[None, :])")
+            uniq = []
+            for a in args:
+                if a not in uniq:
+                    uniq.append(a)
+            self.list_dkdv_args = getattr(self, "list_dkdv_args", {})
+            self.list_dkdv_args[gi] = uniq
+            sig = (f"q, k, v, dk, dv, {''.join(a + ', ' for a in uniq)}{scale}, T, "
+                   f"HS{sel}: tl.constexpr, SH{sel}: tl.constexpr, KS{sel}, "
+                   f"KSP{sel}: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, "
+                   f"RP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, "
+                   f"BDV: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr")
+            names = " + ".join(b.name for b in tokens)
+            doc = (f'    """dk, dv of `{names}` (softmax group {gi} of `{st.name}`) by key blocks of '
+                   f'blocks(len={L}, stride={S}): each program walks the query tiles and keeps the '
+                   f'rows whose list `{self.ir.node(sel)["name"] or sel}` holds its block; one '
+                   f'atomic add per key: not deterministic."""')
+            out.append(f"\n@triton.jit\ndef attend_{st.name}_bwd_dkdv{gi}_kernel(\n    {sig},\n):"
+                       f"\n{doc}\n{c.text()}\n")
+        return out
 
     def _finish(self) -> None:
         c = self.c
@@ -2046,14 +2227,43 @@ class HostBwdEmitter(HostEmitter):
         if tile and getattr(em, "dkdv", None) and not st.writes_lse:
             c(f"dsave = torch.empty({len(st.groups)}, B, T, H, device=dev, dtype=f32)  "
               "# delta per group")
+        by_keys = getattr(em, "by_keys", {})
+        if by_keys:
+            c("KM = _list_bwd(q)  # block-list keys' dk, dv by key blocks (SPARSEDSL_LIST_BWD)")
+            if not st.writes_lse:
+                c(f"ksave = torch.empty({len(st.groups)}, B, T, H, device=dev, dtype=f32)  "
+                  f"# delta per group, for the key-major kernel")
         grid, args, deps = self._launch(st, em, "dq")
         do = f"xdo{st.node}" if st.writes_lse else "do"
         deps = "".join(f"HS{d}=HS{d}, SH{d}={self._shared(d)}, KS{d}=KS{d}, "
                        f"KSP{d}=triton.next_power_of_2(KS{d}), " for d in sorted(em.lists))
         tiles = "BN=BN, IEEE=IEEE, num_warps=W, num_stages=NS" if tile else "BN=32, IEEE=IEEE"
+        tiles += "".join(f", KM{gi}=KM" for gi in by_keys)
         c(f"attend_{st.name}_bwd_kernel[{grid}](q, k, v, {do}, dq, dk, dv, "
           f"{''.join(x + ', ' for x in args)}T, {''.join(f'NB{x}, ' for x in sorted(em.nbs))}"
           f"{deps}H=H, HKV=HKV, G=G, R=R, RP=RP, D=D, DV=DV, BD=BD, BDV=BDV, BM=BM, {tiles})")
+        for gi, (src, tokens) in by_keys.items():
+            g = self.plan.grids[src.grid]
+            sel = src.select
+            kargs = []
+            for a in em.list_dkdv_args[gi]:
+                if a.startswith("gate_"):
+                    kargs.append(f"gates[{a[5:]!r}]")
+                elif a in ("xdo", "xlse", "xdelta"):
+                    kargs.append(f"{a}{st.node}")
+                else:
+                    kargs.append(a)
+            c("if KM:")
+            with c.indent():
+                c(f"KBT, KBN = (max(1, 64 // _p2(G)), 64) if q.is_cuda else "
+                  f"(max(1, 16 // _p2(G)), 16)")
+                c(f"KBN = max(16, min(KBN, triton.next_power_of_2({g.length})))")
+                c(f"attend_{st.name}_bwd_dkdv{gi}_kernel[(triton.cdiv({g.length}, KBN), "
+                  f"NB{g.node}, B * HKV)](q, k, v, dk, dv, {''.join(x + ', ' for x in kargs)}"
+                  f"{self._scale(tokens[0].node)}, T, HS{sel}=HS{sel}, SH{sel}={self._shared(sel)}, "
+                  f"KS{sel}=KS{sel}, KSP{sel}=triton.next_power_of_2(KS{sel}), H=H, HKV=HKV, G=G, "
+                  f"RP=triton.next_power_of_2(G), D=D, DV=DV, BD=BD, BDV=BDV, BT=KBT, BN=KBN, "
+                  f"IEEE=IEEE)")
         if tile and getattr(em, "dkdv", None):
             dargs, nbs = em.dkdv
             dargs = [self._scale(int(a[5:])) if a.startswith("scale") else
@@ -2133,6 +2343,7 @@ def generate(ir: IR, plan: KernelPlan | None = None) -> tuple[str, KernelPlan]:
         elif st.kind == "attend":
             em = AttendBwdEmitter(ir, plan, ex, st)
             parts.append(em.emit())
+            parts += em.emit_list_dkdv()
             attends_bwd[id(st)] = em
         elif st.kind == "pool":
             parts.append(emit_pool_bwd(st))

@@ -1,0 +1,95 @@
+"""The row layout's key-major dk/dv kernel for block-list keys (`attend_<stage>_bwd_dkdv<g>_kernel`):
+which groups get it, and its gradients against float64 autograd of the reference, with the
+per-query kernel's atomic adds (SPARSEDSL_LIST_BWD=query) as the other side of an A/B.
+
+In the interpreter the kernel walks BT = 16 / G queries per tile and 16 keys per program, so
+the odd lengths below cut blocks, query tiles and T at different places.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparsedsl
+
+F64 = torch.float64
+
+# NSA as fla computes it: a group-shared list over a gated sum with compressed attention
+NSA_FLA = """\
+input g_cmp
+input g_slc
+let cblk = blocks(8)
+let cmp_out = attend(pool(cblk, mean), past(cblk))
+let sblk = blocks(8)
+let sel = topk(groupsum(remap(probs(cmp_out), sblk)), 3, force=first(sblk, 1) | recent(sblk, 1), forbid=~past(sblk))
+let slc_out = attend(tokens(sel) & causal)
+out = g_cmp * cmp_out + g_slc * slc_out
+"""
+# one list per query head (no groupsum), in a union with a window: the union has two
+# sources, so only the gated list branch of its own group is key-major
+PER_HEAD = """\
+input g
+let b = blocks(8)
+let sel = topk(dot(q, pool(b, mean)), 2, force=current(b), forbid=future(b))
+let a = attend(tokens(sel) & causal)
+let w = attend(window(5) & causal)
+out = g * a + w
+"""
+UNION = """\
+let b = blocks(8)
+let sel = topk(dot(q, pool(b, mean)), 2, force=current(b), forbid=future(b))
+out = attend((tokens(sel) | window(5)) & causal)
+"""
+
+
+def _grads(layer, q, k, v, gates, do, runner):
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, *gates.values())]
+    out = runner(*leaves[:3], **dict(zip(gates, leaves[3:])))
+    return torch.autograd.grad(out, leaves, do)
+
+
+def _check(spec, B, T, Hq, Hkv, D, monkeypatch, mode):
+    monkeypatch.setenv("SPARSEDSL_LIST_BWD", mode)
+    layer = sparsedsl.compile(spec, head_dim=D, q_heads=Hq, d_model=D).double()
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, T, Hq, D, generator=g, dtype=F64)
+    k = torch.randn(B, T, Hkv, D, generator=g, dtype=F64)
+    v = torch.randn(B, T, Hkv, D, generator=g, dtype=F64)
+    gates = {n: torch.rand(B, T, Hq, generator=g, dtype=F64)
+             for n, info in layer.ir.inputs.items() if info.role == "gate"}
+    do = torch.randn(B, T, Hq, D, generator=g, dtype=F64)
+    got = _grads(layer, q, k, v, gates, do, layer)
+    want = _grads(layer, q, k, v, gates, do,
+                  lambda *a, **kw: sparsedsl.reference(layer.ir, *a, **kw))
+    for name, x, y in zip(["q", "k", "v", *gates], got, want):
+        err = (x - y).abs().max().item() / max(1.0, y.abs().max().item())
+        assert err < 1e-10, f"d{name}: {err:.3g}"
+    return layer
+
+
+@pytest.mark.parametrize("mode", ["keys", "query"])
+@pytest.mark.parametrize("spec, B, T, Hq, Hkv", [
+    (NSA_FLA, 1, 45, 4, 1),
+    (NSA_FLA, 2, 29, 2, 2),
+    (PER_HEAD, 1, 37, 4, 2),
+], ids=["nsa-fla-g4", "nsa-fla-g1-b2", "per-head-lists"])
+def test_list_keys_gradients(spec, B, T, Hq, Hkv, mode, monkeypatch):
+    """dq, dk, dv and the gates' gradients equal the reference's with the key-major kernel
+    and with the per-query kernel's atomic adds."""
+    layer = _check(spec, B, T, Hq, Hkv, 8, monkeypatch, mode)
+    assert "_bwd_dkdv1_kernel" in layer.source or "_bwd_dkdv0_kernel" in layer.source
+
+
+def test_which_groups_are_key_major():
+    """A group whose token keys are one block list's blocks gets the key-major kernel; a
+    union of a list and a window (two sources) keeps the per-query kernel's atomic adds."""
+    src = sparsedsl.compile(NSA_FLA, head_dim=8, q_heads=4, d_model=8).source
+    assert "def attend_out_bwd_dkdv1_kernel(" in src and "KM1=KM" in src
+    assert "def attend_out_bwd_dkdv0_kernel(" not in src  # the compressed branch: pooled
+    src = sparsedsl.compile(UNION, head_dim=8, q_heads=4).source
+    assert "_bwd_dkdv" not in src
+
+
+def test_list_bwd_knob(monkeypatch):
+    with pytest.raises(ValueError, match="SPARSEDSL_LIST_BWD='atomics': expected keys or query"):
+        _check(PER_HEAD, 1, 17, 2, 2, 8, monkeypatch, "atomics")
