@@ -477,6 +477,36 @@ class SelectEmitter:
         `groupsum` over `dot`/`probs`: NSA's): `emit_tree`."""
         return select_kernel(self.ir, self.ex, self.st) == "tree"
 
+    def _init_rows(self, g, head: str) -> None:
+        """The query-tiled kernels' start: each row's list cleared to -1 (p_sel: the list of
+        query o_i and head set `head`), no forced blocks yet, an empty best-K buffer."""
+        c = self.c
+        c(f"p_sel = sel + ((i_b * T + o_i).to(tl.int64) * HS + {head}) * KS  # [BQ]")
+        c("o_ks = tl.arange(0, KSP)")
+        c("tl.store(p_sel[:, None] + o_ks[None, :], tl.full([BQ, KSP], -1, tl.int32), "
+          "mask=m_r[:, None] & (o_ks[None, :] < KS))")
+        c(f"NB = NB{g.node}")
+        c("n_forced = tl.zeros([BQ], dtype=tl.int32)")
+        c("n_counted = tl.zeros([BQ], dtype=tl.int32)")
+        c("b_val = tl.full([BQ, KB], float('-inf'), tl.float32)  # each row's best free blocks")
+        c("b_idx = 2147483000 + tl.arange(0, KB)[None, :] + tl.zeros([BQ, KB], dtype=tl.int32)")
+
+    def _force_rows(self, ops, g) -> None:
+        """The query-tiled kernels' forced and forbidden blocks of a chunk ([BQ, C]): forced
+        ones stored at once, in order, the rest left as candidates (m_cand)."""
+        c = self.c
+        force = self.ex.blocks(ops["force"], "I", "N") if "force" in ops else None
+        forbid = self.ex.blocks(ops["forbid"], "I", "N") if "forbid" in ops else None
+        c(f"m_force = m_n[None, :] & m_r[:, None] & {force if force else 'False'}")
+        c(f"m_forbid = {forbid if forbid else '(N < 0)'}")
+        c("m_cand = m_n[None, :] & m_r[:, None] & ~m_force & ~m_forbid  # [BQ, C]")
+        c("o_pos = n_forced[:, None] + tl.cumsum(m_force.to(tl.int32), 1) - 1")
+        c("tl.store(p_sel[:, None] + o_pos, o_n[None, :] + tl.zeros([BQ, C], dtype=tl.int32), "
+          "mask=m_force & (o_pos < KS))")
+        c("n_forced += tl.sum(m_force.to(tl.int32), 1)")
+        c(f"n_counted += tl.sum((m_force & (N * {g.stride} <= I)).to(tl.int32), 1)"
+          "  # forced blocks that have started count against k")
+
     def _merge_rows(self) -> None:
         """The query-tiled kernels' merge: each of the BQ rows takes its chunk's best
         candidate into its best-K buffer, K steps (lowest index first among equals)."""
@@ -624,7 +654,6 @@ class SelectEmitter:
         self.list_deps = list_deps
         return f"\n@triton.jit\ndef {kname}(\n    {sig},\n):\n{doc}\n{body}\n"
 
-
     def emit_tiled(self) -> str:
         st, ir, c = self.st, self.ir, self.c
         ops = ir.operands(st.node)
@@ -643,15 +672,7 @@ class SelectEmitter:
         c("m_d = o_d < D")
         c("p_q = q + ((i_b * T + o_i).to(tl.int64) * H + i_h)[:, None] * D + o_d[None, :]")
         c("b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.).to(tl.float32)  # [BQ, BD]")
-        c("p_sel = sel + ((i_b * T + o_i).to(tl.int64) * HS + i_h) * KS  # [BQ]")
-        c("o_ks = tl.arange(0, KSP)")
-        c("tl.store(p_sel[:, None] + o_ks[None, :], tl.full([BQ, KSP], -1, tl.int32), "
-          "mask=m_r[:, None] & (o_ks[None, :] < KS))")
-        c(f"NB = NB{g.node}")
-        c("n_forced = tl.zeros([BQ], dtype=tl.int32)")
-        c("n_counted = tl.zeros([BQ], dtype=tl.int32)")
-        c("b_val = tl.full([BQ, KB], float('-inf'), tl.float32)  # each row's best free blocks")
-        c("b_idx = 2147483000 + tl.arange(0, KB)[None, :] + tl.zeros([BQ, KB], dtype=tl.int32)")
+        self._init_rows(g, "i_h")
         c("for n0 in range(0, NB, C):")
         with c.indent():
             c("o_n = n0 + tl.arange(0, C)")
@@ -662,17 +683,7 @@ class SelectEmitter:
               f"* D + o_d[None, :], mask=m_nb[:, None] & m_d[None, :], other=0.)  # [C, BD]")
             c(f"b_score = tl.dot(b_q, tl.trans(b_kp), input_precision='ieee') * "
               f"{float(ir.node(score)['args']['scale'])!r}  # [BQ, C]")
-            force = self.ex.blocks(ops["force"], "I", "N") if "force" in ops else None
-            forbid = self.ex.blocks(ops["forbid"], "I", "N") if "forbid" in ops else None
-            c(f"m_force = m_n[None, :] & m_r[:, None] & {force if force else 'False'}")
-            c(f"m_forbid = {forbid if forbid else '(N < 0)'}")
-            c("m_cand = m_n[None, :] & m_r[:, None] & ~m_force & ~m_forbid")
-            c("o_pos = n_forced[:, None] + tl.cumsum(m_force.to(tl.int32), 1) - 1")
-            c("tl.store(p_sel[:, None] + o_pos, o_n[None, :] + tl.zeros([BQ, C], dtype=tl.int32), "
-              "mask=m_force & (o_pos < KS))")
-            c("n_forced += tl.sum(m_force.to(tl.int32), 1)")
-            c(f"n_counted += tl.sum((m_force & (N * {g.stride} <= I)).to(tl.int32), 1)"
-              "  # forced blocks that have started count against k")
+            self._force_rows(ops, g)
             self._merge_rows()
         self._store_rows()
         body = c.text()
@@ -718,32 +729,14 @@ class SelectEmitter:
         c("p_q = q + ((i_b * T + o_iq).to(tl.int64) * H + o_h)[:, None] * D + o_d[None, :]")
         c("b_q = tl.load(p_q, mask=m_rq[:, None] & m_d[None, :], other=0.).to(tl.float32)"
           "  # [BR, BD]")
-        c("p_sel = sel + ((i_b * T + o_i).to(tl.int64) * HS + i_hs) * KS  # [BQ]")
-        c("o_ks = tl.arange(0, KSP)")
-        c("tl.store(p_sel[:, None] + o_ks[None, :], tl.full([BQ, KSP], -1, tl.int32), "
-          "mask=m_r[:, None] & (o_ks[None, :] < KS))")
-        c(f"NB = NB{g.node}")
-        c("n_forced = tl.zeros([BQ], dtype=tl.int32)")
-        c("n_counted = tl.zeros([BQ], dtype=tl.int32)")
-        c("b_val = tl.full([BQ, KB], float('-inf'), tl.float32)  # each row's best free blocks")
-        c("b_idx = 2147483000 + tl.arange(0, KB)[None, :] + tl.zeros([BQ, KB], dtype=tl.int32)")
+        self._init_rows(g, "i_hs")
         c("o_c = tl.arange(0, C)")
         c("for n0 in range(0, NB, CV):  # chunks of CV blocks (C columns, the last C - CV unused)")
         with c.indent():
             c("o_n = n0 + o_c")
             c("N = o_n[None, :]  # [1, C]")
             c("m_n = (o_c < CV) & (o_n < NB)")
-            force = self.ex.blocks(ops["force"], "I", "N") if "force" in ops else None
-            forbid = self.ex.blocks(ops["forbid"], "I", "N") if "forbid" in ops else None
-            c(f"m_force = m_n[None, :] & m_r[:, None] & {force if force else 'False'}")
-            c(f"m_forbid = {forbid if forbid else '(N < 0)'}")
-            c("m_cand = m_n[None, :] & m_r[:, None] & ~m_force & ~m_forbid  # [BQ, C]")
-            c("o_pos = n_forced[:, None] + tl.cumsum(m_force.to(tl.int32), 1) - 1")
-            c("tl.store(p_sel[:, None] + o_pos, o_n[None, :] + tl.zeros([BQ, C], dtype=tl.int32), "
-              "mask=m_force & (o_pos < KS))")
-            c("n_forced += tl.sum(m_force.to(tl.int32), 1)")
-            c(f"n_counted += tl.sum((m_force & (N * {g.stride} <= I)).to(tl.int32), 1)"
-              "  # forced blocks that have started count against k")
+            self._force_rows(ops, g)
             c("if tl.max(tl.sum(m_cand.to(tl.int32), 1), 0) > 0:  # score chunks with candidates")
             with c.indent():
                 self._tree_score(ops["score"], remaps, sums, leaf)
