@@ -16,6 +16,7 @@ written out from the IR by `Exprs`; everything else is a fixed skeleton.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 
@@ -54,7 +55,7 @@ def _p2(x):
     return max(16, triton.next_power_of_2(int(x)))
 
 
-def _list_bwd(q):
+def _list_bwd():
     """Whether a block list's token keys get dk, dv from the key-major kernel (default) or
     by atomic adds from the per-query kernel: SPARSEDSL_LIST_BWD=keys|query, read at every
     call (for A/B runs)."""
@@ -1163,9 +1164,10 @@ class AttendBwdEmitter(AttendEmitter):
         super().__init__(*a, **kw)
         # softmax groups whose keys come from one block list: their dk, dv are computed by
         # key blocks in a second kernel (emit_list_dkdv); gi -> (list source, token branches)
+        # (an earlier stage's branch feeds `probs`, which reads pooled keys: never a list)
         self.by_keys: dict[int, tuple] = {}
-        self._skip_kv = False
-        if self.st.layout == "row":
+        self.list_dkdv_args: dict[int, list[str]] = {}  # gi -> the key-major kernel's arguments
+        if self.st.layout == "row" and not self.st.writes_lse:
             for gi, grp in enumerate(self.st.groups):
                 src = self._list_source(grp)
                 if src is not None:
@@ -1253,13 +1255,10 @@ class AttendBwdEmitter(AttendEmitter):
             self._arg(scale)
             full = tuple(f for b in tokens for f in b.full)
             if gi in self.by_keys:
-                if not st.writes_lse:
-                    self._arg("ksave")
-                    c(f"tl.store(ksave + {gi} * n_rows + p_row, b_delta{gi}, mask=m_r)  "
-                      f"# delta, for the key-major dk/dv kernel")
-                self._skip_kv = f"KM{gi}"
+                self._arg("ksave")
+                c(f"tl.store(ksave + {gi} * n_rows + p_row, b_delta{gi}, mask=m_r)  "
+                  f"# delta, for the key-major dk/dv kernel")
             self._walk(gi, sources, mask, scale, pooled=None, full=full)
-            self._skip_kv = False
         for b in grp:
             if b.pooled and not b.precomputed:
                 blocks = self.ir.operand(b.node, "blocks")
@@ -1293,17 +1292,20 @@ class AttendBwdEmitter(AttendEmitter):
         c(f"b_dp = tl.dot(b_do{gi}, tl.trans(b_v), input_precision='ieee' if IEEE else 'tf32')")
         c(f"b_ds = b_p * (b_dp - b_delta{gi}[:, None])")
         c(f"b_dq += tl.dot(b_ds, b_k, input_precision='ieee' if IEEE else 'tf32') * {scale}")
-        if self._skip_kv:
-            c(f"if not {self._skip_kv}:  # else dk, dv come from the key-major kernel")
-            c.level += 1
+        by_keys = pooled is None and gi in self.by_keys  # the group's token keys: KM<gi> decides
+        if by_keys:
+            c(f"if not KM{gi}:  # else dk, dv come from the key-major kernel")
+        with c.indent() if by_keys else contextlib.nullcontext():
+            self._kv_atomics(gi, scale, dkptr, dvptr)
+
+    def _kv_atomics(self, gi, scale, dkptr, dvptr) -> None:
+        c = self.c
         c(f"b_dk = tl.dot(tl.trans(b_ds), b_q, input_precision='ieee' if IEEE else 'tf32') * {scale}")
         c(f"b_dv = tl.dot(tl.trans(b_p), b_do{gi}, input_precision='ieee' if IEEE else 'tf32')")
         c(f"m_w = m_k & (tl.sum(m_a.to(tl.int32), 0) > 0)[:, None]  # keys some row attended")
         c(f"tl.atomic_add({dkptr} + o_kv[:, None] * D + o_d[None, :], b_dk, mask=m_w & m_d[None, :])")
         c(f"tl.atomic_add({dvptr} + o_kv[:, None] * DV + o_dv[None, :], b_dv, "
           f"mask=m_w & m_dv[None, :])")
-        if self._skip_kv:
-            c.level -= 1
 
     def emit_list_dkdv(self) -> list[str]:
         """For each group in `by_keys`, a kernel computing its dk, dv by key blocks: one
@@ -1321,7 +1323,7 @@ class AttendBwdEmitter(AttendEmitter):
                      for b in tokens]
             mask = masks[0] if len(masks) == 1 else "(" + " | ".join(masks) + ")"
             scale = f"scale{tokens[0].node}"
-            gate = st.gates[gi] if (st.combine == "mix" and not st.writes_lse) else None
+            gate = st.gates[gi] if st.combine == "mix" else None
             args = [f"sel{sel}"]
             c = Code()
             c("i_c, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)")
@@ -1377,23 +1379,16 @@ class AttendBwdEmitter(AttendEmitter):
                     c("I = o_iq[:, None]")
                     c("b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_in[:, None] & "
                       "m_d[None, :], other=0.)  # [BR, BD]")
-                    if st.writes_lse:  # an earlier stage: do, lse, delta from the stage using it
-                        args += ["xdo", "xlse", "xdelta"]
-                        c("b_do = tl.load(xdo + p_row[:, None] * DV + o_dv[None, :], mask=m_in[:, "
-                          "None] & m_dv[None, :], other=0.)")
-                        c("b_lse = tl.load(xlse + p_row, mask=m_in, other=float('-inf'))")
-                        c("b_delta = tl.load(xdelta + p_row, mask=m_in, other=0.)")
-                    else:
-                        args += ["do", "lsave", "ksave"]
-                        c("b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask=m_in[:, "
-                          "None] & m_dv[None, :], other=0.).to(tl.float32)")
-                        if gate is not None:
-                            args.append(f"gate_{gate}")
-                            c(f"b_do = b_do * tl.load(gate_{gate} + p_row, mask=m_in, "
-                              f"other=0.).to(tl.float32)[:, None]")
-                        c(f"b_lse = tl.load(lsave + {gi} * n_rows + p_row, mask=m_in, "
-                          f"other=float('-inf'))")
-                        c(f"b_delta = tl.load(ksave + {gi} * n_rows + p_row, mask=m_in, other=0.)")
+                    args += ["do", "lsave", "ksave"]
+                    c("b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask=m_in[:, "
+                      "None] & m_dv[None, :], other=0.).to(tl.float32)")
+                    if gate is not None:
+                        args.append(f"gate_{gate}")
+                        c(f"b_do = b_do * tl.load(gate_{gate} + p_row, mask=m_in, "
+                          f"other=0.).to(tl.float32)[:, None]")
+                    c(f"b_lse = tl.load(lsave + {gi} * n_rows + p_row, mask=m_in, "
+                      f"other=float('-inf'))")
+                    c(f"b_delta = tl.load(ksave + {gi} * n_rows + p_row, mask=m_in, other=0.)")
                     c(f"b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else "
                       f"'tf32') * {scale}  # [BR, BN]")
                     c(f"m_a = m_in[:, None] & m_k[None, :] & {mask} & "
@@ -1410,13 +1405,8 @@ class AttendBwdEmitter(AttendEmitter):
               "m_d[None, :])")
             c("tl.atomic_add(dv + p_kv[:, None] * DV + o_dv[None, :], b_dv, mask=m_k[:, None] & "
               "m_dv[None, :])")
-            uniq = []
-            for a in args:
-                if a not in uniq:
-                    uniq.append(a)
-            self.list_dkdv_args = getattr(self, "list_dkdv_args", {})
-            self.list_dkdv_args[gi] = uniq
-            sig = (f"q, k, v, dk, dv, {''.join(a + ', ' for a in uniq)}{scale}, T, "
+            self.list_dkdv_args[gi] = args
+            sig = (f"q, k, v, dk, dv, {''.join(a + ', ' for a in args)}{scale}, T, "
                    f"HS{sel}: tl.constexpr, SH{sel}: tl.constexpr, KS{sel}, "
                    f"KSP{sel}: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, "
                    f"RP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, "
@@ -1442,6 +1432,17 @@ def _nbs_in(*exprs: str) -> set[int]:
     return {int(x) for e in exprs for x in re.findall(r"\bNB(\d+)\b", e)}
 
 
+def _edge_full_edge(c: "Code", head: str, lo: str, fa: str, fb: str, hi: str):
+    """The three loops over a range [lo, hi) whose tiles in [fa, fb) are full: masked edge
+    tiles, unmasked full tiles, masked edge tiles. `head` is the loop line, formatted with
+    the run's bounds a, b; yields `unmasked` once per loop, its body indented."""
+    for a, b, unmasked in ((lo, fa, False), (fa, fb, True), (fb, hi, False)):
+        c(head.format(a=a, b=b)
+          + ("  # full tiles: no masks" if unmasked else "  # edge tiles: masked"))
+        with c.indent():
+            yield unmasked
+
+
 class TileWalk:
     """The tile layout's walk over a token source: its key tiles in three runs, masked edge
     tiles, then the tiles inside a `full` range (every row of the tile attends every key of
@@ -1462,19 +1463,15 @@ class TileWalk:
             c(f"lo{si} = tl.maximum({_tl(s.lo)}, 0)")
             c(f"hi{si} = tl.minimum({_tl(s.hi)}, T)")
             self._full_span(si, seen, full)
-            runs = ((f"js{si}", f"fa{si}", False), (f"fa{si}", f"fb{si}", True),
-                    (f"fb{si}", f"hi{si}", False))
-            for a, b, unmasked in runs:
-                c(f"for j0 in range({a}, {b}, BN):"
-                  + ("  # full tiles: no masks" if unmasked else "  # edge tiles: masked"))
-                with c.indent():
-                    c("o_j = j0 + tl.arange(0, BN)")
-                    if unmasked:
-                        self._update_full(gi, scale)
-                    else:
-                        c("J = o_j[None, :]  # [1, BN]")
-                        c(f"m_s = (J >= lo{si}) & (J < hi{si}) & m_r[:, None]{excl}")
-                        self._update(gi, mask, scale, pooled, "o_j")
+            for unmasked in _edge_full_edge(c, "for j0 in range({a}, {b}, BN):", f"js{si}",
+                                            f"fa{si}", f"fb{si}", f"hi{si}"):
+                c("o_j = j0 + tl.arange(0, BN)")
+                if unmasked:
+                    self._update_full(gi, scale)
+                else:
+                    c("J = o_j[None, :]  # [1, BN]")
+                    c(f"m_s = (J >= lo{si}) & (J < hi{si}) & m_r[:, None]{excl}")
+                    self._update(gi, mask, scale, pooled, "o_j")
             seen.append((si, s))
 
     def _full_span(self, si: int, seen: list, full) -> None:
@@ -1701,13 +1698,9 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
             c("i_h = i_hk * G + i_g")
             for gi, _ in groups:
                 sources, mask, scale = plans[gi]
-                runs = ((f"ta{gi}", f"fa{gi}", False), (f"fa{gi}", f"fb{gi}", True),
-                        (f"fb{gi}", f"tb{gi}", False))
-                for a, b, unmasked in runs:
-                    c(f"for t in range({a}, {b}):"
-                      + ("  # full tiles: no masks" if unmasked else "  # edge tiles: masked"))
-                    with c.indent():
-                        self._dkdv_tile(c, gi, sources, mask, scale, unmasked, arg)
+                for unmasked in _edge_full_edge(c, "for t in range({a}, {b}):", f"ta{gi}",
+                                                f"fa{gi}", f"fb{gi}", f"tb{gi}"):
+                    self._dkdv_tile(c, gi, sources, mask, scale, unmasked, arg)
         c("")
         c("# written once: this program owns these keys (other stages ran before: add)")
         c("p_dk = dk + p_kv[:, None] * D + o_d[None, :]")
@@ -2182,14 +2175,14 @@ class HostBwdEmitter(HostEmitter):
         for gid, g in sorted(plan.grids.items()):
             c(f"NB{gid} = triton.cdiv(T, {g.stride})")
         for st in plan.stages:
-            if st.kind == "pool":
+            if st in pools:  # (a pool without a backward needs no gradient buffers)
                 c(f"kp{st.node}, vp{st.node} = saved['kp{st.node}'], saved['vp{st.node}']")
                 c(f"dkp{st.node}, dvp{st.node} = torch.zeros_like(kp{st.node}), "
                   f"torch.zeros_like(vp{st.node})")
             elif st.kind == "select":
                 c(f"sel{st.node} = saved['sel{st.node}']")
                 c(f"HS{st.node}, KS{st.node} = sel{st.node}.shape[2], sel{st.node}.shape[3]")
-        for st in attends:
+        for st in runs:
             if st.writes_lse:
                 c(f"xdo{st.node} = torch.zeros(B, T, H, DV, device=dev, dtype=f32)")
                 c(f"xlse{st.node} = torch.full((B, T, H), float('-inf'), device=dev, dtype=f32)")
@@ -2222,10 +2215,9 @@ class HostBwdEmitter(HostEmitter):
               "# delta per group")
         by_keys = getattr(em, "by_keys", {})
         if by_keys:
-            c("KM = _list_bwd(q)  # block-list keys' dk, dv by key blocks (SPARSEDSL_LIST_BWD)")
-            if not st.writes_lse:
-                c(f"ksave = torch.empty({len(st.groups)}, B, T, H, device=dev, dtype=f32)  "
-                  f"# delta per group, for the key-major kernel")
+            c("KM = _list_bwd()  # block-list keys' dk, dv by key blocks (SPARSEDSL_LIST_BWD)")
+            c(f"ksave = torch.empty({len(st.groups)}, B, T, H, device=dev, dtype=f32)  "
+              f"# delta per group, for the key-major kernel")
         grid, args, deps = self._launch(st, em, "dq")
         do = f"xdo{st.node}" if st.writes_lse else "do"
         deps = "".join(f"HS{d}=HS{d}, SH{d}={self._shared(d)}, KS{d}=KS{d}, "
@@ -2240,12 +2232,7 @@ class HostBwdEmitter(HostEmitter):
             sel = src.select
             kargs = []
             for a in em.list_dkdv_args[gi]:
-                if a.startswith("gate_"):
-                    kargs.append(f"gates[{a[5:]!r}]")
-                elif a in ("xdo", "xlse", "xdelta"):
-                    kargs.append(f"{a}{st.node}")
-                else:
-                    kargs.append(a)
+                kargs.append(f"gates[{a[5:]!r}]" if a.startswith("gate_") else a)
             c("if KM:")
             with c.indent():
                 c(f"KBT, KBN = (max(1, 64 // _p2(G)), 64) if q.is_cuda else "

@@ -395,7 +395,8 @@ class GroupedEmitter:
 
     def host_bwd(self, c, scale: str, store: str = "False") -> None:
         """`store`: a host expression, true when dk and dv hold only this stage's gradients
-        and may be stored in place of atomic adds (the caller allocates them to match)."""
+        and may be stored in place of atomic adds (the caller decides, from
+        `disjoint_blocks`, and allocates them to match)."""
         c(f"# backward of attend `{self.st.name}`: grouped by selected block")
         c("GBM, GBN, GW, GS = _grouped_config(q)")
         c("gorder, ggoff, ggcnt, gtoff, gtgroup = (saved[x] for x in ('gorder', 'ggoff', "
@@ -410,5 +411,5 @@ class GroupedEmitter:
           f"IEEE=IEEE, num_warps=GW, num_stages=GS)")
         c(f"attend_{self.st.name}_bwd_dkdv_kernel[(NG, triton.cdiv({self.grid.length}, GBN))]("
           f"q, k, v, do, dk, dv, glse, gdelta, gorder, ggoff, ggcnt, {self._common(scale)}, "
-          f"BM=GBM, BN=GBN, IEEE=IEEE, STORE={store if self.disjoint_blocks else 'False'}, "
+          f"BM=GBM, BN=GBN, IEEE=IEEE, STORE={store}, "
           f"num_warps=GW, num_stages=GS)")
