@@ -207,7 +207,8 @@ class DecodeHostEmitter(HostEmitter):
           f"{deps}H=H, HKV=HKV, G=G, HS=HS{st.node}, R=R, RP=_p2(R), "
           f"SHARED={st.heads == 'group'}, D=D, BD=BD, K={st.k}, "
           f"KB=max(2, triton.next_power_of_2({st.k})), KS=KS{st.node}, "
-          f"KSP=triton.next_power_of_2(KS{st.node}), C=CS, num_warps=WS, num_stages=1)")
+          f"KSP=triton.next_power_of_2(KS{st.node}), C=CS, IEEE=IEEE, num_warps=WS, "
+          f"num_stages=1)")
         c(f"lists[{st.name!r}] = sel{st.node}")
 
     def _attend_dec(self, st: AttendStage, em: DecodeAttendEmitter) -> None:

@@ -406,7 +406,7 @@ class SelectEmitter:
             c(f"m_nb = ({N} >= 0) & ({N} < NB{grid})  # [C]")
             c(f"b_kp = tl.load({kp} + ((i_b * NB{grid} + {N}).to(tl.int64) * HKV + i_hk)[:, None] "
               f"* D + o_d[None, :], mask=m_nb[:, None] & m_d[None, :], other=0.)  # [C, BD]")
-            c(f"{v} = tl.dot(b_q, tl.trans(b_kp), input_precision='ieee') * {float(a['scale'])!r}"
+            c(f"{v} = tl.dot(b_q, tl.trans(b_kp), input_precision='ieee' if IEEE else 'tf32') * {float(a['scale'])!r}"
               f"  # [RP, C]")
             return v
         if op == "probs":
@@ -426,7 +426,7 @@ class SelectEmitter:
             c(f"b_lse = tl.load(lse{br} + {self.QROW.format('i_t')}.to(tl.int64) * H + o_h, mask=m_r, "
               f"other=0.)  # [RP]")
             vis = self.ex.blocks(blocks, "o_i[:, None]", f"{N}[None, :]")
-            c(f"{v} = tl.dot(b_q, tl.trans(b_kp), input_precision='ieee') * scale{br}")
+            c(f"{v} = tl.dot(b_q, tl.trans(b_kp), input_precision='ieee' if IEEE else 'tf32') * scale{br}")
             c(f"{v} = tl.where(m_nb[None, :] & m_r[:, None] & {vis}, tl.exp({v} - b_lse[:, None]),"
               f" 0.)  # [RP, C] probabilities of `{bn['name'] or br}`")
             return v
@@ -644,7 +644,7 @@ class SelectEmitter:
                f"H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, HS: tl.constexpr, "
                f"R: tl.constexpr, RP: tl.constexpr, SHARED: tl.constexpr, D: tl.constexpr, "
                f"BD: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, KS, KSP: tl.constexpr, "
-               f"C: tl.constexpr")
+               f"C: tl.constexpr, IEEE: tl.constexpr")
         why = self.WHY if self.WHY is not None else {"deps": " (it reads other block lists)"}.get(
             select_kernel(self.ir, self.ex, st), "")
         doc = (f'    """Gate scores and top-k for `{st.name}` ({st.op}, k={st.k}, one list per '
@@ -682,7 +682,7 @@ class SelectEmitter:
             c(f"m_nb = (o_n >= 0) & (o_n < NB{pg})")
             c(f"b_kp = tl.load({kp} + ((i_b * NB{pg} + o_n).to(tl.int64) * HKV + i_hk)[:, None] "
               f"* D + o_d[None, :], mask=m_nb[:, None] & m_d[None, :], other=0.)  # [C, BD]")
-            c(f"b_score = tl.dot(b_q, tl.trans(b_kp), input_precision='ieee') * "
+            c(f"b_score = tl.dot(b_q, tl.trans(b_kp), input_precision='ieee' if IEEE else 'tf32') * "
               f"{float(ir.node(score)['args']['scale'])!r}  # [BQ, C]")
             self._force_rows(ops, g)
             self._merge_rows()
@@ -693,7 +693,7 @@ class SelectEmitter:
         sig = (f"q, sel, {extra}T, {''.join(f'NB{x}, ' for x in nbs)}"
                f"H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, HS: tl.constexpr, "
                f"D: tl.constexpr, BD: tl.constexpr, K: tl.constexpr, KB: tl.constexpr, KS, "
-               f"KSP: tl.constexpr, BQ: tl.constexpr, C: tl.constexpr")
+               f"KSP: tl.constexpr, BQ: tl.constexpr, C: tl.constexpr, IEEE: tl.constexpr")
         doc = (f'    """Gate scores and top-k for `{st.name}` (topk, k={st.k}, one list per head; '
                f'a tile of BQ queries per program): writes the selected block indices of '
                f'blocks(len={g.length}, stride={g.stride}) to sel[b, t, h, :KS], -1 padded."""')
@@ -751,7 +751,7 @@ class SelectEmitter:
                f"H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, HS: tl.constexpr, "
                f"R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, "
                f"K: tl.constexpr, KB: tl.constexpr, KS, KSP: tl.constexpr, BQ: tl.constexpr, "
-               f"C: tl.constexpr, CV: tl.constexpr, {widths}".rstrip(", "))
+               f"C: tl.constexpr, CV: tl.constexpr, {widths}IEEE: tl.constexpr")
         doc = (f'    """Gate scores and top-k for `{st.name}` (topk, k={st.k}, one list per '
                f'{st.heads}; query-tiled: BQ queries x {"the group" if sums else "one head"} '
                f'per program, the score tree evaluated once per chunk of each grid, remaps as '
@@ -805,7 +805,7 @@ class SelectEmitter:
         c(f"m_nb = ({o_s} >= 0) & ({o_s} < NB{pg})  # [{W}]")
         c(f"b_kp = tl.load({kp} + ((i_b * NB{pg} + {o_s}).to(tl.int64) * HKV + i_hk)[:, None] "
           f"* D + o_d[None, :], mask=m_nb[:, None] & m_d[None, :], other=0.)  # [{W}, BD]")
-        c(f"b_x = tl.dot(b_q, tl.trans(b_kp), input_precision='ieee') * {scale}  # [BR, {W}]")
+        c(f"b_x = tl.dot(b_q, tl.trans(b_kp), input_precision='ieee' if IEEE else 'tf32') * {scale}  # [BR, {W}]")
         if n["op"] == "probs":
             br = lops["branch"]
             c(f"b_lse = tl.load(lse{br} + (i_b * T + o_iq).to(tl.int64) * H + o_h, mask=m_rq, "
@@ -1911,7 +1911,7 @@ def _select_tile(q, cuda, cpu):
     env = os.environ.get("SPARSEDSL_SELECT_TILE", "").strip()
     if not env:
         return cuda if q.is_cuda else cpu
-    if env == "query":  # the per-query kernel (for comparisons)
+    if env == "query" or env.startswith("query,"):  # the per-query kernel (_select_query_cfg)
         return None
     try:
         bq, c, w = (int(x) for x in env.split(","))
@@ -1920,6 +1920,22 @@ def _select_tile(q, cuda, cpu):
     if min(bq, c, w) < 1 or any(x & (x - 1) for x in (bq, c, w)):
         raise ValueError(f"SPARSEDSL_SELECT_TILE={env!r}: BQ, C and WARPS must be powers of two")
     return bq, c, w
+
+
+def _select_query_cfg():
+    """(C, num_warps) of a per-query select kernel: SPARSEDSL_SELECT_TILE="query,C,WARPS"
+    (read at every call, for sweeps), else (32, 4)."""
+    import os
+    env = os.environ.get("SPARSEDSL_SELECT_TILE", "").strip()
+    if not env.startswith("query,"):
+        return 32, 4
+    try:
+        c, w = (int(x) for x in env.split(",")[1:])
+    except ValueError:
+        raise ValueError(f"SPARSEDSL_SELECT_TILE={env!r}: expected query,C,WARPS")
+    if min(c, w) < 1 or any(x & (x - 1) for x in (c, w)):
+        raise ValueError(f"SPARSEDSL_SELECT_TILE={env!r}: C and WARPS must be powers of two")
+    return c, w
 
 
 def _select_widths(C, remaps):
@@ -1974,8 +1990,7 @@ class HostEmitter:
                 saved += attend_emitters[id(st)].saved()
         c("saved = dict(" + ", ".join(f"{x}={x}" for x in saved) + ") if save else None")
         c("return o, lists, saved")
-        tiled = any(em.tiled or em.tree_tiled for em in select_emitters.values())
-        return ((SELECT_HOST if tiled else "") +
+        return ((SELECT_HOST if select_emitters else "") +
                 "\n\ndef forward(q, k, v, gates, params, save=False):\n" + c.text() + "\n")
 
     def _sizes(self, *shapes: str) -> None:
@@ -2053,7 +2068,7 @@ class HostEmitter:
             head = (f"{grid}(q, sel{st.node}, {''.join(x + ', ' for x in extra)}T, "
                     f"{''.join(f'NB{x}, ' for x in em.nbs)}H=H, HKV=HKV, G=G, HS=HS{st.node}, ")
             tail = (f"K={st.k}, KB=max(2, triton.next_power_of_2({st.k})), KS=KS{st.node}, "
-                    f"KSP=triton.next_power_of_2(KS{st.node}), BQ=BQ, C=CB, ")
+                    f"KSP=triton.next_power_of_2(KS{st.node}), BQ=BQ, C=CB, IEEE=IEEE, ")
             if em.tree_tiled:
                 c(f"CV, CW = _select_widths(CB, {tuple(em.remap_shapes)!r})")
                 widths = "".join(f"CW{i + 1}=CW[{i}], " for i in range(len(em.remap_shapes)))
@@ -2065,12 +2080,14 @@ class HostEmitter:
 
     def _select_query(self, st: SelectStage, em: SelectEmitter, kname: str, extra, deps) -> None:
         """The launch of the per-query select kernel: one program per (query, list)."""
+        self.c("QC, QW = _select_query_cfg()  # (SPARSEDSL_SELECT_TILE=query,C,WARPS)")
         self.c(f"{kname}[(T, HS{st.node}, B)](q, sel{st.node}, "
                f"{''.join(x + ', ' for x in extra)}T, {''.join(f'NB{x}, ' for x in em.nbs)}{deps}"
                f"H=H, HKV=HKV, G=G, HS=HS{st.node}, R=R, RP=_p2(R), "
                f"SHARED={st.heads == 'group'}, D=D, BD=BD, K={st.k}, "
                f"KB=max(2, triton.next_power_of_2({st.k})), KS=KS{st.node}, "
-               f"KSP=triton.next_power_of_2(KS{st.node}), C=32, num_stages=1)")
+               f"KSP=triton.next_power_of_2(KS{st.node}), C=QC, IEEE=IEEE, num_warps=QW, "
+               f"num_stages=1)")
 
     def _launch(self, st: AttendStage, em: "AttendEmitter", kernel: str = "fwd"):
         """Rows per program, the grid, and the arguments of an attention stage's kernel
@@ -2235,8 +2252,9 @@ class HostBwdEmitter(HostEmitter):
                 kargs.append(f"gates[{a[5:]!r}]" if a.startswith("gate_") else a)
             c("if KM:")
             with c.indent():
-                c(f"KBT, KBN = (max(1, 64 // _p2(G)), 64) if q.is_cuda else "
-                  f"(max(1, 16 // _p2(G)), 16)")
+                c("# BT queries x RP heads: at least 16 rows, the reduction of the dk/dv dots")
+                c(f"KBT, KBN = (max(1, 64 // triton.next_power_of_2(G)), 64) if q.is_cuda else "
+                  f"(max(1, 16 // triton.next_power_of_2(G)), 16)")
                 c(f"KBN = max(16, min(KBN, triton.next_power_of_2({g.length})))")
                 c(f"attend_{st.name}_bwd_dkdv{gi}_kernel[(triton.cdiv({g.length}, KBN), "
                   f"NB{g.node}, B * HKV)](q, k, v, dk, dv, {''.join(x + ', ' for x in kargs)}"

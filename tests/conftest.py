@@ -9,7 +9,8 @@ Hypothesis profiles (choose with the environment variable HYPOTHESIS_PROFILE):
 
 Every test runs with `torch.empty` / `torch.empty_like` returning NaN-filled floating-point
 tensors (`sparsedsl.testing.poison_empty`), so an output a kernel forgets to write fails
-instead of passing with whatever memory it got.
+instead of passing with whatever memory it got. In Triton's interpreter, `tl.dot` refuses the
+operand shapes the GPU compiler refuses (`sparsedsl.testing.gpu_dot_shapes`).
 """
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ import pytest
 # first, in every (xdist worker) process: without a GPU this selects Triton's interpreter,
 # which must happen before any test module imports Triton (torch._dynamo, flex_attention)
 import sparsedsl.runtime  # noqa: F401,E402
-from sparsedsl.testing import poison_empty
+from sparsedsl.testing import gpu_dot_shapes, poison_empty
+
+# the interpreter then refuses the tl.dot shapes the GPU compiler refuses (K < 16)
+gpu_dot_shapes()
 
 try:
     from hypothesis import HealthCheck, settings

@@ -20,6 +20,7 @@ Public API:
     spec_inputs(ir, shape, seed)  random SpecInputs (float64 by default)
     poison_empty()              context manager: torch.empty / torch.empty_like return NaN-filled
                                 tensors, so outputs a kernel forgets to write cannot pass a test
+    gpu_dot_shapes()            make Triton's interpreter refuse the tl.dot shapes a GPU refuses
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ import torch
 
 from ..ir.graph import IR
 
-__all__ = ["Shape", "SpecInputs", "poison_empty", "spec_inputs"]
+__all__ = ["Shape", "SpecInputs", "gpu_dot_shapes", "poison_empty", "spec_inputs"]
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,28 @@ def spec_inputs(ir: IR, shape: Shape, seed: int = 0, *, dtype=torch.float64, dev
                          d_model=shape.d_model if uses_x else None, seed=seed, dtype=dtype,
                          device=device)
     return SpecInputs(q, k, v, tensors, params)
+
+
+def gpu_dot_shapes() -> bool:
+    """Make Triton's interpreter (TRITON_INTERPRET=1) check `tl.dot` operand shapes the way
+    the NVIDIA back end does when it compiles: a reduction (K) of at least 16 (32 for 8-bit
+    operands). The interpreter accepts any shape, so a generated kernel with, say, an 8-row
+    operand on the reduction side passes every CPU test and then fails to compile on a GPU.
+    Returns False (and changes nothing) when Triton runs compiled kernels.
+    """
+    try:
+        from triton.runtime import interpreter
+    except ImportError:  # pragma: no cover - triton is a dependency
+        return False
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+
+    def min_dot_size(lhs_type, rhs_type):  # (M, N, K), as triton/backends/nvidia/compiler.py
+        return (1, 1, 32) if lhs_type.scalar.primitive_bitwidth == 8 else (1, 1, 16)
+
+    interpreter.interpreter_builder.codegen_fns["min_dot_size"] = min_dot_size
+    return True
 
 
 @contextlib.contextmanager
