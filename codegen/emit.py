@@ -64,6 +64,28 @@ def _list_bwd():
     if env not in ("keys", "query"):
         raise ValueError(f"SPARSEDSL_LIST_BWD={env!r}: expected keys or query")
     return env == "keys"
+
+
+def _list_index(sel, NB, HKV, G, shared):
+    """The block lists inverted (CSR), for the key-major dk/dv kernels: the entries listing
+    block n of kv head hk in batch b are ent[off[i]:off[i + 1]], i = (b * HKV + hk) * NB + n,
+    in query order; an entry is the query t (one list per group: its G heads' rows) or
+    t * G + g (one list per query head: head hk * G + g). Sorted on the GPU: no host sync."""
+    B, T, HS, KS = sel.shape
+    dev = sel.device
+    n = sel.long()
+    t = torch.arange(T, device=dev).view(1, T, 1, 1)
+    h = torch.arange(HS, device=dev).view(1, 1, HS, 1)
+    b = torch.arange(B, device=dev).view(B, 1, 1, 1)
+    hk, val, span = (h, t, T) if shared else (h // G, t * G + h % G, T * G)
+    nkeys = B * HKV * NB
+    key = torch.where(n >= 0, (b * HKV + hk) * NB + n, nkeys).reshape(-1)
+    ent = torch.sort(key * span + val.expand_as(n).reshape(-1)).values % span
+    cnt = torch.zeros(nkeys + 1, device=dev, dtype=torch.int64)
+    cnt.scatter_add_(0, key, torch.ones_like(key))
+    off = torch.zeros(nkeys + 1, device=dev, dtype=torch.int32)
+    off[1:] = torch.cumsum(cnt[:nkeys], 0)
+    return off, ent.to(torch.int32)
 '''
 
 
@@ -370,6 +392,13 @@ def select_kernel(ir: IR, ex: "Exprs", st: SelectStage) -> str:
     return "tree"
 
 
+def remap_reach(sd: int, ld: int, ss: int, ls: int) -> int:
+    """The most source blocks (stride ss, length ls) one target block (stride sd, length ld)
+    of a remap overlaps, over the offsets of its start within a source stride: NSA's 64-token
+    blocks over 32/16 compressed ones: 5; fla's 64 over 64/64: 1."""
+    return max(-(-(r + ld) // ss) - (r - ls) // ss - 1 for r in range(0, ss, math.gcd(sd, ss)))
+
+
 class SelectEmitter:
     # the row of query position {} in q-shaped tensors (q, block lists, lse); the decode
     # emitters (codegen/decode.py) index a few new queries at positions Q0.. instead
@@ -436,8 +465,7 @@ class SelectEmitter:
             self.grids.add(gs.node)
             # the most source blocks one target block overlaps, over the offsets of its start
             # within a source stride: NSA's 64-token blocks over 32/16 compressed ones: 5
-            reach = max(-(-(r + gd.length) // gs.stride) - (r - gs.length) // gs.stride - 1
-                        for r in range(0, gs.stride, math.gcd(gd.stride, gs.stride)))
+            reach = remap_reach(gd.stride, gd.length, gs.stride, gs.length)
             v = c.fresh("b_r")
             r, w = c.fresh("r"), c.fresh("b_w")  # fresh names: remaps can nest
             c(f"{v} = tl.zeros([RP, C], dtype=tl.float32)")
@@ -1309,9 +1337,10 @@ class AttendBwdEmitter(AttendEmitter):
 
     def emit_list_dkdv(self) -> list[str]:
         """For each group in `by_keys`, a kernel computing its dk, dv by key blocks: one
-        program per (BN keys of a block of the list's grid, batch and kv head) walks the query
-        tiles (BT queries x the kv head's G query heads), keeps the rows whose block list holds
-        its block, and adds its keys' gradients once (other branches may add to the same keys,
+        program per (BN keys of a block of the list's grid, batch and kv head) walks the rows
+        whose block list holds its block (the lists inverted on the GPU by `_list_index`, BT
+        entries a step: queries with the kv head's G heads, or single query heads), and adds
+        its keys' gradients once (other branches may add to the same keys,
         so the add is atomic) instead of one atomic add per (query, key) from the per-query
         kernel. The math is the per-query kernel's: p = exp(scale q.k - lse_g),
         ds = p (do_g . v - delta_g), dk = scale ds^T q, dv = p^T do_g."""
@@ -1324,7 +1353,7 @@ class AttendBwdEmitter(AttendEmitter):
             mask = masks[0] if len(masks) == 1 else "(" + " | ".join(masks) + ")"
             scale = f"scale{tokens[0].node}"
             gate = st.gates[gi] if st.combine == "mix" else None
-            args = [f"sel{sel}"]
+            args = []
             c = Code()
             c("i_c, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)")
             c("i_b, i_hk = i_bh // HKV, i_bh % HKV")
@@ -1344,78 +1373,67 @@ class AttendBwdEmitter(AttendEmitter):
               "m_dv[None, :], other=0.)  # [BN, BDV]")
             c("b_dk = tl.zeros([BN, BD], dtype=tl.float32)")
             c("b_dv = tl.zeros([BN, BDV], dtype=tl.float32)")
-            c("# rows: BT queries x the kv head's query heads (RP >= G, padded)")
-            c("o_row = tl.arange(0, BT * RP)")
-            c("o_g = o_row % RP")
-            c("o_h = i_hk * G + o_g  # [BR] query heads")
-            c(f"o_ks = tl.arange(0, KSP{sel})")
-            c(f"m_ks = o_ks[None, :] < KS{sel}")
-            c("o_tq = tl.arange(0, BT)")
-            c("# every accepted spec is causal (passes/causality.py): queries before the block")
-            c("# cannot see its keys")
-            c(f"for t0 in range((i_n * {S} // BT) * BT, T, BT):")
+            c(f"# the entries listing block i_n (_list_index): BT a step, RE rows each (the "
+              f"group's RP heads, or one head)")
+            c(f"i_key = i_bh * NB{g.node} + i_n")
+            c("e_lo, e_hi = tl.load(loff + i_key), tl.load(loff + i_key + 1)")
+            c("o_row = tl.arange(0, BT * RE)")
+            c("for e0 in range(e_lo, e_hi, BT):")
             with c.indent():
-                c("o_iq = t0 + o_row // RP  # [BR] the query of each row")
-                c("m_rq = (o_g < G) & (o_iq < T)")
+                c("o_e = e0 + o_row // RE  # [BR] the entry of each row")
+                c("b_ent = tl.load(lent + o_e, mask=o_e < e_hi, other=0)")
+                c("if RE > 1:  # one list per group: an entry is a query, its rows the heads")
+                with c.indent():
+                    c("o_iq = b_ent")
+                    c("o_h = i_hk * G + o_row % RE")
+                    c("m_in = (o_e < e_hi) & (o_row % RE < G)")
+                c("else:  # one list per query head: an entry is t * G + g, one row")
+                with c.indent():
+                    c("o_iq = b_ent // G")
+                    c("o_h = i_hk * G + b_ent % G")
+                    c("m_in = o_e < e_hi")
                 c("p_row = (i_b * T + o_iq).to(tl.int64) * H + o_h  # [BR]")
-                c(f"if SH{sel}:  # one list per query and kv head: read it once per query")
-                with c.indent():
-                    c(f"p_sel = sel{sel} + ((i_b * T + t0 + o_tq).to(tl.int64) * HS{sel} + i_hk) "
-                      f"* KS{sel}")
-                    c(f"b_sel = tl.load(p_sel[:, None] + o_ks[None, :], mask=((t0 + o_tq) < T)"
-                      f"[:, None] & m_ks, other=-1)  # [BT, KSP]")
-                    c("m_tq = tl.sum((b_sel == i_n).to(tl.int32), 1) > 0  # queries listing i_n")
-                    c("m_in = m_rq & tl.reshape(tl.broadcast_to(m_tq[:, None], [BT, RP]), "
-                      "[BT * RP])")
-                c("else:  # one list per query head")
-                with c.indent():
-                    c(f"p_sel = sel{sel} + ((i_b * T + o_iq).to(tl.int64) * HS{sel} + o_h) "
-                      f"* KS{sel}")
-                    c("b_sel = tl.load(p_sel[:, None] + o_ks[None, :], mask=m_rq[:, None] & m_ks, "
-                      "other=-1)  # [BR, KSP]")
-                    c("m_in = m_rq & (tl.sum((b_sel == i_n).to(tl.int32), 1) > 0)  # rows listing i_n")
-                c("if tl.sum(m_in.to(tl.int32), 0) > 0:")
-                with c.indent():
-                    c("I = o_iq[:, None]")
-                    c("b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_in[:, None] & "
-                      "m_d[None, :], other=0.)  # [BR, BD]")
-                    args += ["do", "lsave", "ksave"]
-                    c("b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask=m_in[:, "
-                      "None] & m_dv[None, :], other=0.).to(tl.float32)")
-                    if gate is not None:
-                        args.append(f"gate_{gate}")
-                        c(f"b_do = b_do * tl.load(gate_{gate} + p_row, mask=m_in, "
-                          f"other=0.).to(tl.float32)[:, None]")
-                    c(f"b_lse = tl.load(lsave + {gi} * n_rows + p_row, mask=m_in, "
-                      f"other=float('-inf'))")
-                    c(f"b_delta = tl.load(ksave + {gi} * n_rows + p_row, mask=m_in, other=0.)")
-                    c(f"b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else "
-                      f"'tf32') * {scale}  # [BR, BN]")
-                    c(f"m_a = m_in[:, None] & m_k[None, :] & {mask} & "
-                      f"(b_lse > float('-inf'))[:, None]")
-                    c("b_p = tl.where(m_a, tl.exp(b_s - b_lse[:, None]), 0.)")
-                    c("b_dp = tl.dot(b_do.to(b_v.dtype), tl.trans(b_v), input_precision='ieee' if "
-                      "IEEE else 'tf32')")
-                    c("b_ds = b_p * (b_dp - b_delta[:, None])")
-                    c("b_dv += tl.dot(tl.trans(b_p).to(b_v.dtype), b_do.to(b_v.dtype), "
-                      "input_precision='ieee' if IEEE else 'tf32')")
-                    c(f"b_dk += tl.dot(tl.trans(b_ds).to(b_q.dtype), b_q, input_precision='ieee' "
-                      f"if IEEE else 'tf32') * {scale}")
-            c("tl.atomic_add(dk + p_kv[:, None] * D + o_d[None, :], b_dk, mask=m_k[:, None] & "
-              "m_d[None, :])")
-            c("tl.atomic_add(dv + p_kv[:, None] * DV + o_dv[None, :], b_dv, mask=m_k[:, None] & "
-              "m_dv[None, :])")
+                c("I = o_iq[:, None]")
+                c("b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_in[:, None] & "
+                  "m_d[None, :], other=0.)  # [BR, BD]")
+                args += ["do", "lsave", "ksave"]
+                c("b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask=m_in[:, "
+                  "None] & m_dv[None, :], other=0.).to(tl.float32)")
+                if gate is not None:
+                    args.append(f"gate_{gate}")
+                    c(f"b_do = b_do * tl.load(gate_{gate} + p_row, mask=m_in, "
+                      f"other=0.).to(tl.float32)[:, None]")
+                c(f"b_lse = tl.load(lsave + {gi} * n_rows + p_row, mask=m_in, "
+                  f"other=float('-inf'))")
+                c(f"b_delta = tl.load(ksave + {gi} * n_rows + p_row, mask=m_in, other=0.)")
+                c(f"b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else "
+                  f"'tf32') * {scale}  # [BR, BN]")
+                c(f"m_a = m_in[:, None] & m_k[None, :] & {mask} & "
+                  f"(b_lse > float('-inf'))[:, None]")
+                c("b_p = tl.where(m_a, tl.exp(b_s - b_lse[:, None]), 0.)")
+                c("b_dp = tl.dot(b_do.to(b_v.dtype), tl.trans(b_v), input_precision='ieee' if "
+                  "IEEE else 'tf32')")
+                c("b_ds = b_p * (b_dp - b_delta[:, None])")
+                c("b_dv += tl.dot(tl.trans(b_p).to(b_v.dtype), b_do.to(b_v.dtype), "
+                  "input_precision='ieee' if IEEE else 'tf32')")
+                c(f"b_dk += tl.dot(tl.trans(b_ds).to(b_q.dtype), b_q, input_precision='ieee' "
+                  f"if IEEE else 'tf32') * {scale}")
+            c("if e_hi > e_lo:  # other branches may add to the same keys")
+            with c.indent():
+                c("tl.atomic_add(dk + p_kv[:, None] * D + o_d[None, :], b_dk, mask=m_k[:, None] "
+                  "& m_d[None, :])")
+                c("tl.atomic_add(dv + p_kv[:, None] * DV + o_dv[None, :], b_dv, mask=m_k[:, None] "
+                  "& m_dv[None, :])")
             self.list_dkdv_args[gi] = args
-            sig = (f"q, k, v, dk, dv, {''.join(a + ', ' for a in args)}{scale}, T, "
-                   f"HS{sel}: tl.constexpr, SH{sel}: tl.constexpr, KS{sel}, "
-                   f"KSP{sel}: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, "
-                   f"RP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, "
+            sig = (f"q, k, v, dk, dv, loff, lent, {''.join(a + ', ' for a in args)}{scale}, T, "
+                   f"NB{g.node}, H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, "
+                   f"RE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, "
                    f"BDV: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr")
             names = " + ".join(b.name for b in tokens)
             doc = (f'    """dk, dv of `{names}` (softmax group {gi} of `{st.name}`) by key blocks of '
-                   f'blocks(len={L}, stride={S}): each program walks the query tiles and keeps the '
-                   f'rows whose list `{self.ir.node(sel)["name"] or sel}` holds its block; one '
-                   f'atomic add per key: not deterministic."""')
+                   f'blocks(len={L}, stride={S}): each program walks the rows whose list '
+                   f'`{self.ir.node(sel)["name"] or sel}` holds its block (the lists inverted by '
+                   f'_list_index); one atomic add per key: not deterministic."""')
             out.append(f"\n@triton.jit\ndef attend_{st.name}_bwd_dkdv{gi}_kernel(\n    {sig},\n):"
                        f"\n{doc}\n{c.text()}\n")
         return out
@@ -2048,11 +2066,17 @@ class HostEmitter:
             return
         if em.tree_tiled:
             c("RP = triton.next_power_of_2(R)")
-            c("# on a GPU the per-query kernel by default: NSA as fla at 8k on the H100 took "
-              "22.0 ms with it,")
-            c("# 28.6 ms with 4 queries x 16 heads per program, 32-61 ms with other tiles "
-              "(docs/perf-notes.md)")
-            c("tile = _select_tile(q, None, (max(2, 32 // RP), 16, 4))")
+            if any(remap_reach(*r) > 1 for r in em.remap_shapes):
+                c("# on a GPU 64 rows a program: NSA's defaults at 16k on the H100, forward 21.5 "
+                  "ms with 4 queries x 16 heads,")
+                c("# 25.0 ms with the per-query kernel, which scores a compressed block once "
+                  "per overlapping selection block (docs/perf-notes.md)")
+                c("tile = _select_tile(q, (max(1, 64 // RP), 16, 4), (max(2, 32 // RP), 16, 4))")
+            else:
+                c("# on a GPU the per-query kernel by default: NSA as fla at 8k on the H100, "
+                  "forward 6.39 ms with it,")
+                c("# 6.47-8.08 ms with tiles of 1-2 queries x 16 heads (docs/perf-notes.md)")
+                c("tile = _select_tile(q, None, (max(2, 32 // RP), 16, 4))")
         else:
             c("tile = _select_tile(q, (16, 64, 2), (16, 32, 4))  # (H100: 16 rows of 64 spill "
               "least)")
@@ -2252,16 +2276,17 @@ class HostBwdEmitter(HostEmitter):
                 kargs.append(f"gates[{a[5:]!r}]" if a.startswith("gate_") else a)
             c("if KM:")
             with c.indent():
-                c("# BT queries x RP heads: at least 16 rows, the reduction of the dk/dv dots")
-                c(f"KBT, KBN = (max(1, 64 // triton.next_power_of_2(G)), 64) if q.is_cuda else "
-                  f"(max(1, 16 // triton.next_power_of_2(G)), 16)")
+                shared = self._shared(sel) == "True"
+                c(f"loff, lent = _list_index(sel{sel}, NB{g.node}, HKV, G, {shared})")
+                c(f"RE = {'triton.next_power_of_2(G)' if shared else '1'}  # rows per entry")
+                c("# BT entries x RE rows: at least 16, the reduction of the dk/dv dots")
+                c("KBT, KBN = (max(1, 64 // RE), 64) if q.is_cuda else (max(1, 16 // RE), 16)")
                 c(f"KBN = max(16, min(KBN, triton.next_power_of_2({g.length})))")
                 c(f"attend_{st.name}_bwd_dkdv{gi}_kernel[(triton.cdiv({g.length}, KBN), "
-                  f"NB{g.node}, B * HKV)](q, k, v, dk, dv, {''.join(x + ', ' for x in kargs)}"
-                  f"{self._scale(tokens[0].node)}, T, HS{sel}=HS{sel}, SH{sel}={self._shared(sel)}, "
-                  f"KS{sel}=KS{sel}, KSP{sel}=triton.next_power_of_2(KS{sel}), H=H, HKV=HKV, G=G, "
-                  f"RP=triton.next_power_of_2(G), D=D, DV=DV, BD=BD, BDV=BDV, BT=KBT, BN=KBN, "
-                  f"IEEE=IEEE)")
+                  f"NB{g.node}, B * HKV)](q, k, v, dk, dv, loff, lent, "
+                  f"{''.join(x + ', ' for x in kargs)}{self._scale(tokens[0].node)}, T, "
+                  f"NB{g.node}, H=H, HKV=HKV, G=G, RE=RE, D=D, DV=DV, BD=BD, BDV=BDV, BT=KBT, "
+                  f"BN=KBN, IEEE=IEEE)")
         if tile and getattr(em, "dkdv", None):
             dargs, nbs = em.dkdv
             dargs = [self._scale(int(a[5:])) if a.startswith("scale") else

@@ -2,8 +2,9 @@
 which groups get it, and its gradients against float64 autograd of the reference, with the
 per-query kernel's atomic adds (SPARSEDSL_LIST_BWD=query) as the other side of an A/B.
 
-In the interpreter the kernel walks BT = 16 / G queries per tile and 16 keys per program, so
-the odd lengths below cut blocks, query tiles and T at different places.
+The kernel walks the rows listing its block (the lists inverted by the generated host helper
+`_list_index`), BT = 16 / G entries a step in the interpreter and 16 keys per program, so the
+odd lengths below cut blocks, entry tiles and T at different places.
 """
 from __future__ import annotations
 
@@ -93,3 +94,35 @@ def test_which_groups_are_key_major():
 def test_list_bwd_knob(monkeypatch):
     with pytest.raises(ValueError, match="SPARSEDSL_LIST_BWD='atomics': expected keys or query"):
         _check(PER_HEAD, 1, 17, 2, 2, 8, monkeypatch, "atomics")
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_list_index_inverts_the_lists(shared):
+    """`_list_index` (generated host code) lists, for each (batch, kv head, block), exactly the
+    entries whose list holds the block, in query order: a query for group lists, t * G + g for
+    per-head lists."""
+    from sparsedsl.codegen.emit import TRITON_PRELUDE
+    ns: dict = {}
+    exec(TRITON_PRELUDE, ns)
+    B, T, HKV, G, KS, NB = 2, 13, 3, 2, 3, 5
+    HS = HKV if shared else HKV * G
+    g = torch.Generator().manual_seed(1)
+    sel = torch.full((B, T, HS, KS), -1, dtype=torch.int32)
+    for b in range(B):
+        for t in range(T):
+            for h in range(HS):
+                n = int(torch.randint(0, KS + 1, (1,), generator=g))
+                sel[b, t, h, :n] = torch.randperm(NB, generator=g)[:n].to(torch.int32)
+    off, ent = ns["_list_index"](sel, NB, HKV, G, shared)
+    for b in range(B):
+        for hk in range(HKV):
+            for n in range(NB):
+                i = (b * HKV + hk) * NB + n
+                got = ent[off[i]:off[i + 1]].tolist()
+                if shared:
+                    want = [t for t in range(T) if n in sel[b, t, hk].tolist()]
+                else:
+                    want = [t * G + j for t in range(T) for j in range(G)
+                            if n in sel[b, t, hk * G + j].tolist()]
+                assert got == want, (b, hk, n)
+    assert int(off[-1]) == int((sel >= 0).sum())
