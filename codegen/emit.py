@@ -96,7 +96,7 @@ def _tile_config(kernel, q, pooled=False):
     queries by BN keys), read at each call: SPARSEDSL_TILE (forward), SPARSEDSL_TILE_DQ,
     SPARSEDSL_TILE_DKDV = "BM,BN,WARPS,STAGES" override; else small tiles in the interpreter
     (several tiles of each kind in tests) and per-dtype defaults on CUDA (a stage over pooled
-    keys, whose products run in float32, keeps 32 x 32 tiles)."""
+    keys, whose products run in float32, has its own)."""
     import os
     env = os.environ.get({'fwd': 'SPARSEDSL_TILE', 'dq': 'SPARSEDSL_TILE_DQ',
                           'dkdv': 'SPARSEDSL_TILE_DKDV'}[kernel])
@@ -107,8 +107,14 @@ def _tile_config(kernel, q, pooled=False):
         return bm, bn, w, s
     if not q.is_cuda:
         return 16, 16, 4, 1
-    if pooled:
+    if pooled and q.element_size() > 2:
         return 32, 32, 4, 3
+    if pooled:
+        # H100 (docs/perf-notes.md): NSA's defaults at 64k, forward 175 ms with 32x32/4 warps,
+        # 152 with 128x64/8; NSA as fla at 64k, fwd+bwd 478 ms with a 32x32 dq tile, 390 with
+        # 64x32 (fewer atomic adds into the pooled keys' gradients); 128-row dq tiles overflow
+        # shared memory
+        return {'fwd': (128, 64, 8, 2), 'dq': (64, 32, 4, 2), 'dkdv': (32, 32, 4, 3)}[kernel]
     if q.element_size() <= 2:  # bf16 / fp16: tensor-core tiles, fp32 accumulation
         # H100, window 4096 + 64 sinks at 64k (docs/perf-notes.md): forward 64x64/4 warps
         # 6.08 ms, 128x64/8 6.97, 128x128/8 8.05; the dq and dk/dv defaults were fastest
