@@ -441,8 +441,8 @@ class SelectEmitter:
             c(f"m_nb = ({N} >= 0) & ({N} < NB{grid})  # [C]")
             c(f"b_kp = tl.load({kp} + ((i_b * NB{grid} + {N}).to(tl.int64) * HKV + i_hk)[:, None] "
               f"* D + o_d[None, :], mask=m_nb[:, None] & m_d[None, :], other=0.)  # [C, BD]")
-            c(f"{v} = tl.dot(b_q, tl.trans(b_kp), input_precision='ieee' if IEEE else 'tf32') * {float(a['scale'])!r}"
-              f"  # [RP, C]")
+            c(f"{v} = tl.dot(b_q, tl.trans(b_kp), input_precision='ieee' if IEEE else 'tf32') * "
+              f"{float(a['scale'])!r}  # [RP, C]")
             return v
         if op == "probs":
             br = ops["branch"]
@@ -461,7 +461,8 @@ class SelectEmitter:
             c(f"b_lse = tl.load(lse{br} + {self.QROW.format('i_t')}.to(tl.int64) * H + o_h, mask=m_r, "
               f"other=0.)  # [RP]")
             vis = self.ex.blocks(blocks, "o_i[:, None]", f"{N}[None, :]")
-            c(f"{v} = tl.dot(b_q, tl.trans(b_kp), input_precision='ieee' if IEEE else 'tf32') * scale{br}")
+            c(f"{v} = tl.dot(b_q, tl.trans(b_kp), input_precision='ieee' if IEEE else 'tf32') * "
+              f"scale{br}")
             c(f"{v} = tl.where(m_nb[None, :] & m_r[:, None] & {vis}, tl.exp({v} - b_lse[:, None]),"
               f" 0.)  # [RP, C] probabilities of `{bn['name'] or br}`")
             return v
@@ -469,8 +470,6 @@ class SelectEmitter:
             src = ops["score"]
             gs, gd = self.ex.grid(src), self.ex.grid(nid)
             self.grids.add(gs.node)
-            # the most source blocks one target block overlaps, over the offsets of its start
-            # within a source stride: NSA's 64-token blocks over 32/16 compressed ones: 5
             reach = remap_reach(gd.stride, gd.length, gs.stride, gs.length)
             v = c.fresh("b_r")
             r, w = c.fresh("r"), c.fresh("b_w")  # fresh names: remaps can nest
@@ -716,8 +715,8 @@ class SelectEmitter:
             c(f"m_nb = (o_n >= 0) & (o_n < NB{pg})")
             c(f"b_kp = tl.load({kp} + ((i_b * NB{pg} + o_n).to(tl.int64) * HKV + i_hk)[:, None] "
               f"* D + o_d[None, :], mask=m_nb[:, None] & m_d[None, :], other=0.)  # [C, BD]")
-            c(f"b_score = tl.dot(b_q, tl.trans(b_kp), input_precision='ieee' if IEEE else 'tf32') * "
-              f"{float(ir.node(score)['args']['scale'])!r}  # [BQ, C]")
+            c(f"b_score = tl.dot(b_q, tl.trans(b_kp), input_precision='ieee' if IEEE else "
+              f"'tf32') * {float(ir.node(score)['args']['scale'])!r}  # [BQ, C]")
             self._force_rows(ops, g)
             self._merge_rows()
         self._store_rows()
@@ -839,7 +838,8 @@ class SelectEmitter:
         c(f"m_nb = ({o_s} >= 0) & ({o_s} < NB{pg})  # [{W}]")
         c(f"b_kp = tl.load({kp} + ((i_b * NB{pg} + {o_s}).to(tl.int64) * HKV + i_hk)[:, None] "
           f"* D + o_d[None, :], mask=m_nb[:, None] & m_d[None, :], other=0.)  # [{W}, BD]")
-        c(f"b_x = tl.dot(b_q, tl.trans(b_kp), input_precision='ieee' if IEEE else 'tf32') * {scale}  # [BR, {W}]")
+        c(f"b_x = tl.dot(b_q, tl.trans(b_kp), input_precision='ieee' if IEEE else 'tf32') * "
+          f"{scale}  # [BR, {W}]")
         if n["op"] == "probs":
             br = lops["branch"]
             c(f"b_lse = tl.load(lse{br} + (i_b * T + o_iq).to(tl.int64) * H + o_h, mask=m_rq, "
@@ -1926,6 +1926,21 @@ def pool_launch(st: PoolStage, side: str, x: str, out: str, nb: str) -> str:
 SELECT_HOST = '''
 
 
+def _select_ints(env, text, usage, names):
+    """The integers of SPARSEDSL_SELECT_TILE's `text` (of the setting `env`), as many as
+    `names` lists, each a power of two; `usage` says what was expected."""
+    try:
+        vals = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != len(names):
+        raise ValueError(f"SPARSEDSL_SELECT_TILE={env!r}: expected {usage}")
+    if min(vals) < 1 or any(x & (x - 1) for x in vals):
+        raise ValueError(f"SPARSEDSL_SELECT_TILE={env!r}: {', '.join(names[:-1])} and "
+                         f"{names[-1]} must be powers of two")
+    return vals
+
+
 def _select_tile(q, cuda, cpu):
     """(BQ, C, num_warps) of a query-tiled select kernel: the environment variable
     SPARSEDSL_SELECT_TILE="BQ,C,WARPS" (read at every call, for sweeps), else the default for
@@ -1937,13 +1952,7 @@ def _select_tile(q, cuda, cpu):
         return cuda if q.is_cuda else cpu
     if env == "query" or env.startswith("query,"):  # the per-query kernel (_select_query_cfg)
         return None
-    try:
-        bq, c, w = (int(x) for x in env.split(","))
-    except ValueError:
-        raise ValueError(f"SPARSEDSL_SELECT_TILE={env!r}: expected three integers BQ,C,WARPS")
-    if min(bq, c, w) < 1 or any(x & (x - 1) for x in (bq, c, w)):
-        raise ValueError(f"SPARSEDSL_SELECT_TILE={env!r}: BQ, C and WARPS must be powers of two")
-    return bq, c, w
+    return _select_ints(env, env, "three integers BQ,C,WARPS", ("BQ", "C", "WARPS"))
 
 
 def _select_query_cfg():
@@ -1953,13 +1962,7 @@ def _select_query_cfg():
     env = os.environ.get("SPARSEDSL_SELECT_TILE", "").strip()
     if not env.startswith("query,"):
         return 32, 4
-    try:
-        c, w = (int(x) for x in env.split(",")[1:])
-    except ValueError:
-        raise ValueError(f"SPARSEDSL_SELECT_TILE={env!r}: expected query,C,WARPS")
-    if min(c, w) < 1 or any(x & (x - 1) for x in (c, w)):
-        raise ValueError(f"SPARSEDSL_SELECT_TILE={env!r}: C and WARPS must be powers of two")
-    return c, w
+    return _select_ints(env, env[len("query,"):], "query,C,WARPS", ("C", "WARPS"))
 
 
 def _select_widths(C, remaps):
