@@ -146,7 +146,8 @@ class DecodeHostEmitter(HostEmitter):
     """`update_pools` and `decode`: the host code of the decode module."""
 
     def emit(self, selects: dict, attends: dict) -> str:
-        # pooled buffers are float32 (float64 for a float64 cache): the accumulator's dtype
+        # blocks are pooled in float32 (float64 for a float64 cache), then stored in the pools'
+        # dtype (the cache's on a GPU, as the forward stores them)
         pools = _launch_acc(self._update_pools()).replace("q.dtype", "k.dtype")
         return pools + _launch_acc(self._decode(selects, attends))
 

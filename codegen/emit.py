@@ -86,20 +86,66 @@ def _list_index(sel, NB, HKV, G, shared):
     off = torch.zeros(nkeys + 1, device=dev, dtype=torch.int32)
     off[1:] = torch.cumsum(cnt[:nkeys], 0)
     return off, ent.to(torch.int32)
+
+
+def _row_config(kernel, q):
+    """(BN, num_warps, num_stages) of a row-layout kernel ('fwd' or 'dq': one query's rows
+    against BN keys a step), read at each call: SPARSEDSL_ROW, SPARSEDSL_ROW_DQ =
+    "BN,WARPS,STAGES" override; else 32 keys in the interpreter (several steps in tests) and
+    64 keys, 4 warps, 2 stages on a GPU."""
+    import os
+    env = os.environ.get({'fwd': 'SPARSEDSL_ROW', 'dq': 'SPARSEDSL_ROW_DQ'}[kernel])
+    if not env:
+        # H100, NSA as fla at 64k (docs/perf-notes.md): forward 72.2 ms with 32 keys / 4 warps
+        # / 3 stages, 62.0 with 64 / 4 / 2; fwd+bwd 198.8 with the dq kernel at 32 / 4 / 3,
+        # 191.5 at 64 / 4 / 2
+        return (64, 4, 2) if q.is_cuda else (32, 4, 3)
+    bn, w, s = (int(x) for x in env.split(","))
+    if bn < 16 or bn & (bn - 1) or w < 1 or s < 1:
+        raise ValueError(f"row tile: BN a power of two >= 16, warps and stages >= 1, got {env!r}")
+    return bn, w, s
+
+
+def _list_chunk(RE, cuda):
+    """Entries a key-major list program walks at most: SPARSEDSL_LIST_CHUNK rows (default
+    16384 on a GPU, 32 in the interpreter) over RE rows per entry."""
+    import os
+    env = os.environ.get("SPARSEDSL_LIST_CHUNK")
+    rows = int(env) if env else (16384 if cuda else 32)
+    if rows < 1:
+        raise ValueError(f"SPARSEDSL_LIST_CHUNK must be a positive row count, got {env!r}")
+    return max(1, rows // RE)
+
+
+def _list_work(off, n_entries, E):
+    """The key-major list programs: a block's entries cut into runs of at most E, so a block
+    that every query lists (NSA's forced first block) is walked by T / E programs, not one.
+    Returns [U, 2] int32 (key index, run) for U = keys + cdiv(n_entries, E) programs, an
+    upper bound of the runs (no host sync); programs past the last run get key index
+    len(off) - 1: no entries."""
+    nkeys = off.numel() - 1
+    runs = (off[1:] - off[:-1] + E - 1) // E
+    end = torch.cumsum(runs, 0)
+    U = nkeys + triton.cdiv(n_entries, E)
+    p = torch.arange(U, device=off.device)
+    key = torch.searchsorted(end, p, right=True)
+    run = p - (end - runs)[key.clamp(max=nkeys - 1)]
+    return torch.stack((key, run), 1).to(torch.int32)
 '''
 
 
 TILE_HELPER = '''
 
 def _tile_config(kernel, q, pooled=False):
-    """(BM, BN, num_warps, num_stages) of a tile-layout kernel ('fwd', 'dq' or 'dkdv'; BM
-    queries by BN keys), read at each call: SPARSEDSL_TILE (forward), SPARSEDSL_TILE_DQ,
-    SPARSEDSL_TILE_DKDV = "BM,BN,WARPS,STAGES" override; else small tiles in the interpreter
+    """(BM, BN, num_warps, num_stages) of a tile-layout kernel ('fwd', 'dq', 'dkdv' or
+    'dkdvp', the pooled keys' dk/dv; BM queries by BN keys), read at each call:
+    SPARSEDSL_TILE (forward), SPARSEDSL_TILE_DQ, SPARSEDSL_TILE_DKDV, SPARSEDSL_TILE_DKDVP =
+    "BM,BN,WARPS,STAGES" override; else small tiles in the interpreter
     (several tiles of each kind in tests) and per-dtype defaults on CUDA (a stage over pooled
     keys, whose products run in float32, has its own)."""
     import os
     env = os.environ.get({'fwd': 'SPARSEDSL_TILE', 'dq': 'SPARSEDSL_TILE_DQ',
-                          'dkdv': 'SPARSEDSL_TILE_DKDV'}[kernel])
+                          'dkdv': 'SPARSEDSL_TILE_DKDV', 'dkdvp': 'SPARSEDSL_TILE_DKDVP'}[kernel])
     if env:
         bm, bn, w, s = (int(x) for x in env.split(","))
         if min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1):
@@ -110,11 +156,12 @@ def _tile_config(kernel, q, pooled=False):
     if pooled and q.element_size() > 2:
         return 32, 32, 4, 3
     if pooled:
-        # H100 (docs/perf-notes.md): NSA's defaults at 64k, forward 175 ms with 32x32/4 warps,
-        # 152 with 128x64/8; NSA as fla at 64k, fwd+bwd 478 ms with a 32x32 dq tile, 390 with
-        # 64x32 (fewer atomic adds into the pooled keys' gradients); 128-row dq tiles overflow
-        # shared memory
-        return {'fwd': (128, 64, 8, 2), 'dq': (64, 32, 4, 2), 'dkdv': (32, 32, 4, 3)}[kernel]
+        # H100, NSA as fla at 64k with pooled keys in bf16 (docs/perf-notes.md): forward 44.8 ms
+        # with 64x32/4 warps/3 stages, 45.8 with 128x64/8/2; fwd+bwd 141.4 with a 64x32 dq
+        # tile (141.2 with 64x64, 145.5 with 128x32) and 64x32 pooled dk/dv tiles (146.3
+        # with 64x64, 153.6 with 64x128/8)
+        return {'fwd': (64, 32, 4, 3), 'dq': (64, 32, 4, 2), 'dkdv': (32, 32, 4, 3),
+                'dkdvp': (64, 32, 4, 2)}[kernel]
     if q.element_size() <= 2:  # bf16 / fp16: tensor-core tiles, fp32 accumulation
         # H100, window 4096 + 64 sinks at 64k (docs/perf-notes.md): forward 64x64/4 warps
         # 6.08 ms, 128x64/8 6.97, 128x128/8 8.05; the dq and dk/dv defaults were fastest
@@ -122,6 +169,21 @@ def _tile_config(kernel, q, pooled=False):
     if q.element_size() == 4:  # fp32 ('ieee' products): half the tile, twice the bytes
         return {'fwd': (64, 32, 4, 2), 'dq': (32, 32, 4, 2), 'dkdv': (32, 32, 4, 2)}[kernel]
     return 32, 32, 4, 1
+
+
+def _query_split(NT, programs):
+    """(QT, S): the pooled dk/dv kernels split a key tile's NT query tiles into S runs of QT
+    tiles, so that `programs` x S is about 8192 programs (pooled keys are few: at 8k, NSA's
+    64-token blocks make 2 key tiles per head). SPARSEDSL_QUERY_SPLIT=QT overrides."""
+    import os
+    env = os.environ.get("SPARSEDSL_QUERY_SPLIT")
+    if env:
+        qt = int(env)
+        if qt < 1:
+            raise ValueError(f"SPARSEDSL_QUERY_SPLIT must be a positive count, got {env!r}")
+    else:
+        qt = triton.cdiv(NT, max(1, min(NT, 8192 // max(1, programs))))
+    return qt, triton.cdiv(NT, qt)
 '''
 
 
@@ -209,6 +271,12 @@ class Exprs:
         if op == "not":
             return f"(~{self.keys(ops['0'], I, J)})"
         raise AssertionError(op)  # pragma: no cover
+
+    def union_keys(self, branches, I: str = "I", J: str = "J") -> str:
+        """The keys of a union of token branches: a real token counts once, so the OR of
+        the branches' masks."""
+        masks = [self.keys(self.ir.operand(b.node, "keys"), I, J) for b in branches]
+        return masks[0] if len(masks) == 1 else "(" + " | ".join(masks) + ")"
 
     # blocks: [rows, BN] booleans from I and N (block indices)
     def blocks(self, nid: int, I: str, N: str) -> str:
@@ -318,7 +386,7 @@ def pool_{st.name}_fwd_kernel(
         b_cnt += tl.sum(m_j.to(tl.float32), 1)
     b_acc = b_acc / tl.maximum(b_cnt, 1.0)[:, None]
     p_o = xp + ((i_b * NB + o_n).to(tl.int64) * HKV + i_h)[:, None] * D + o_d[None, :]
-    tl.store(p_o, b_acc, mask=(o_n < NB)[:, None] & m_d[None, :])
+    tl.store(p_o, b_acc.to(xp.dtype.element_ty), mask=(o_n < NB)[:, None] & m_d[None, :])
 '''
     return f'''
 @triton.jit
@@ -359,7 +427,7 @@ def pool_{st.name}_fwd_kernel(
         b_out += tl.dot(b_hid, b_w2, input_precision="ieee")
     b_out += tl.load(b2 + o_d, mask=m_d, other=0.).to(tl.float32)[None, :]
     p_o = xp + ((i_b * NB + o_n).to(tl.int64) * HKV + i_h)[:, None] * D + o_d[None, :]
-    tl.store(p_o, b_out, mask=(o_n < NB)[:, None] & m_d[None, :])
+    tl.store(p_o, b_out.to(xp.dtype.element_ty), mask=(o_n < NB)[:, None] & m_d[None, :])
 '''
 
 
@@ -441,7 +509,7 @@ class SelectEmitter:
             c(f"m_nb = ({N} >= 0) & ({N} < NB{grid})  # [C]")
             c(f"b_kp = tl.load({kp} + ((i_b * NB{grid} + {N}).to(tl.int64) * HKV + i_hk)[:, None] "
               f"* D + o_d[None, :], mask=m_nb[:, None] & m_d[None, :], other=0.)  # [C, BD]")
-            c(f"{v} = tl.dot(b_q, tl.trans(b_kp), input_precision='ieee' if IEEE else 'tf32') * "
+            c(f"{v} = tl.dot(b_q.to(b_kp.dtype), tl.trans(b_kp), input_precision='ieee' if IEEE else 'tf32') * "
               f"{float(a['scale'])!r}  # [RP, C]")
             return v
         if op == "probs":
@@ -461,7 +529,7 @@ class SelectEmitter:
             c(f"b_lse = tl.load(lse{br} + {self.QROW.format('i_t')}.to(tl.int64) * H + o_h, mask=m_r, "
               f"other=0.)  # [RP]")
             vis = self.ex.blocks(blocks, "o_i[:, None]", f"{N}[None, :]")
-            c(f"{v} = tl.dot(b_q, tl.trans(b_kp), input_precision='ieee' if IEEE else 'tf32') * "
+            c(f"{v} = tl.dot(b_q.to(b_kp.dtype), tl.trans(b_kp), input_precision='ieee' if IEEE else 'tf32') * "
               f"scale{br}")
             c(f"{v} = tl.where(m_nb[None, :] & m_r[:, None] & {vis}, tl.exp({v} - b_lse[:, None]),"
               f" 0.)  # [RP, C] probabilities of `{bn['name'] or br}`")
@@ -715,7 +783,7 @@ class SelectEmitter:
             c(f"m_nb = (o_n >= 0) & (o_n < NB{pg})")
             c(f"b_kp = tl.load({kp} + ((i_b * NB{pg} + o_n).to(tl.int64) * HKV + i_hk)[:, None] "
               f"* D + o_d[None, :], mask=m_nb[:, None] & m_d[None, :], other=0.)  # [C, BD]")
-            c(f"b_score = tl.dot(b_q, tl.trans(b_kp), input_precision='ieee' if IEEE else "
+            c(f"b_score = tl.dot(b_q.to(b_kp.dtype), tl.trans(b_kp), input_precision='ieee' if IEEE else "
               f"'tf32') * {float(ir.node(score)['args']['scale'])!r}  # [BQ, C]")
             self._force_rows(ops, g)
             self._merge_rows()
@@ -838,7 +906,7 @@ class SelectEmitter:
         c(f"m_nb = ({o_s} >= 0) & ({o_s} < NB{pg})  # [{W}]")
         c(f"b_kp = tl.load({kp} + ((i_b * NB{pg} + {o_s}).to(tl.int64) * HKV + i_hk)[:, None] "
           f"* D + o_d[None, :], mask=m_nb[:, None] & m_d[None, :], other=0.)  # [{W}, BD]")
-        c(f"b_x = tl.dot(b_q, tl.trans(b_kp), input_precision='ieee' if IEEE else 'tf32') * "
+        c(f"b_x = tl.dot(b_q.to(b_kp.dtype), tl.trans(b_kp), input_precision='ieee' if IEEE else 'tf32') * "
           f"{scale}  # [BR, {W}]")
         if n["op"] == "probs":
             br = lops["branch"]
@@ -976,9 +1044,8 @@ class AttendEmitter:
         c(f"acc{gi} = tl.zeros([RP, BDV], dtype=tl.float32)")
         tokens = [b for b in grp if not b.pooled and not b.precomputed]
         if tokens:
-            # a real token counts once: the union's mask is the OR of the branches' masks
-            masks = [self.ex.keys(ir.operand(b.node, "keys"), "I", "J") for b in tokens]
-            mask = masks[0] if len(masks) == 1 else "(" + " | ".join(masks) + ")"
+            mask = self.ex.union_keys(tokens)
+            self.tokens = tokens  # (a block list's keys: `_walk` knows they are listed)
             sources = []
             for b in tokens:
                 sources += [s for s in b.sources if s not in sources]
@@ -1059,7 +1126,9 @@ class AttendEmitter:
                                    f"b_sel{s.select}[None, :] * {g.stride} + {g.length}))"
                                    f".to(tl.int32), 1) > 0)[None, :]")
                         c(f"m_s = (b_n >= 0)[None, :] & (J < T) & m_r[:, None]{dup}{excl}")
-                        self._update(gi, mask, scale, pooled, "o_j")
+                        # these keys are in a listed block: the mask need not look them up
+                        listed = self.ex.with_given({s.select}).union_keys(self.tokens)
+                        self._update(gi, listed, scale, pooled, "o_j")
                 else:
                     self.nbs.add(s.grid)
                     c(f"# source {si}: the blocks listed by `{self.ex.ir.node(s.select)['name'] or s.select}`")
@@ -1122,7 +1191,7 @@ class AttendEmitter:
             c("b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * "
               f"{scale}  # [RP, BN]")
         else:
-            c(f"b_s = tl.dot(b_q.to(tl.float32), tl.trans(b_k), input_precision='ieee' if IEEE "
+            c(f"b_s = tl.dot(b_q.to(b_k.dtype), tl.trans(b_k), input_precision='ieee' if IEEE "
               f"else 'tf32') * {scale}")
         c(f"m_a = m_s & {mask}")
         c("b_s = tl.where(m_a, b_s, float('-inf'))")
@@ -1134,9 +1203,19 @@ class AttendEmitter:
         if pooled is None:
             c(f"acc{gi} = acc{gi} * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, "
               "input_precision='ieee' if IEEE else 'tf32')")
-        else:
-            c(f"acc{gi} = acc{gi} * b_alpha[:, None] + tl.dot(b_p, b_v, input_precision='ieee' "
-              "if IEEE else 'tf32')")
+        else:  # pooled keys: the backward's delta = rowsum(dO * o) must match its sum over
+            # them (their shared bias gets no gradient: rowsum(ds) = 0), so p is not rounded
+            # to 16 bits: a pair hi + lo of the keys' dtype (about 16 bits of mantissa, at
+            # the speed of 16-bit products; float32 products took 10 ms more for NSA at 64k)
+            c("if IEEE:")
+            with c.indent():
+                c("b_pv = tl.dot(b_p.to(b_v.dtype), b_v, input_precision='ieee')")
+            c("else:")
+            with c.indent():
+                c("b_ph = b_p.to(b_v.dtype)")
+                c("b_pv = tl.dot(b_ph, b_v) + tl.dot((b_p - b_ph.to(tl.float32)).to(b_v.dtype), "
+                  "b_v)")
+            c(f"acc{gi} = acc{gi} * b_alpha[:, None] + b_pv")
         c(f"m{gi} = m_new")
 
     def _finish(self) -> None:
@@ -1193,6 +1272,7 @@ class AttendBwdEmitter(AttendEmitter):
     mode = "bwd"
     head_args = "do, dq, dk, dv"
     extra_consts = ""
+    pooled_atomics = True  # pooled keys' dk, dv added here (the tile layout: by key tiles)
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
@@ -1269,6 +1349,10 @@ class AttendBwdEmitter(AttendEmitter):
               f"mask=m_r[:, None] & m_dv[None, :], other=0.)")
             c(f"b_lse{gi} = tl.load(lsave + {gi} * n_rows + p_row, mask=m_r, other=float('-inf'))")
             c(f"b_delta{gi} = tl.sum(b_do{gi} * b_o{gi}, 1)  # [RP]")
+            if gate is not None:
+                self._arg(f"dgate_{gate}")
+                c(f"tl.store(dgate_{gate} + p_row, tl.sum(b_do * b_o{gi}, 1), mask=m_r)  "
+                  f"# d(gate) = rowsum(dO * o_g)")
             for b in grp:
                 if b.precomputed:
                     for kind in ("do", "lse", "delta"):
@@ -1280,8 +1364,8 @@ class AttendBwdEmitter(AttendEmitter):
                     c(f"tl.store(xdelta{b.node} + p_row, b_delta{gi}, mask=m_r)")
         tokens = [b for b in grp if not b.pooled and not b.precomputed]
         if tokens:
-            masks = [self.ex.keys(self.ir.operand(b.node, "keys"), "I", "J") for b in tokens]
-            mask = masks[0] if len(masks) == 1 else "(" + " | ".join(masks) + ")"
+            mask = self.ex.union_keys(tokens)
+            self.tokens = tokens  # (a block list's keys: `_walk` knows they are listed)
             sources = []
             for b in tokens:
                 sources += [x for x in b.sources if x not in sources]
@@ -1297,7 +1381,8 @@ class AttendBwdEmitter(AttendEmitter):
             if b.pooled and not b.precomputed:
                 blocks = self.ir.operand(b.node, "blocks")
                 pool = self.ir.operand(b.node, "keys")
-                for a in (f"kp{pool}", f"vp{pool}", f"dkp{pool}", f"dvp{pool}", f"scale{b.node}"):
+                grads = (f"dkp{pool}", f"dvp{pool}") if self.pooled_atomics else ()
+                for a in (f"kp{pool}", f"vp{pool}", *grads, f"scale{b.node}"):
                     self._arg(a)
                 self.nbs.add(b.grid.node)
                 mask = self.ex.blocks(blocks, "I", "J")
@@ -1343,34 +1428,41 @@ class AttendBwdEmitter(AttendEmitter):
 
     def emit_list_dkdv(self) -> list[str]:
         """For each group in `by_keys`, a kernel computing its dk, dv by key blocks: one
-        program per (BN keys of a block of the list's grid, batch and kv head) walks the rows
-        whose block list holds its block (the lists inverted on the GPU by `_list_index`, BT
-        entries a step: queries with the kv head's G heads, or single query heads), and adds
-        its keys' gradients once (other branches may add to the same keys,
-        so the add is atomic) instead of one atomic add per (query, key) from the per-query
-        kernel. The math is the per-query kernel's: p = exp(scale q.k - lse_g),
+        program per (BN keys of a block of the list's grid, batch and kv head, run of at most
+        E entries) walks the rows whose block list holds its block (the lists inverted on the
+        GPU by `_list_index`, cut into runs by `_list_work`, BT entries a step: queries with
+        the kv head's G heads, or single query heads), and adds its keys' gradients once
+        (other runs and branches may add to the same keys, so the add is atomic) instead of
+        one atomic add per (query, key) from the per-query kernel. The runs balance the load:
+        a block every query lists (NSA's forced first block) has T entries, an average one
+        about T * k / NB. The math is the per-query kernel's: p = exp(scale q.k - lse_g),
         ds = p (do_g . v - delta_g), dk = scale ds^T q, dv = p^T do_g."""
         st, out = self.st, []
         for gi, (src, tokens) in self.by_keys.items():
             g = self.plan.grids[src.grid]
             L, S, sel = g.length, g.stride, src.select
-            masks = [self.ex.with_given({sel}).keys(self.ir.operand(b.node, "keys"), "I", "J")
-                     for b in tokens]
-            mask = masks[0] if len(masks) == 1 else "(" + " | ".join(masks) + ")"
+            mask = self.ex.with_given({sel}).union_keys(tokens)
             scale = f"scale{tokens[0].node}"
             gate = st.gates[gi] if st.combine == "mix" else None
             args = []
             c = Code()
-            c("i_c, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)")
+            c("i_c, i_w = tl.program_id(0), tl.program_id(1)")
+            c("# the run of entries this program walks (_list_work): block i_n of batch i_b, kv "
+              "head i_hk")
+            c("i_key = tl.load(work + 2 * i_w)")
+            c("i_run = tl.load(work + 2 * i_w + 1)")
+            c(f"i_ok = i_key < B * HKV * NB{g.node}  # else past the last run: nothing to do")
+            c(f"i_key = tl.where(i_ok, i_key, 0)")
+            c(f"i_bh, i_n = i_key // NB{g.node}, i_key % NB{g.node}")
             c("i_b, i_hk = i_bh // HKV, i_bh % HKV")
-            c("n_rows = T * H * (tl.num_programs(2) // HKV)")
+            c("n_rows = T * H * B")
             c("o_d = tl.arange(0, BD)")
             c("m_d = o_d < D")
             c("o_dv = tl.arange(0, BDV)")
             c("m_dv = o_dv < DV")
             c(f"o_jj = i_c * BN + tl.arange(0, BN)  # [BN] keys of block i_n")
             c(f"o_j = i_n * {S} + o_jj")
-            c(f"m_k = (o_jj < {L}) & (o_j < T)")
+            c(f"m_k = (o_jj < {L}) & (o_j < T) & i_ok")
             c("J = o_j[None, :]")
             c("p_kv = (i_b * T + o_j).to(tl.int64) * HKV + i_hk  # [BN]")
             c("b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_k[:, None] & "
@@ -1379,10 +1471,10 @@ class AttendBwdEmitter(AttendEmitter):
               "m_dv[None, :], other=0.)  # [BN, BDV]")
             c("b_dk = tl.zeros([BN, BD], dtype=tl.float32)")
             c("b_dv = tl.zeros([BN, BDV], dtype=tl.float32)")
-            c(f"# the entries listing block i_n (_list_index): BT a step, RE rows each (the "
-              f"group's RP heads, or one head)")
-            c(f"i_key = i_bh * NB{g.node} + i_n")
-            c("e_lo, e_hi = tl.load(loff + i_key), tl.load(loff + i_key + 1)")
+            c(f"# run i_run of the entries listing block i_n (_list_index), E at most: BT a "
+              f"step, RE rows each (the group's RP heads, or one head)")
+            c("e_lo = tl.load(loff + i_key) + i_run * E")
+            c("e_hi = tl.where(i_ok, tl.minimum(tl.load(loff + i_key + 1), e_lo + E), e_lo)")
             c("o_row = tl.arange(0, BT * RE)")
             c("for e0 in range(e_lo, e_hi, BT):")
             with c.indent():
@@ -1424,22 +1516,23 @@ class AttendBwdEmitter(AttendEmitter):
                   "input_precision='ieee' if IEEE else 'tf32')")
                 c(f"b_dk += tl.dot(tl.trans(b_ds).to(b_q.dtype), b_q, input_precision='ieee' "
                   f"if IEEE else 'tf32') * {scale}")
-            c("if e_hi > e_lo:  # other branches may add to the same keys")
+            c("if e_hi > e_lo:  # other runs and branches may add to the same keys")
             with c.indent():
                 c("tl.atomic_add(dk + p_kv[:, None] * D + o_d[None, :], b_dk, mask=m_k[:, None] "
                   "& m_d[None, :])")
                 c("tl.atomic_add(dv + p_kv[:, None] * DV + o_dv[None, :], b_dv, mask=m_k[:, None] "
                   "& m_dv[None, :])")
             self.list_dkdv_args[gi] = args
-            sig = (f"q, k, v, dk, dv, loff, lent, {''.join(a + ', ' for a in args)}{scale}, T, "
-                   f"NB{g.node}, H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, "
+            sig = (f"q, k, v, dk, dv, loff, lent, work, {''.join(a + ', ' for a in args)}{scale}, "
+                   f"T, NB{g.node}, B, E, H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, "
                    f"RE: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, "
                    f"BDV: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr")
             names = " + ".join(b.name for b in tokens)
             doc = (f'    """dk, dv of `{names}` (softmax group {gi} of `{st.name}`) by key blocks of '
                    f'blocks(len={L}, stride={S}): each program walks the rows whose list '
                    f'`{self.ir.node(sel)["name"] or sel}` holds its block (the lists inverted by '
-                   f'_list_index); one atomic add per key: not deterministic."""')
+                   f'_list_index), E of them at most (_list_work); one atomic add per key and '
+                   f'run: not deterministic."""')
             out.append(f"\n@triton.jit\ndef attend_{st.name}_bwd_dkdv{gi}_kernel(\n    {sig},\n):"
                        f"\n{doc}\n{c.text()}\n")
         return out
@@ -1465,6 +1558,21 @@ def _edge_full_edge(c: "Code", head: str, lo: str, fa: str, fb: str, hi: str):
           + ("  # full tiles: no masks" if unmasked else "  # edge tiles: masked"))
         with c.indent():
             yield unmasked
+
+
+def _bisect(c: "Code", var: str, pred: str) -> None:
+    """var = the first query tile t in [0, NT) with pred(t), NT if none (pred is false then
+    true as t grows: the plan's bounds are nondecreasing in the tile)."""
+    c(f"{var} = NT * 0")
+    c("t_b = NT")
+    c(f"while {var} < t_b:")
+    with c.indent():
+        c(f"t_m = ({var} + t_b) // 2")
+        c("i_lo = t_m * BM")
+        c("i_hi = tl.minimum(i_lo + BM, T)")
+        c(f"t_ok = {pred}")
+        c("t_b = tl.where(t_ok, t_m, t_b)")
+        c(f"{var} = tl.where(t_ok, {var}, t_m + 1)")
 
 
 class TileWalk:
@@ -1559,24 +1667,24 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
         (nondecreasing in the tile); the full ones, by bisection on the inner bounds.
     """
 
+    pooled_atomics = False
+
     def _doc(self, combine: str) -> str:
         st = self.st
-        pooled = any(b.pooled and not b.precomputed for grp in st.groups for b in grp)
-        tail = ("; pooled dk, dv by atomic adds: not deterministic" if pooled else
-                ": deterministic")
+        pooled = "".join(f"; pooled dk, dv of `{b.name}`: attend_{st.name}_bwd_dkdvp{b.node}"
+                         "_kernel" for _, b in self._pooled_branches())
+        tail = (f"{pooled} (atomic adds: not deterministic)" if pooled else ": deterministic")
         tokens = (f" (token dk, dv: attend_{st.name}_bwd_dkdv_kernel)"
                   if self._token_groups() else "")
         return (f'    """Backward of attention `{st.name}` (tile layout, {combine}): dq of a tile '
                 f'of queries, written by this program alone{tokens}{tail}."""')
 
     def _prologue(self) -> None:
-        if self._token_groups():
-            self.c("b_qn = b_q  # q in its own dtype: the token products")
+        self.c("b_qn = b_q  # q in its own dtype (pooled keys have it too): the products")
         super()._prologue()
 
     def _walk(self, gi, sources, mask, scale, pooled, full=()) -> None:
-        if pooled is None:
-            self.c(f"b_don{gi} = b_do{gi}.to(b_qn.dtype)")
+        self.c(f"b_don{gi} = b_do{gi}.to(b_qn.dtype)")
         TileWalk._walk(self, gi, sources, mask, scale, pooled, full)
 
     def _token_groups(self):
@@ -1585,13 +1693,19 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
                 if any(not b.pooled and not b.precomputed for b in grp)]
 
     def _update(self, gi, mask, scale, pooled, idx) -> None:
-        if pooled is not None:
-            return super()._update(gi, mask, scale, pooled, idx)
         c = self.c
-        c(f"o_kv = ((i_b * T + {idx}).to(tl.int64) * HKV + i_hk)  # [BN]")
-        c(f"m_k = ({idx} < T)[:, None]")
-        c("b_k = tl.load(k + o_kv[:, None] * D + o_d[None, :], mask=m_k & m_d[None, :], other=0.)")
-        c("b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_k & m_dv[None, :], "
+        if pooled is None:
+            c(f"o_kv = ((i_b * T + {idx}).to(tl.int64) * HKV + i_hk)  # [BN]")
+            c(f"m_k = ({idx} < T)[:, None]")
+            kptr, vptr = "k", "v"
+        else:  # pooled keys: their dk, dv come from attend_<name>_bwd_dkdvp<n>_kernel
+            pool, g = pooled
+            c(f"o_kv = ((i_b * NB{g.node} + {idx}).to(tl.int64) * HKV + i_hk)  # [BN]")
+            c(f"m_k = ({idx} < NB{g.node})[:, None]")
+            kptr, vptr = f"kp{pool}", f"vp{pool}"
+        c(f"b_k = tl.load({kptr} + o_kv[:, None] * D + o_d[None, :], mask=m_k & m_d[None, :], "
+          "other=0.)")
+        c(f"b_v = tl.load({vptr} + o_kv[:, None] * DV + o_dv[None, :], mask=m_k & m_dv[None, :], "
           "other=0.)")
         c(f"b_s = tl.dot(b_qn, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * {scale}")
         c(f"m_a = m_s & {mask} & (b_lse{gi} > float('-inf'))[:, None]")
@@ -1614,12 +1728,17 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
         c(f"b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision='ieee' if IEEE else 'tf32') "
           f"* {scale}")
 
+    def _delta_groups(self) -> list[int]:
+        """The softmax groups whose delta the key-major kernels read (token or pooled keys)."""
+        return sorted({gi for gi, _ in self._token_groups()}
+                      | {gi for gi, _ in self._pooled_branches()})
+
     def _finish(self) -> None:
-        if not self.st.writes_lse and self._token_groups():
+        if not self.st.writes_lse and self._delta_groups():
             self._arg("dsave")
             self.c("")
-            self.c("# each group's delta, for the dk/dv kernel")
-            for gi, _ in self._token_groups():
+            self.c("# each group's delta, for the dk/dv kernels")
+            for gi in self._delta_groups():
                 self.c(f"tl.store(dsave + {gi} * n_rows + p_row, b_delta{gi}, mask=m_r)")
         super()._finish()
 
@@ -1638,20 +1757,6 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
         def arg(a):
             if a not in args:
                 args.append(a)
-
-        def bisect(var: str, pred: str) -> None:
-            """var = the first query tile t in [0, NT) with pred(t), NT if none (pred is
-            false then true as t grows)."""
-            c(f"{var} = NT * 0")
-            c("t_b = NT")
-            c(f"while {var} < t_b:")
-            with c.indent():
-                c(f"t_m = ({var} + t_b) // 2")
-                c("i_lo = t_m * BM")
-                c("i_hi = tl.minimum(i_lo + BM, T)")
-                c(f"t_ok = {pred}")
-                c("t_b = tl.where(t_ok, t_m, t_b)")
-                c(f"{var} = tl.where(t_ok, {var}, t_m + 1)")
 
         c("i_n, i_hk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)")
         c("# a tile of BN consecutive keys of one kv head; dk, dv accumulate in registers over")
@@ -1678,8 +1783,7 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
             c("n_rows = T * H * tl.num_programs(2)  # B * T * H rows per group")
         plans = {}
         for gi, tokens in groups:
-            masks = [self.ex.keys(ir.operand(b.node, "keys"), "I", "J") for b in tokens]
-            mask = masks[0] if len(masks) == 1 else "(" + " | ".join(masks) + ")"
+            mask = self.ex.union_keys(tokens)
             sources: list = []
             for b in tokens:
                 sources += [x for x in b.sources if x not in sources]
@@ -1695,8 +1799,8 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
             for si, s in enumerate(sources):
                 nbs.update(_nbs_in(s.lo, s.hi))
                 c(f"# source {si}: keys [{s.lo}, {s.hi})")
-                bisect("t_lo", f"tl.minimum({_tl(s.hi)}, T) > j0")
-                bisect("t_hi", f"tl.maximum({_tl(s.lo)}, 0) >= j1")
+                _bisect(c, "t_lo", f"tl.minimum({_tl(s.hi)}, T) > j0")
+                _bisect(c, "t_hi", f"tl.maximum({_tl(s.lo)}, 0) >= j1")
                 c(f"ta{gi} = tl.where(t_lo < t_hi, tl.minimum(ta{gi}, t_lo), ta{gi})")
                 c(f"tb{gi} = tl.where(t_lo < t_hi, tl.maximum(tb{gi}, t_hi), tb{gi})")
             c(f"tb{gi} = tl.maximum(tb{gi}, ta{gi})")
@@ -1706,8 +1810,8 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
             for f in full:
                 nbs.update(_nbs_in(f.lo, f.hi))
                 c(f"# inner range [{f.lo}, {f.hi})")
-                bisect("t_lo", f"{_tl(f.hi)} >= j0 + BN")
-                bisect("t_hi", f"{_tl(f.lo)} > j0")
+                _bisect(c, "t_lo", f"{_tl(f.hi)} >= j0 + BN")
+                _bisect(c, "t_hi", f"{_tl(f.lo)} > j0")
                 c(f"t_lo = tl.maximum(t_lo, ta{gi})")
                 c(f"t_hi = tl.minimum(tl.minimum(t_hi, tb{gi}), NF)")
                 c(f"f_w = t_hi - t_lo > fb{gi} - fa{gi}")
@@ -1745,7 +1849,12 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
         return (f"\n@triton.jit\ndef attend_{st.name}_bwd_dkdv_kernel(\n    {sig},\n):\n{doc}\n"
                 f"{c.text()}\n")
 
-    def _dkdv_tile(self, c, gi, sources, mask, scale, unmasked, arg) -> None:
+    def _dkdv_tile(self, c, gi, sources, mask, scale, unmasked, arg, limit="T",
+                   f32_ds=False) -> None:
+        """One query tile t's contribution to the key tile's dk, dv (keys up to `limit`: T,
+        or NB<g> for pooled keys). `f32_ds`: dp and dk take float32 operands (tf32), dO and
+        ds unrounded: pooled keys sum ds over every later query, and rowsum(ds) = 0 must
+        survive the sum (the compressed keys' shared bias gets no gradient)."""
         st = self.st
         c("i_lo = t * BM")
         c("i_hi = tl.minimum(i_lo + BM, T)")
@@ -1765,7 +1874,7 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
             for a in ("xlse", "xdelta"):
                 arg(a)
             c(f"b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask={m_o}, "
-              "other=0.).to(b_q.dtype)")
+              f"other=0.).to({'tl.float32' if f32_ds else 'b_q.dtype'})")
             c(f"b_lse = tl.load(xlse + p_row{rmask}{other(NEG_INF)})")
             c(f"b_delta = tl.load(xdelta + p_row{rmask}{other('0.')})")
         else:
@@ -1776,7 +1885,9 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
             if gate is not None:
                 arg(f"gate_{gate}")
                 c(f"b_g = tl.load(gate_{gate} + p_row{rmask}{other('0.')}).to(tl.float32)")
-                c("b_do = (b_do.to(tl.float32) * b_g[:, None]).to(b_q.dtype)")
+                c("b_do = b_do.to(tl.float32) * b_g[:, None]")
+                if not f32_ds:
+                    c("b_do = b_do.to(b_q.dtype)")
             c(f"b_lse = tl.load(lsave + {gi} * n_rows + p_row{rmask}{other(NEG_INF)})")
             c(f"b_delta = tl.load(dsave + {gi} * n_rows + p_row{rmask}{other('0.')})")
         c(f"b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * {scale}"
@@ -1786,17 +1897,120 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
         else:
             for si, s in enumerate(sources):
                 c(f"lo{si} = tl.maximum({_tl(s.lo)}, 0)")
-                c(f"hi{si} = tl.minimum({_tl(s.hi)}, T)")
+                c(f"hi{si} = tl.minimum({_tl(s.hi)}, {limit})")
             m_s = " | ".join(f"((J >= lo{si}) & (J < hi{si}))" for si in range(len(sources)))
             c(f"m_a = m_r[:, None] & m_j[None, :] & ({m_s}) & {mask}")
             c("m_a = m_a & (b_lse > float('-inf'))[:, None]  # a row that saw no key has none")
             c("b_p = tl.where(m_a, tl.exp(b_s - b_lse[:, None]), 0.)  # [BM, BN]")
+        if f32_ds:
+            c("b_dp = tl.dot(b_do, tl.trans(b_v.to(tl.float32)), input_precision='ieee' if IEEE "
+              "else 'tf32')")
+            c("b_ds = b_p * (b_dp - b_delta[:, None])")
+            c("b_dv += tl.dot(tl.trans(b_p.to(b_q.dtype)), b_do.to(b_q.dtype), "
+              "input_precision='ieee' if IEEE else 'tf32')")
+            c("b_dk += tl.dot(tl.trans(b_ds), b_q.to(tl.float32), "
+              f"input_precision='ieee' if IEEE else 'tf32') * {scale}")
+            return
         c("b_dp = tl.dot(b_do, tl.trans(b_v), input_precision='ieee' if IEEE else 'tf32')")
         c("b_ds = b_p * (b_dp - b_delta[:, None])")
         c("b_dv += tl.dot(tl.trans(b_p.to(b_q.dtype)), b_do, "
           "input_precision='ieee' if IEEE else 'tf32')")
         c("b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, "
           f"input_precision='ieee' if IEEE else 'tf32') * {scale}")
+
+    # ------------------------------------------------------- pooled dk, dv by key tiles
+    def _pooled_branches(self):
+        return [(gi, b) for gi, grp in enumerate(self.st.groups) for b in grp
+                if b.pooled and not b.precomputed]
+
+    def emit_pooled_dkdv(self) -> list[str]:
+        """For each pooled branch, its pooled keys' dk, dv by key tiles: one program per (BN
+        blocks, query head, batch and query split) walks its split's query tiles that reach
+        those blocks (found by bisection on the source bounds, as `emit_dkdv`), accumulates
+        in registers and adds once per key tile (the heads of a kv head and the splits share
+        the pooled keys: atomic). Before, every (query tile, head) of the dq kernel added into
+        the few pooled keys: at 64k with NSA's 64-token blocks, 1024 query tiles x 64 heads
+        onto 1024 blocks."""
+        st, ir = self.st, self.ir
+        self.pdkdv = []
+        kernels = []
+        for gi, b in self._pooled_branches():
+            c = Code()
+            args: list[str] = []
+
+            def arg(a):
+                if a not in args:
+                    args.append(a)
+
+            pool = ir.operand(b.node, "keys")
+            g = b.grid.node
+            nbs = {g}
+            scale = f"scale{b.node}"
+            arg(scale)
+            mask = self.ex.blocks(ir.operand(b.node, "blocks"), "I", "J")
+            c("i_n, i_h, i_bs = tl.program_id(0), tl.program_id(1), tl.program_id(2)")
+            c("i_b, i_s = i_bs // S, i_bs % S  # batch, query split")
+            c("i_hk = i_h // G")
+            c("# BN consecutive pooled keys (blocks) of one kv head, seen by query head i_h in")
+            c("# the query tiles [i_s * QT, i_s * QT + QT)")
+            c("j0 = i_n * BN")
+            c(f"j1 = tl.minimum(j0 + BN, NB{g})")
+            c("o_j = j0 + tl.arange(0, BN)  # [BN] block indices")
+            c(f"m_j = o_j < NB{g}")
+            c("J = o_j[None, :]  # [1, BN]")
+            c("o_d = tl.arange(0, BD)")
+            c("m_d = o_d < D")
+            c("o_dv = tl.arange(0, BDV)")
+            c("m_dv = o_dv < DV")
+            c(f"p_kv = ((i_b * NB{g} + o_j).to(tl.int64) * HKV + i_hk)  # [BN]")
+            c(f"b_k = tl.load(kp{pool} + p_kv[:, None] * D + o_d[None, :], mask=m_j[:, None] & "
+              "m_d[None, :], other=0.)  # [BN, BD]")
+            c(f"b_v = tl.load(vp{pool} + p_kv[:, None] * DV + o_dv[None, :], mask=m_j[:, None] & "
+              "m_dv[None, :], other=0.)  # [BN, BDV]")
+            c("b_dk = tl.zeros([BN, BD], dtype=tl.float32)")
+            c("b_dv = tl.zeros([BN, BDV], dtype=tl.float32)")
+            c("NT = tl.cdiv(T, BM)  # query tiles")
+            if not st.writes_lse:
+                c("n_rows = T * H * (tl.num_programs(2) // S)  # B * T * H rows per group")
+            c(f"# ---- softmax group {gi}: `{b.name}`; the query tiles [ta, tb) whose source "
+              "bounds reach blocks [j0, j1)")
+            c("ta = NT")
+            c("tb = NT * 0")
+            for si, src in enumerate(b.sources):
+                nbs.update(_nbs_in(src.lo, src.hi))
+                c(f"# source {si}: blocks [{src.lo}, {src.hi})")
+                _bisect(c, "t_lo", f"tl.minimum({_tl(src.hi)}, NB{g}) > j0")
+                _bisect(c, "t_hi", f"tl.maximum({_tl(src.lo)}, 0) >= j1")
+                c("ta = tl.where(t_lo < t_hi, tl.minimum(ta, t_lo), ta)")
+                c("tb = tl.where(t_lo < t_hi, tl.maximum(tb, t_hi), tb)")
+            c("ta = tl.maximum(ta, i_s * QT)")
+            c("tb = tl.minimum(tb, i_s * QT + QT)")
+            c("for t in range(ta, tb):")
+            with c.indent():
+                self._dkdv_tile(c, gi, list(b.sources), mask, scale, False, arg,
+                                limit=f"NB{g}", f32_ds=True)
+            c("")
+            c("# once per program: the other heads of the kv head and the other splits add to "
+              "the same blocks")
+            c("m_w = m_j & (tb > ta)")
+            c(f"tl.atomic_add(dkp{pool} + p_kv[:, None] * D + o_d[None, :], b_dk, "
+              "mask=m_w[:, None] & m_d[None, :])")
+            c(f"tl.atomic_add(dvp{pool} + p_kv[:, None] * DV + o_dv[None, :], b_dv, "
+              "mask=m_w[:, None] & m_dv[None, :])")
+            name = f"attend_{st.name}_bwd_dkdvp{b.node}_kernel"
+            sig = (f"q, do, kp{pool}, vp{pool}, dkp{pool}, dvp{pool}, "
+                   f"{''.join(a + ', ' for a in args)}T, "
+                   f"{''.join(f'NB{x}, ' for x in sorted(nbs))}S, QT, "
+                   "H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, "
+                   "DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, "
+                   "BN: tl.constexpr, IEEE: tl.constexpr")
+            doc = (f'    """dk, dv of the pooled keys of `{b.name}` in attention `{st.name}` '
+                   f'(tile layout), by key tiles: each program walks the query tiles of its '
+                   f'split that see its blocks and adds their gradients once: atomic adds, '
+                   f'not deterministic."""')
+            self.pdkdv.append((b, pool, args, sorted(nbs)))
+            kernels.append(f"\n@triton.jit\ndef {name}(\n    {sig},\n):\n{doc}\n{c.text()}\n")
+        return kernels
 
 
 def emit_pool_bwd(st: PoolStage) -> str:
@@ -2043,7 +2257,7 @@ class HostEmitter:
         g = st.grid
         c(f"# pool `{st.name}`: {st.method} over blocks(len={g.length}, stride={g.stride})")
         for side, x, d, bd in (("k", "k", "D", "BD"), ("v", "v", "DV", "BDV")):
-            c(f"{side}p{st.node} = torch.empty(B, NB{g.node}, HKV, {d}, device=dev, dtype=f32)")
+            c(f"{side}p{st.node} = torch.empty(B, NB{g.node}, HKV, {d}, device=dev, dtype=q.dtype)")
             c(pool_launch(st, side, x, f"{side}p{st.node}", f"NB{g.node}"))
 
     def _select_setup(self, st: SelectStage, em: SelectEmitter, rows: str,
@@ -2169,8 +2383,9 @@ class HostEmitter:
             c(f"osave = torch.empty({ng}, B, T, H, DV, device=dev, dtype=f32) if save else o")
             c(f"lsave = torch.empty({ng}, B, T, H, device=dev, dtype=f32) if save else o")
         grid, args, deps = self._launch(st, em)
-        tiles = "BN=BN, IEEE=IEEE, SAVE=save, num_warps=W, num_stages=NS" if st.layout == "tile" \
-            else "BN=32, IEEE=IEEE, SAVE=save"
+        if st.layout != "tile":
+            c("BN, W, NS = _row_config('fwd', q)  # (SPARSEDSL_ROW)")
+        tiles = "BN=BN, IEEE=IEEE, SAVE=save, num_warps=W, num_stages=NS"
         c(f"attend_{st.name}_fwd_kernel[{grid}](q, k, v, o, {''.join(x + ', ' for x in args)}T, "
           f"{''.join(f'NB{x}, ' for x in sorted(em.nbs))}{deps}H=H, HKV=HKV, G=G, R=R, RP=RP, "
           f"D=D, DV=DV, BD=BD, BDV=BDV, BM=BM, {tiles})")
@@ -2198,7 +2413,8 @@ class HostBwdEmitter(HostEmitter):
         # differentiated); which pools: those with parameters, and mean pools a running stage
         # attends (a pool that only feeds a router gets no gradient)
         attends = [st for st in plan.stages if st.kind == "attend"]
-        used = {b.node for grp in attends[-1].groups for b in grp if b.precomputed}
+        final = attends[-1]
+        used = {b.node for grp in final.groups for b in grp if b.precomputed}
         runs = [st for st in reversed(attends) if not (st.writes_lse and st.node not in used)]
         read = {self.ir.operand(b.node, "keys") for st in runs for grp in st.groups for b in grp
                 if b.pooled and not b.precomputed}
@@ -2227,29 +2443,29 @@ class HostBwdEmitter(HostEmitter):
         for st in plan.stages:
             if st in pools:  # (a pool without a backward needs no gradient buffers)
                 c(f"kp{st.node}, vp{st.node} = saved['kp{st.node}'], saved['vp{st.node}']")
-                c(f"dkp{st.node}, dvp{st.node} = torch.zeros_like(kp{st.node}), "
-                  f"torch.zeros_like(vp{st.node})")
+                c(f"dkp{st.node} = torch.zeros(kp{st.node}.shape, device=dev, dtype=f32)")
+                c(f"dvp{st.node} = torch.zeros(vp{st.node}.shape, device=dev, dtype=f32)")
             elif st.kind == "select":
                 c(f"sel{st.node} = saved['sel{st.node}']")
                 c(f"HS{st.node}, KS{st.node} = sel{st.node}.shape[2], sel{st.node}.shape[3]")
+        gates = [g for g in final.gates if g is not None] if final.combine == "mix" else []
+        for g in gates:
+            c(f"dgate_{g} = torch.empty(B, T, H, device=dev, dtype=f32)")
         for st in runs:
-            if st.writes_lse:
-                c(f"xdo{st.node} = torch.zeros(B, T, H, DV, device=dev, dtype=f32)")
-                c(f"xlse{st.node} = torch.full((B, T, H), float('-inf'), device=dev, dtype=f32)")
-                c(f"xdelta{st.node} = torch.zeros(B, T, H, device=dev, dtype=f32)")
+            if st.writes_lse:  # every row written by the backward of the stage that reads it
+                c(f"xdo{st.node} = torch.empty(B, T, H, DV, device=dev, dtype=f32)")
+                c(f"xlse{st.node} = torch.empty(B, T, H, device=dev, dtype=f32)")
+                c(f"xdelta{st.node} = torch.empty(B, T, H, device=dev, dtype=f32)")
         for st in runs:
             c("")
             self._attend_bwd(st, attend_bwd[id(st)], kv_store)
         for st in pools:
             c("")
             self._pool_bwd(st)
-        final = attends[-1]
         c("")
-        c("# gates: d(gate_g) = sum over v's dims of dO * o_g")
-        c("dgates = {}")
-        for gi, gate in enumerate(final.gates):
-            if gate is not None and final.combine == "mix":
-                c(f"dgates[{gate!r}] = (do.to(osave.dtype) * osave[{gi}]).sum(-1)")
+        c("# gates: d(gate_g) = sum over v's dims of dO * o_g, written by the last stage's "
+          "backward kernel")
+        c("dgates = {" + ", ".join(f"{g!r}: dgate_{g}" for g in gates) + "}")
         c("return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgates, dparams")
         return "\n\ndef backward(q, k, v, gates, params, saved, do):\n" + c.text() + "\n"
 
@@ -2260,7 +2476,7 @@ class HostBwdEmitter(HostEmitter):
             return
         c(f"# backward of attend `{st.name}`")
         tile = st.layout == "tile"
-        if tile and getattr(em, "dkdv", None) and not st.writes_lse:
+        if tile and em._delta_groups() and not st.writes_lse:
             c(f"dsave = torch.empty({len(st.groups)}, B, T, H, device=dev, dtype=f32)  "
               "# delta per group")
         by_keys = getattr(em, "by_keys", {})
@@ -2272,7 +2488,9 @@ class HostBwdEmitter(HostEmitter):
         do = f"xdo{st.node}" if st.writes_lse else "do"
         deps = "".join(f"HS{d}=HS{d}, SH{d}={self._shared(d)}, KS{d}=KS{d}, "
                        f"KSP{d}=triton.next_power_of_2(KS{d}), " for d in sorted(em.lists))
-        tiles = "BN=BN, IEEE=IEEE, num_warps=W, num_stages=NS" if tile else "BN=32, IEEE=IEEE"
+        if not tile:
+            c("BN, W, NS = _row_config('dq', q)  # (SPARSEDSL_ROW_DQ)")
+        tiles = "BN=BN, IEEE=IEEE, num_warps=W, num_stages=NS"
         tiles += "".join(f", KM{gi}=KM" for gi in by_keys)
         c(f"attend_{st.name}_bwd_kernel[{grid}](q, k, v, {do}, dq, dk, dv, "
           f"{''.join(x + ', ' for x in args)}T, {''.join(f'NB{x}, ' for x in sorted(em.nbs))}"
@@ -2288,13 +2506,15 @@ class HostBwdEmitter(HostEmitter):
                 shared = self._shared(sel) == "True"
                 c(f"loff, lent = _list_index(sel{sel}, NB{g.node}, HKV, G, {shared})")
                 c(f"RE = {'triton.next_power_of_2(G)' if shared else '1'}  # rows per entry")
+                c("E = _list_chunk(RE, q.is_cuda)  # (SPARSEDSL_LIST_CHUNK)")
+                c(f"work = _list_work(loff, sel{sel}.numel(), E)")
                 c("# BT entries x RE rows: at least 16, the reduction of the dk/dv dots")
                 c("KBT, KBN = (max(1, 64 // RE), 64) if q.is_cuda else (max(1, 16 // RE), 16)")
                 c(f"KBN = max(16, min(KBN, triton.next_power_of_2({g.length})))")
                 c(f"attend_{st.name}_bwd_dkdv{gi}_kernel[(triton.cdiv({g.length}, KBN), "
-                  f"NB{g.node}, B * HKV)](q, k, v, dk, dv, loff, lent, "
+                  f"work.shape[0])](q, k, v, dk, dv, loff, lent, work, "
                   f"{''.join(x + ', ' for x in kargs)}{self._scale(tokens[0].node)}, T, "
-                  f"NB{g.node}, H=H, HKV=HKV, G=G, RE=RE, D=D, DV=DV, BD=BD, BDV=BDV, BT=KBT, "
+                  f"NB{g.node}, B, E, H=H, HKV=HKV, G=G, RE=RE, D=D, DV=DV, BD=BD, BDV=BDV, BT=KBT, "
                   f"BN=KBN, IEEE=IEEE)")
         if tile and getattr(em, "dkdv", None):
             dargs, nbs = em.dkdv
@@ -2304,6 +2524,19 @@ class HostBwdEmitter(HostEmitter):
             c("BM, BN, W, NS = _tile_config('dkdv', q)  # (SPARSEDSL_TILE_DKDV)")
             c(f"attend_{st.name}_bwd_dkdv_kernel[(triton.cdiv(T, BN), HKV, B)](q, k, v, {do}, "
               f"dk, dv, {''.join(x + ', ' for x in dargs)}T, {''.join(f'NB{x}, ' for x in nbs)}"
+              "H=H, HKV=HKV, G=G, D=D, DV=DV, BD=BD, BDV=BDV, BM=BM, BN=BN, IEEE=IEEE, "
+              "num_warps=W, num_stages=NS)")
+        for b, pool, pargs, nbs in getattr(em, "pdkdv", ()):
+            pargs = [self._scale(int(a[5:])) if a.startswith("scale") else
+                     f"gates[{a[5:]!r}]" if a.startswith("gate_") else
+                     f"{a}{st.node}" if a in ("xlse", "xdelta") else a for a in pargs]
+            c(f"# pooled dk, dv of `{b.name}` by key tiles")
+            c("BM, BN, W, NS = _tile_config('dkdvp', q, pooled=True)  # (SPARSEDSL_TILE_DKDVP)")
+            c(f"QT, S = _query_split(triton.cdiv(T, BM), triton.cdiv(NB{b.grid.node}, BN) * H * B)"
+              "  # (SPARSEDSL_QUERY_SPLIT)")
+            c(f"attend_{st.name}_bwd_dkdvp{b.node}_kernel[(triton.cdiv(NB{b.grid.node}, BN), H, "
+              f"B * S)](q, {do}, kp{pool}, vp{pool}, dkp{pool}, dvp{pool}, "
+              f"{''.join(x + ', ' for x in pargs)}T, {''.join(f'NB{x}, ' for x in nbs)}S, QT, "
               "H=H, HKV=HKV, G=G, D=D, DV=DV, BD=BD, BDV=BDV, BM=BM, BN=BN, IEEE=IEEE, "
               "num_warps=W, num_stages=NS)")
 
@@ -2371,6 +2604,7 @@ def generate(ir: IR, plan: KernelPlan | None = None) -> tuple[str, KernelPlan]:
             dkdv = em.emit_dkdv()
             if dkdv:
                 parts.append(dkdv)
+            parts += em.emit_pooled_dkdv()
             attends_bwd[id(st)] = em
         elif st.kind == "attend":
             em = AttendBwdEmitter(ir, plan, ex, st)

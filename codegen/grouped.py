@@ -65,11 +65,19 @@ def _group_by_block(sel, H, NB, BM):
     gcnt = torch.zeros(NG + 1, dtype=torch.int64, device=dev).scatter_add_(
         0, gid, torch.ones_like(gid))[:NG]  # (bincount's size would depend on the data)
     goff = torch.cumsum(gcnt, 0) - gcnt
+    return (order, goff, gcnt) + _group_tiles(gcnt, BM, gid.numel())
+
+
+def _group_tiles(gcnt, BM, n):
+    """The tiles of BM entries of groups of gcnt entries (n in all, an upper bound of the
+    sum): each group's first tile and each tile's group (NG past the last), for a grid of
+    n // BM + NG programs at most (no host sync)."""
+    NG = gcnt.numel()
     tiles = (gcnt + BM - 1) // BM
     tend = torch.cumsum(tiles, 0)
-    n_max = max(1, gid.numel() // BM + min(NG, gid.numel()))
-    tgroup = torch.searchsorted(tend, torch.arange(n_max, device=dev), right=True)
-    return order, goff, gcnt, tend - tiles, tgroup.to(torch.int32)
+    n_max = max(1, n // BM + min(NG, n))
+    tgroup = torch.searchsorted(tend, torch.arange(n_max, device=gcnt.device), right=True)
+    return tend - tiles, tgroup.to(torch.int32)
 
 
 @triton.jit
@@ -85,8 +93,18 @@ def _rowdot_kernel(a, b, out, N, DV: tl.constexpr, BDV: tl.constexpr, BR: tl.con
     tl.store(out + o_row, tl.sum(b_a * b_b, 1), mask=o_row < N)
 
 
-def _grouped_config(q):
-    """Tile sizes (entries BM, keys BN), warps and pipeline stages of the grouped kernels."""
+def _grouped_config(q, kernel):
+    """Tile sizes (entries BM, keys BN), warps and pipeline stages of a grouped kernel
+    ('fwd', 'dq' or 'dkdv'), read at each call: SPARSEDSL_GROUPED (forward),
+    SPARSEDSL_GROUPED_DQ, SPARSEDSL_GROUPED_DKDV = "BM,BN,WARPS,STAGES" override."""
+    import os
+    env = os.environ.get({'fwd': 'SPARSEDSL_GROUPED', 'dq': 'SPARSEDSL_GROUPED_DQ',
+                          'dkdv': 'SPARSEDSL_GROUPED_DKDV'}[kernel])
+    if env:
+        bm, bn, w, s = (int(x) for x in env.split(","))
+        if min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1):
+            raise ValueError(f"grouped tile sizes must be powers of two >= 16, got {env!r}")
+        return bm, bn, w, s
     if q.is_cuda:
         return (64, 64, 4, 2) if q.shape[-1] > 64 else (64, 64, 4, 3)
     return 16, 16, 1, 1  # Triton's interpreter: small tiles run fastest
@@ -367,7 +385,7 @@ class GroupedEmitter:
     def host_fwd(self, c, scale: str) -> None:
         s = self.sel
         c(f"# attend `{self.st.name}`: grouped by selected block")
-        c("GBM, GBN, GW, GS = _grouped_config(q)")
+        c("GBM, GBN, GW, GS = _grouped_config(q, 'fwd')  # (SPARSEDSL_GROUPED)")
         c(f"NG = B * H * NB{self.grid.node}")
         c(f"gorder, ggoff, ggcnt, gtoff, gtgroup = _group_by_block(sel{s}, H, "
           f"NB{self.grid.node}, GBM)")
@@ -385,7 +403,7 @@ class GroupedEmitter:
         c("del po, pl")
 
     def saved(self) -> list[str]:
-        return ["gorder", "ggoff", "ggcnt", "gtoff", "gtgroup"]
+        return ["gorder", "ggoff", "ggcnt"]
 
     @property
     def disjoint_blocks(self) -> bool:
@@ -398,17 +416,18 @@ class GroupedEmitter:
         and may be stored in place of atomic adds (the caller decides, from
         `disjoint_blocks`, and allocates them to match)."""
         c(f"# backward of attend `{self.st.name}`: grouped by selected block")
-        c("GBM, GBN, GW, GS = _grouped_config(q)")
-        c("gorder, ggoff, ggcnt, gtoff, gtgroup = (saved[x] for x in ('gorder', 'ggoff', "
-          "'ggcnt', 'gtoff', 'gtgroup'))")
+        c("gorder, ggoff, ggcnt = saved['gorder'], saved['ggoff'], saved['ggcnt']")
         c(f"NG = B * H * NB{self.grid.node}")
         c("glse = lsave[0]")
         c("gdelta = torch.empty(B, T, H, device=dev, dtype=f32)")
         c("_rowdot_kernel[(triton.cdiv(B * T * H, 16),)](do, osave, gdelta, B * T * H, DV=DV, "
           "BDV=BDV, BR=16)  # delta = rowsum(dO * o), accumulated in f32, no temporaries")
+        c("GBM, GBN, GW, GS = _grouped_config(q, 'dq')  # (SPARSEDSL_GROUPED_DQ)")
+        c("gtoff, gtgroup = _group_tiles(ggcnt, GBM, gorder.numel())  # tiles of GBM entries")
         c(f"attend_{self.st.name}_bwd_dq_kernel[(gtgroup.numel(),)](q, k, v, do, dq, glse, "
           f"gdelta, gorder, ggoff, ggcnt, gtoff, gtgroup, {self._common(scale)}, BM=GBM, BN=GBN, "
           f"IEEE=IEEE, num_warps=GW, num_stages=GS)")
+        c("GBM, GBN, GW, GS = _grouped_config(q, 'dkdv')  # (SPARSEDSL_GROUPED_DKDV)")
         c(f"attend_{self.st.name}_bwd_dkdv_kernel[(NG, triton.cdiv({self.grid.length}, GBN))]("
           f"q, k, v, do, dk, dv, glse, gdelta, gorder, ggoff, ggcnt, {self._common(scale)}, "
           f"BM=GBM, BN=GBN, IEEE=IEEE, STORE={store}, "

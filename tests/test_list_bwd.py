@@ -3,8 +3,9 @@ which groups get it, and its gradients against float64 autograd of the reference
 per-query kernel's atomic adds (SPARSEDSL_LIST_BWD=query) as the other side of an A/B.
 
 The kernel walks the rows listing its block (the lists inverted by the generated host helper
-`_list_index`), BT = 16 / G entries a step in the interpreter and 16 keys per program, so the
-odd lengths below cut blocks, entry tiles and T at different places.
+`_list_index`) in runs of at most SPARSEDSL_LIST_CHUNK rows (32 in the interpreter: several
+runs per block here; `_list_work` cuts them), BT = 16 / G entries a step and 16 keys per
+program, so the odd lengths below cut blocks, runs, entry tiles and T at different places.
 """
 from __future__ import annotations
 
@@ -79,6 +80,38 @@ def test_list_keys_gradients(spec, B, T, Hq, Hkv, mode, monkeypatch):
     and with the per-query kernel's atomic adds."""
     layer = _check(spec, B, T, Hq, Hkv, 8, monkeypatch, mode)
     assert "_bwd_dkdv1_kernel" in layer.source or "_bwd_dkdv0_kernel" in layer.source
+
+
+@pytest.mark.parametrize("chunk", ["1", "1000000"])
+def test_list_runs_of_any_length(chunk, monkeypatch):
+    """One entry per program, or one program for a block's whole list: the same gradients."""
+    monkeypatch.setenv("SPARSEDSL_LIST_CHUNK", chunk)
+    _check(NSA_FLA, 1, 45, 4, 1, 8, monkeypatch, "keys")
+    _check(PER_HEAD, 1, 37, 4, 2, 8, monkeypatch, "keys")
+
+
+def test_list_work_covers_every_entry_once():
+    """`_list_work` gives each block's entries, cut into runs of at most E, to one program
+    each; the programs past the last run have no key."""
+    from sparsedsl.codegen.emit import TRITON_PRELUDE
+    ns: dict = {}
+    exec(TRITON_PRELUDE, ns)
+    lengths = [0, 5, 1, 0, 0, 12, 3, 4]
+    off = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    off[1:] = torch.cumsum(torch.tensor(lengths), 0)
+    n_entries = 40  # an upper bound of sum(lengths), as the host passes sel.numel()
+    for E in (1, 3, 4, 100):
+        work = ns["_list_work"](off, n_entries, E)
+        assert work.shape == (len(lengths) + -(-n_entries // E), 2)
+        seen = []
+        for key, run in work.tolist():
+            if key >= len(lengths):
+                continue
+            lo = int(off[key]) + run * E
+            hi = min(int(off[key + 1]), lo + E)
+            assert hi > lo, (E, key, run)  # no program gets an empty run of a real key
+            seen += range(lo, hi)
+        assert sorted(seen) == list(range(int(off[-1]))), E
 
 
 def test_which_groups_are_key_major():

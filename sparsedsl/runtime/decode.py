@@ -22,7 +22,8 @@ class KVCache:
     """Keys, values and pooled blocks of one layer, for `batch` sequences of equal length.
 
     k, v: [batch, length, kv_heads, head_dim] views of buffers with room for `capacity`
-    tokens (doubled when full). Pooled buffers are float32 (float64 for a float64 cache)."""
+    tokens (doubled when full). Pooled buffers have the cache's dtype on a GPU (as the
+    forward pools them), float32 (float64 for a float64 cache) in the interpreter."""
 
     def __init__(self, layer, batch: int, kv_heads: int, head_dim: int,
                  head_dim_v: int | None = None, *, capacity: int = 1024,
@@ -40,6 +41,8 @@ class KVCache:
         self._store = torch.float32 if (dtype == torch.bfloat16 and
                                         self.device.type != "cuda") else dtype
         self._acc = torch.float64 if dtype == torch.float64 else torch.float32
+        # pooled keys as the forward pools them: in the inputs' dtype on a GPU
+        self._pool_dtype = self._store if self.device.type == "cuda" else self._acc
         self.length = 0
         self._pool_stages = [st for st in layer.plan.stages if st.kind == "pool"]
         self._k = self._v = None
@@ -67,7 +70,7 @@ class KVCache:
             nb = -(-capacity // st.grid.stride)
             for side, d in (("k", self.head_dim), ("v", self.head_dim_v)):
                 pools[f"{side}p{st.node}"] = torch.zeros(B, nb, HKV, d, device=dev,
-                                                         dtype=self._acc)
+                                                         dtype=self._pool_dtype)
         if self._k is not None:  # grow: keep what is there
             n = self.length
             k[:, :n], v[:, :n] = self._k[:, :n], self._v[:, :n]
