@@ -88,6 +88,19 @@ def _list_index(sel, NB, HKV, G, shared):
     return off, ent.to(torch.int32)
 
 
+def _env_tiles(var, what):
+    """The override "BM,BN,WARPS,STAGES" in environment variable `var` (None when unset),
+    BM and BN powers of two >= 16; `what` names the sizes in the error."""
+    import os
+    env = os.environ.get(var)
+    if not env:
+        return None
+    bm, bn, w, s = (int(x) for x in env.split(","))
+    if min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1):
+        raise ValueError(f"{what} must be powers of two >= 16, got {env!r}")
+    return bm, bn, w, s
+
+
 def _row_config(kernel, q):
     """(BN, num_warps, num_stages) of a row-layout kernel ('fwd' or 'dq': one query's rows
     against BN keys a step), read at each call: SPARSEDSL_ROW, SPARSEDSL_ROW_DQ =
@@ -142,15 +155,12 @@ def _tile_config(kernel, q, pooled=False):
     SPARSEDSL_TILE (forward), SPARSEDSL_TILE_DQ, SPARSEDSL_TILE_DKDV, SPARSEDSL_TILE_DKDVP =
     "BM,BN,WARPS,STAGES" override; else small tiles in the interpreter
     (several tiles of each kind in tests) and per-dtype defaults on CUDA (a stage over pooled
-    keys, whose products run in float32, has its own)."""
-    import os
-    env = os.environ.get({'fwd': 'SPARSEDSL_TILE', 'dq': 'SPARSEDSL_TILE_DQ',
-                          'dkdv': 'SPARSEDSL_TILE_DKDV', 'dkdvp': 'SPARSEDSL_TILE_DKDVP'}[kernel])
+    keys has its own)."""
+    env = _env_tiles({'fwd': 'SPARSEDSL_TILE', 'dq': 'SPARSEDSL_TILE_DQ',
+                      'dkdv': 'SPARSEDSL_TILE_DKDV', 'dkdvp': 'SPARSEDSL_TILE_DKDVP'}[kernel],
+                     "tile sizes")
     if env:
-        bm, bn, w, s = (int(x) for x in env.split(","))
-        if min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1):
-            raise ValueError(f"tile sizes must be powers of two >= 16, got {env!r}")
-        return bm, bn, w, s
+        return env
     if not q.is_cuda:
         return 16, 16, 4, 1
     if pooled and q.element_size() > 2:
@@ -1728,17 +1738,17 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
         c(f"b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision='ieee' if IEEE else 'tf32') "
           f"* {scale}")
 
-    def _delta_groups(self) -> list[int]:
+    def delta_groups(self) -> list[int]:
         """The softmax groups whose delta the key-major kernels read (token or pooled keys)."""
         return sorted({gi for gi, _ in self._token_groups()}
                       | {gi for gi, _ in self._pooled_branches()})
 
     def _finish(self) -> None:
-        if not self.st.writes_lse and self._delta_groups():
+        if not self.st.writes_lse and self.delta_groups():
             self._arg("dsave")
             self.c("")
             self.c("# each group's delta, for the dk/dv kernels")
-            for gi in self._delta_groups():
+            for gi in self.delta_groups():
                 self.c(f"tl.store(dsave + {gi} * n_rows + p_row, b_delta{gi}, mask=m_r)")
         super()._finish()
 
@@ -1902,20 +1912,14 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
             c(f"m_a = m_r[:, None] & m_j[None, :] & ({m_s}) & {mask}")
             c("m_a = m_a & (b_lse > float('-inf'))[:, None]  # a row that saw no key has none")
             c("b_p = tl.where(m_a, tl.exp(b_s - b_lse[:, None]), 0.)  # [BM, BN]")
-        if f32_ds:
-            c("b_dp = tl.dot(b_do, tl.trans(b_v.to(tl.float32)), input_precision='ieee' if IEEE "
-              "else 'tf32')")
-            c("b_ds = b_p * (b_dp - b_delta[:, None])")
-            c("b_dv += tl.dot(tl.trans(b_p.to(b_q.dtype)), b_do.to(b_q.dtype), "
-              "input_precision='ieee' if IEEE else 'tf32')")
-            c("b_dk += tl.dot(tl.trans(b_ds), b_q.to(tl.float32), "
-              f"input_precision='ieee' if IEEE else 'tf32') * {scale}")
-            return
-        c("b_dp = tl.dot(b_do, tl.trans(b_v), input_precision='ieee' if IEEE else 'tf32')")
+        # dp and dk's operands: float32 with f32_ds (b_do is float32 then), else q's dtype
+        v, do, ds, q = ((".to(tl.float32)", ".to(b_q.dtype)", "b_ds", "b_q.to(tl.float32)")
+                        if f32_ds else ("", "", "b_ds.to(b_q.dtype)", "b_q"))
+        c(f"b_dp = tl.dot(b_do, tl.trans(b_v{v}), input_precision='ieee' if IEEE else 'tf32')")
         c("b_ds = b_p * (b_dp - b_delta[:, None])")
-        c("b_dv += tl.dot(tl.trans(b_p.to(b_q.dtype)), b_do, "
+        c(f"b_dv += tl.dot(tl.trans(b_p.to(b_q.dtype)), b_do{do}, "
           "input_precision='ieee' if IEEE else 'tf32')")
-        c("b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, "
+        c(f"b_dk += tl.dot(tl.trans({ds}), {q}, "
           f"input_precision='ieee' if IEEE else 'tf32') * {scale}")
 
     # ------------------------------------------------------- pooled dk, dv by key tiles
@@ -2350,19 +2354,18 @@ class HostEmitter:
             c(f"R, BM = {'1' if st.rows == 'head' else 'G'}, 1")
             c("RP = _p2(R)")
             grid = "(T, H // R, B)"
-        args = []
-        for a in em.args:
-            if a.startswith("scale"):
-                args.append(self._scale(int(a[5:])))
-            elif a.startswith("gate_"):
-                args.append(f"gates[{a[5:]!r}]")
-            elif a in ("xdo", "xlse", "xdelta"):  # an earlier stage's backward inputs
-                args.append(f"{a}{st.node}")
-            else:
-                args.append(a)
+        args = self._host_args(st, em.args)
         deps = "".join(f"HS{d}=HS{d}, SH{d}={self._shared(d)}, KS{d}=KS{d}, "
                        f"KSP{d}=triton.next_power_of_2(KS{d}), " for d in sorted(em.lists))
         return grid, args, deps
+
+    def _host_args(self, st: AttendStage, names) -> list[str]:
+        """The host expressions for a stage kernel's argument names: scale<n> -> its value,
+        gate_<g> -> the gate tensor, xdo/xlse/xdelta -> the stage's buffers of them (an
+        earlier stage's backward inputs), anything else as it is."""
+        return [self._scale(int(a[5:])) if a.startswith("scale") else
+                f"gates[{a[5:]!r}]" if a.startswith("gate_") else
+                f"{a}{st.node}" if a in ("xdo", "xlse", "xdelta") else a for a in names]
 
     def _shared(self, sel_node: int) -> str:
         st = next(s for s in self.plan.stages if s.kind == "select" and s.node == sel_node)
@@ -2476,7 +2479,7 @@ class HostBwdEmitter(HostEmitter):
             return
         c(f"# backward of attend `{st.name}`")
         tile = st.layout == "tile"
-        if tile and em._delta_groups() and not st.writes_lse:
+        if tile and em.delta_groups() and not st.writes_lse:
             c(f"dsave = torch.empty({len(st.groups)}, B, T, H, device=dev, dtype=f32)  "
               "# delta per group")
         by_keys = getattr(em, "by_keys", {})
@@ -2498,9 +2501,7 @@ class HostBwdEmitter(HostEmitter):
         for gi, (src, tokens) in by_keys.items():
             g = self.plan.grids[src.grid]
             sel = src.select
-            kargs = []
-            for a in em.list_dkdv_args[gi]:
-                kargs.append(f"gates[{a[5:]!r}]" if a.startswith("gate_") else a)
+            kargs = self._host_args(st, em.list_dkdv_args[gi])
             c("if KM:")
             with c.indent():
                 shared = self._shared(sel) == "True"
@@ -2518,18 +2519,14 @@ class HostBwdEmitter(HostEmitter):
                   f"BN=KBN, IEEE=IEEE)")
         if tile and getattr(em, "dkdv", None):
             dargs, nbs = em.dkdv
-            dargs = [self._scale(int(a[5:])) if a.startswith("scale") else
-                     f"gates[{a[5:]!r}]" if a.startswith("gate_") else
-                     f"{a}{st.node}" if a in ("xlse", "xdelta") else a for a in dargs]
+            dargs = self._host_args(st, dargs)
             c("BM, BN, W, NS = _tile_config('dkdv', q)  # (SPARSEDSL_TILE_DKDV)")
             c(f"attend_{st.name}_bwd_dkdv_kernel[(triton.cdiv(T, BN), HKV, B)](q, k, v, {do}, "
               f"dk, dv, {''.join(x + ', ' for x in dargs)}T, {''.join(f'NB{x}, ' for x in nbs)}"
               "H=H, HKV=HKV, G=G, D=D, DV=DV, BD=BD, BDV=BDV, BM=BM, BN=BN, IEEE=IEEE, "
               "num_warps=W, num_stages=NS)")
         for b, pool, pargs, nbs in getattr(em, "pdkdv", ()):
-            pargs = [self._scale(int(a[5:])) if a.startswith("scale") else
-                     f"gates[{a[5:]!r}]" if a.startswith("gate_") else
-                     f"{a}{st.node}" if a in ("xlse", "xdelta") else a for a in pargs]
+            pargs = self._host_args(st, pargs)
             c(f"# pooled dk, dv of `{b.name}` by key tiles")
             c("BM, BN, W, NS = _tile_config('dkdvp', q, pooled=True)  # (SPARSEDSL_TILE_DKDVP)")
             c(f"QT, S = _query_split(triton.cdiv(T, BM), triton.cdiv(NB{b.grid.node}, BN) * H * B)"

@@ -97,14 +97,10 @@ def _grouped_config(q, kernel):
     """Tile sizes (entries BM, keys BN), warps and pipeline stages of a grouped kernel
     ('fwd', 'dq' or 'dkdv'), read at each call: SPARSEDSL_GROUPED (forward),
     SPARSEDSL_GROUPED_DQ, SPARSEDSL_GROUPED_DKDV = "BM,BN,WARPS,STAGES" override."""
-    import os
-    env = os.environ.get({'fwd': 'SPARSEDSL_GROUPED', 'dq': 'SPARSEDSL_GROUPED_DQ',
-                          'dkdv': 'SPARSEDSL_GROUPED_DKDV'}[kernel])
+    env = _env_tiles({'fwd': 'SPARSEDSL_GROUPED', 'dq': 'SPARSEDSL_GROUPED_DQ',
+                      'dkdv': 'SPARSEDSL_GROUPED_DKDV'}[kernel], "grouped tile sizes")
     if env:
-        bm, bn, w, s = (int(x) for x in env.split(","))
-        if min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1):
-            raise ValueError(f"grouped tile sizes must be powers of two >= 16, got {env!r}")
-        return bm, bn, w, s
+        return env
     if q.is_cuda:
         return (64, 64, 4, 2) if q.shape[-1] > 64 else (64, 64, 4, 3)
     return 16, 16, 1, 1  # Triton's interpreter: small tiles run fastest

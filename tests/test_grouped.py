@@ -76,6 +76,25 @@ def test_group_by_block_invariants():
     (WINDOWED, {}, 1, 33, 2, 1),
 ], ids=["moba-gqa", "moba-odd-block", "windowed"])
 def test_grouped_outputs_and_gradients(spec, params, B, T, Hq, Hkv):
+    _check_grouped(spec, params, B, T, Hq, Hkv)
+
+
+def test_grouped_tile_sizes_from_the_environment(monkeypatch):
+    """SPARSEDSL_GROUPED / _DQ / _DKDV are read at each call: a dq tile other than the
+    forward's (its own tile table) and unequal BM and BN give the same results; a bad value
+    is refused."""
+    monkeypatch.setenv("SPARSEDSL_GROUPED", "16,32,1,1")
+    monkeypatch.setenv("SPARSEDSL_GROUPED_DQ", "32,16,1,1")
+    monkeypatch.setenv("SPARSEDSL_GROUPED_DKDV", "16,32,1,1")
+    _check_grouped("moba", dict(block=8, topk=2), 2, 37, 4, 2)
+    monkeypatch.setenv("SPARSEDSL_GROUPED_DQ", "24,16,1,1")
+    layer = sparsedsl.compile("moba", block=8, topk=2)
+    x = [torch.randn(1, 20, 2, 16, requires_grad=True) for _ in range(3)]
+    with pytest.raises(ValueError, match="grouped tile sizes must be powers of two"):
+        layer(*x).sum().backward()
+
+
+def _check_grouped(spec, params, B, T, Hq, Hkv):
     layer = sparsedsl.compile(spec, **params)
     assert layer.plan.stages[-1].layout == "grouped"
     g = torch.Generator().manual_seed(1)

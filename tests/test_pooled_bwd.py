@@ -13,20 +13,12 @@ import torch
 
 import sparsedsl
 
-from .test_list_bwd import _check  # gradients in float64 against the reference's
+from .test_list_bwd import NSA_FLA, _check  # (_check: float64 gradients against the reference's)
 
 SPECS = {
-    # an earlier stage feeding a gate's scores (writes its lse: xdo, xlse, xdelta)
-    "nsa-fla": """\
-input g_cmp
-input g_slc
-let cblk = blocks(4)
-let cmp_out = attend(pool(cblk, mean), past(cblk))
-let sblk = blocks(8)
-let sel = topk(groupsum(remap(probs(cmp_out), sblk)), 3, force=first(sblk, 1) | recent(sblk, 1), forbid=~past(sblk))
-let slc_out = attend(tokens(sel) & causal)
-out = g_cmp * cmp_out + g_slc * slc_out
-""",
+    # an earlier stage feeding a gate's scores (writes its lse: xdo, xlse, xdelta); NSA as
+    # fla with 4-token compression blocks: several key tiles of pooled keys
+    "nsa-fla": NSA_FLA.replace("let cblk = blocks(8)", "let cblk = blocks(4)"),
     # the final stage: a gated pooled group beside a token group (lsave, dsave, the gate)
     "gated-mix": """\
 input g
