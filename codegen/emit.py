@@ -955,6 +955,39 @@ class QuerySelectEmitter(SelectEmitter):
 
 
 # ------------------------------------------------------------------------ attend
+def dout_gate(plan: KernelPlan, st: AttendStage, gi: int) -> str | None:
+    """The gate g of do_g = g * dO, the gradient reaching softmax group gi of stage `st`
+    (None: do_g = dO). An earlier stage's group gets the gate of the final stage's group
+    that holds its output: its backward scales dO itself, no do_g buffer."""
+    if st.writes_lse:
+        final = [s for s in plan.stages if s.kind == "attend"][-1]
+        for fgi, grp in enumerate(final.groups):
+            if any(b.precomputed and b.node == st.node for b in grp):
+                return dout_gate(plan, final, fgi)
+        return None
+    return st.gates[gi] if st.combine == "mix" else None
+
+
+def saved_outputs(st: AttendStage) -> list[tuple]:
+    """Where the backward finds each softmax group's normalised output o_g (for delta_g =
+    rowsum(do_g * o_g) and the gates' gradients), for the final stage `st`:
+      ("stage", n): the group is the earlier stage n's branch alone: that stage's own
+                    float32 output, kept (not copied);
+      ("out",):     one group, no gate: the stage's output itself, as FlashAttention keeps;
+      ("f32",):     written in float32: the group has pooled keys, whose shared bias gets no
+                    gradient only if delta matches p . dp summed over them (rowsum(ds) = 0);
+      ("native",):  written in q's dtype."""
+    plans = []
+    for grp in st.groups:
+        if len(grp) == 1 and grp[0].precomputed:
+            plans.append(("stage", grp[0].node))
+        elif len(st.groups) == 1 and st.combine != "mix" and not any(b.pooled for b in grp):
+            plans.append(("out",))
+        else:
+            plans.append(("f32",) if any(b.pooled for b in grp) else ("native",))
+    return plans
+
+
 class AttendEmitter:
     """The forward attention kernel of a stage: online softmax over every key source."""
 
@@ -1234,16 +1267,17 @@ class AttendEmitter:
         c("# ---- combine and write")
         c(f"p_o = ({self.QROW.format('o_i')}.to(tl.int64) * H + o_h)  # [RP]")
         if not st.writes_lse:
-            self._arg("osave")
             self._arg("lsave")
-            c("if SAVE:  # each group's normalised output and log-sum-exp, for the backward")
-            with c.indent():
+            c("if SAVE:  # each group's log-sum-exp and (where no tensor holds it already) its")
+            with c.indent():  # normalised output, for the backward (saved_outputs)
                 c("n_rows = T * H * tl.num_programs(2)  # B * T * H rows per group")
-                for gi in range(len(st.groups)):
-                    c(f"b_og = tl.where(l{gi}[:, None] > 0, acc{gi} / tl.where(l{gi} > 0, l{gi}, "
-                      f"1.)[:, None], 0.)")
-                    c(f"tl.store(osave + ({gi} * n_rows + p_o)[:, None] * DV + o_dv[None, :], b_og, "
-                      f"mask=m_r[:, None] & m_dv[None, :])")
+                for gi, how in enumerate(saved_outputs(st)):
+                    if how[0] in ("f32", "native"):
+                        self._arg(f"osave{gi}")
+                        c(f"b_og = tl.where(l{gi}[:, None] > 0, acc{gi} / tl.where(l{gi} > 0, "
+                          f"l{gi}, 1.)[:, None], 0.)")
+                        c(f"tl.store(osave{gi} + p_o[:, None] * DV + o_dv[None, :], "
+                          f"b_og.to(osave{gi}.dtype.element_ty), mask=m_r[:, None] & m_dv[None, :])")
                     c(f"tl.store(lsave + {gi} * n_rows + p_o, tl.where(l{gi} > 0, m{gi} + "
                       f"tl.log(tl.where(l{gi} > 0, l{gi}, 1.)), float('-inf')), mask=m_r)")
         if st.combine == "mix":
@@ -1337,26 +1371,23 @@ class AttendBwdEmitter(AttendEmitter):
         c, st = self.c, self.st
         c("")
         c(f"# ---- softmax group {gi}: {' + '.join(b.name for b in grp)}")
-        if st.writes_lse:  # an earlier stage: do, lse, delta come from the stage that used it
-            self._arg("xdo")
+        gate = dout_gate(self.plan, st, gi)
+        if gate is not None:
+            self._arg(f"gate_{gate}")
+            c(f"b_g = tl.load(gate_{gate} + p_row, mask=m_r, other=0.).to(tl.float32)")
+            c(f"b_do{gi} = b_do * b_g[:, None]")
+        else:
+            c(f"b_do{gi} = b_do")
+        if st.writes_lse:  # an earlier stage: lse, delta come from the stage that used it
             self._arg("xlse")
             self._arg("xdelta")
-            c(f"b_do{gi} = tl.load(xdo + p_row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & "
-              f"m_dv[None, :], other=0.)")
             c(f"b_lse{gi} = tl.load(xlse + p_row, mask=m_r, other=float('-inf'))")
             c(f"b_delta{gi} = tl.load(xdelta + p_row, mask=m_r, other=0.)")
         else:
-            self._arg("osave")
+            self._arg(f"osave{gi}")
             self._arg("lsave")
-            gate = st.gates[gi] if st.combine == "mix" else None
-            if gate is not None:
-                self._arg(f"gate_{gate}")
-                c(f"b_g = tl.load(gate_{gate} + p_row, mask=m_r, other=0.).to(tl.float32)")
-                c(f"b_do{gi} = b_do * b_g[:, None]")
-            else:
-                c(f"b_do{gi} = b_do")
-            c(f"b_o{gi} = tl.load(osave + ({gi} * n_rows + p_row)[:, None] * DV + o_dv[None, :], "
-              f"mask=m_r[:, None] & m_dv[None, :], other=0.)")
+            c(f"b_o{gi} = tl.load(osave{gi} + p_row[:, None] * DV + o_dv[None, :], "
+              f"mask=m_r[:, None] & m_dv[None, :], other=0.).to(tl.float32)")
             c(f"b_lse{gi} = tl.load(lsave + {gi} * n_rows + p_row, mask=m_r, other=float('-inf'))")
             c(f"b_delta{gi} = tl.sum(b_do{gi} * b_o{gi}, 1)  # [RP]")
             if gate is not None:
@@ -1365,11 +1396,10 @@ class AttendBwdEmitter(AttendEmitter):
                   f"# d(gate) = rowsum(dO * o_g)")
             for b in grp:
                 if b.precomputed:
-                    for kind in ("do", "lse", "delta"):
+                    for kind in ("lse", "delta"):
                         self._arg(f"x{kind}{b.node}")
-                    c(f"# `{b.name}` runs its own backward with this group's do, lse, delta")
-                    c(f"tl.store(xdo{b.node} + p_row[:, None] * DV + o_dv[None, :], b_do{gi}, "
-                      f"mask=m_r[:, None] & m_dv[None, :])")
+                    c(f"# `{b.name}` runs its own backward with this group's lse, delta (and "
+                      f"do, from dO and the gate)")
                     c(f"tl.store(xlse{b.node} + p_row, b_lse{gi}, mask=m_r)")
                     c(f"tl.store(xdelta{b.node} + p_row, b_delta{gi}, mask=m_r)")
         tokens = [b for b in grp if not b.pooled and not b.precomputed]
@@ -1862,9 +1892,11 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
     def _dkdv_tile(self, c, gi, sources, mask, scale, unmasked, arg, limit="T",
                    f32_ds=False) -> None:
         """One query tile t's contribution to the key tile's dk, dv (keys up to `limit`: T,
-        or NB<g> for pooled keys). `f32_ds`: dp and dk take float32 operands (tf32), dO and
-        ds unrounded: pooled keys sum ds over every later query, and rowsum(ds) = 0 must
-        survive the sum (the compressed keys' shared bias gets no gradient)."""
+        or NB<g> for pooled keys). dO enters the dots as it is (its own dtype: exact
+        products); a gate g of do_g = g * dO scales the [BM, BN] tiles p and dp instead, so
+        dO goes from memory to the dots untouched. `f32_ds`: dk's product takes ds unrounded
+        (tf32): pooled keys sum ds over every later query, and rowsum(ds) = 0 must survive
+        the sum (the compressed keys' shared bias gets no gradient)."""
         st = self.st
         c("i_lo = t * BM")
         c("i_hi = tl.minimum(i_lo + BM, T)")
@@ -1880,24 +1912,20 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
         other = lambda x: f", other={x}" if m_row else ""  # noqa: E731
         NEG_INF = "float('-inf')"
         c(f"b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask={m_q}, other=0.)  # [BM, BD]")
+        c(f"b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask={m_o}, other=0.)")
+        gate = dout_gate(self.plan, st, gi)
+        if gate is not None:
+            arg(f"gate_{gate}")
+            c(f"b_g = tl.load(gate_{gate} + p_row{rmask}{other('0.')}).to(tl.float32)  "
+              f"# do_g = g * dO")
         if st.writes_lse:
             for a in ("xlse", "xdelta"):
                 arg(a)
-            c(f"b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask={m_o}, "
-              f"other=0.).to({'tl.float32' if f32_ds else 'b_q.dtype'})")
             c(f"b_lse = tl.load(xlse + p_row{rmask}{other(NEG_INF)})")
             c(f"b_delta = tl.load(xdelta + p_row{rmask}{other('0.')})")
         else:
             arg("lsave")
             arg("dsave")
-            c(f"b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask={m_o}, other=0.)")
-            gate = st.gates[gi] if st.combine == "mix" else None
-            if gate is not None:
-                arg(f"gate_{gate}")
-                c(f"b_g = tl.load(gate_{gate} + p_row{rmask}{other('0.')}).to(tl.float32)")
-                c("b_do = b_do.to(tl.float32) * b_g[:, None]")
-                if not f32_ds:
-                    c("b_do = b_do.to(b_q.dtype)")
             c(f"b_lse = tl.load(lsave + {gi} * n_rows + p_row{rmask}{other(NEG_INF)})")
             c(f"b_delta = tl.load(dsave + {gi} * n_rows + p_row{rmask}{other('0.')})")
         c(f"b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * {scale}"
@@ -1912,13 +1940,17 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
             c(f"m_a = m_r[:, None] & m_j[None, :] & ({m_s}) & {mask}")
             c("m_a = m_a & (b_lse > float('-inf'))[:, None]  # a row that saw no key has none")
             c("b_p = tl.where(m_a, tl.exp(b_s - b_lse[:, None]), 0.)  # [BM, BN]")
-        # dp and dk's operands: float32 with f32_ds (b_do is float32 then), else q's dtype
-        v, do, ds, q = ((".to(tl.float32)", ".to(b_q.dtype)", "b_ds", "b_q.to(tl.float32)")
-                        if f32_ds else ("", "", "b_ds.to(b_q.dtype)", "b_q"))
-        c(f"b_dp = tl.dot(b_do, tl.trans(b_v{v}), input_precision='ieee' if IEEE else 'tf32')")
+        # dk's operands: float32 with f32_ds, else q's dtype
+        ds, q = ("b_ds", "b_q.to(tl.float32)") if f32_ds else ("b_ds.to(b_q.dtype)", "b_q")
+        c("b_dp = tl.dot(b_do, tl.trans(b_v), input_precision='ieee' if IEEE else 'tf32')")
+        pg = "b_p"
+        if gate is not None:
+            c("b_dp = b_dp * b_g[:, None]  # do_g . v")
+            c("b_pg = b_p * b_g[:, None]")
+            pg = "b_pg"
         c("b_ds = b_p * (b_dp - b_delta[:, None])")
-        c(f"b_dv += tl.dot(tl.trans(b_p.to(b_q.dtype)), b_do{do}, "
-          "input_precision='ieee' if IEEE else 'tf32')")
+        c(f"b_dv += tl.dot(tl.trans({pg}.to(b_q.dtype)), b_do, "
+          "input_precision='ieee' if IEEE else 'tf32')  # p^T . do_g")
         c(f"b_dk += tl.dot(tl.trans({ds}), {q}, "
           f"input_precision='ieee' if IEEE else 'tf32') * {scale}")
 
@@ -2173,13 +2205,15 @@ def _select_tile(q, cuda, cpu):
     return _select_ints(env, env, "three integers BQ,C,WARPS", ("BQ", "C", "WARPS"))
 
 
-def _select_query_cfg():
+def _select_query_cfg(q):
     """(C, num_warps) of a per-query select kernel: SPARSEDSL_SELECT_TILE="query,C,WARPS"
-    (read at every call, for sweeps), else (32, 4)."""
+    (read at every call, for sweeps), else 16 blocks a step and one warp on a GPU (NSA as
+    fla on the H100, forward at 64k: 37.2 ms, 45.9 with 32 / 4 (docs/perf-notes.md); one
+    warp's reductions are shuffles, no shared memory), 32 / 4 in the interpreter."""
     import os
     env = os.environ.get("SPARSEDSL_SELECT_TILE", "").strip()
     if not env.startswith("query,"):
-        return 32, 4
+        return (16, 1) if q.is_cuda else (32, 4)
     return _select_ints(env, env[len("query,"):], "query,C,WARPS", ("C", "WARPS"))
 
 
@@ -2229,7 +2263,8 @@ class HostEmitter:
         saved = [f"kp{st.node}" for st in plan.stages if st.kind == "pool"]
         saved += [f"vp{st.node}" for st in plan.stages if st.kind == "pool"]
         saved += [f"sel{st.node}" for st in plan.stages if st.kind == "select"]
-        saved += ["osave", "lsave"]
+        final = [st for st in plan.stages if st.kind == "attend"][-1]
+        saved += [f"osave{gi}" for gi in range(len(final.groups))] + ["lsave"]
         for st in plan.stages:
             if st.kind == "attend" and st.layout == "grouped":
                 saved += attend_emitters[id(st)].saved()
@@ -2331,7 +2366,7 @@ class HostEmitter:
 
     def _select_query(self, st: SelectStage, em: SelectEmitter, kname: str, extra, deps) -> None:
         """The launch of the per-query select kernel: one program per (query, list)."""
-        self.c("QC, QW = _select_query_cfg()  # (SPARSEDSL_SELECT_TILE=query,C,WARPS)")
+        self.c("QC, QW = _select_query_cfg(q)  # (SPARSEDSL_SELECT_TILE=query,C,WARPS)")
         self.c(f"{kname}[(T, HS{st.node}, B)](q, sel{st.node}, "
                f"{''.join(x + ', ' for x in extra)}T, {''.join(f'NB{x}, ' for x in em.nbs)}{deps}"
                f"H=H, HKV=HKV, G=G, HS=HS{st.node}, R=R, RP=_p2(R), "
@@ -2361,11 +2396,11 @@ class HostEmitter:
 
     def _host_args(self, st: AttendStage, names) -> list[str]:
         """The host expressions for a stage kernel's argument names: scale<n> -> its value,
-        gate_<g> -> the gate tensor, xdo/xlse/xdelta -> the stage's buffers of them (an
-        earlier stage's backward inputs), anything else as it is."""
+        gate_<g> -> the gate tensor, xlse/xdelta -> the stage's buffers of them (an earlier
+        stage's backward inputs), anything else as it is."""
         return [self._scale(int(a[5:])) if a.startswith("scale") else
                 f"gates[{a[5:]!r}]" if a.startswith("gate_") else
-                f"{a}{st.node}" if a in ("xdo", "xlse", "xdelta") else a for a in names]
+                f"{a}{st.node}" if a in ("xlse", "xdelta") else a for a in names]
 
     def _shared(self, sel_node: int) -> str:
         st = next(s for s in self.plan.stages if s.kind == "select" and s.node == sel_node)
@@ -2382,9 +2417,19 @@ class HostEmitter:
             c(f"lse = lse{st.node} = torch.empty(B, T, H, device=dev, dtype=f32)")
         else:
             c("o = torch.empty(B, T, H, DV, device=dev, dtype=q.dtype)")
-            ng = len(st.groups)
-            c(f"osave = torch.empty({ng}, B, T, H, DV, device=dev, dtype=f32) if save else o")
-            c(f"lsave = torch.empty({ng}, B, T, H, device=dev, dtype=f32) if save else o")
+            c("# each softmax group's output for the backward (saved_outputs)")
+            for gi, how in enumerate(saved_outputs(st)):
+                names = " + ".join(f"`{b.name}`" for b in st.groups[gi])
+                if how[0] == "stage":
+                    c(f"osave{gi} = o{how[1]}  # {names}: its own stage's float32 output")
+                elif how[0] == "out":
+                    c(f"osave{gi} = o  # {names}: the output itself")
+                else:
+                    dt = "f32" if how[0] == "f32" else "q.dtype"
+                    c(f"osave{gi} = torch.empty(B, T, H, DV, device=dev, dtype={dt}) if save else o"
+                      f"  # {names}")
+            c(f"lsave = torch.empty({len(st.groups)}, B, T, H, device=dev, dtype=f32) if save "
+              f"else o")
         grid, args, deps = self._launch(st, em)
         if st.layout != "tile":
             c("BN, W, NS = _row_config('fwd', q)  # (SPARSEDSL_ROW)")
@@ -2440,7 +2485,8 @@ class HostBwdEmitter(HostEmitter):
         c(f"dk = torch.zeros(B, T, HKV, D, device=dev, dtype={dkv_dt})")
         c(f"dv = torch.zeros(B, T, HKV, DV, device=dev, dtype={dkv_dt})")
         c("dparams = {}")
-        c("osave, lsave = saved['osave'], saved['lsave']")
+        osaves = [f"osave{gi}" for gi in range(len(final.groups))] + ["lsave"]
+        c(f"{', '.join(osaves)} = {', '.join(f'saved[{x!r}]' for x in osaves)}")
         for gid, g in sorted(plan.grids.items()):
             c(f"NB{gid} = triton.cdiv(T, {g.stride})")
         for st in plan.stages:
@@ -2456,7 +2502,6 @@ class HostBwdEmitter(HostEmitter):
             c(f"dgate_{g} = torch.empty(B, T, H, device=dev, dtype=f32)")
         for st in runs:
             if st.writes_lse:  # every row written by the backward of the stage that reads it
-                c(f"xdo{st.node} = torch.empty(B, T, H, DV, device=dev, dtype=f32)")
                 c(f"xlse{st.node} = torch.empty(B, T, H, device=dev, dtype=f32)")
                 c(f"xdelta{st.node} = torch.empty(B, T, H, device=dev, dtype=f32)")
         for st in runs:
@@ -2488,14 +2533,13 @@ class HostBwdEmitter(HostEmitter):
             c(f"ksave = torch.empty({len(st.groups)}, B, T, H, device=dev, dtype=f32)  "
               f"# delta per group, for the key-major kernel")
         grid, args, deps = self._launch(st, em, "dq")
-        do = f"xdo{st.node}" if st.writes_lse else "do"
         deps = "".join(f"HS{d}=HS{d}, SH{d}={self._shared(d)}, KS{d}=KS{d}, "
                        f"KSP{d}=triton.next_power_of_2(KS{d}), " for d in sorted(em.lists))
         if not tile:
             c("BN, W, NS = _row_config('dq', q)  # (SPARSEDSL_ROW_DQ)")
         tiles = "BN=BN, IEEE=IEEE, num_warps=W, num_stages=NS"
         tiles += "".join(f", KM{gi}=KM" for gi in by_keys)
-        c(f"attend_{st.name}_bwd_kernel[{grid}](q, k, v, {do}, dq, dk, dv, "
+        c(f"attend_{st.name}_bwd_kernel[{grid}](q, k, v, do, dq, dk, dv, "
           f"{''.join(x + ', ' for x in args)}T, {''.join(f'NB{x}, ' for x in sorted(em.nbs))}"
           f"{deps}H=H, HKV=HKV, G=G, R=R, RP=RP, D=D, DV=DV, BD=BD, BDV=BDV, BM=BM, {tiles})")
         for gi, (src, tokens) in by_keys.items():
@@ -2521,7 +2565,7 @@ class HostBwdEmitter(HostEmitter):
             dargs, nbs = em.dkdv
             dargs = self._host_args(st, dargs)
             c("BM, BN, W, NS = _tile_config('dkdv', q)  # (SPARSEDSL_TILE_DKDV)")
-            c(f"attend_{st.name}_bwd_dkdv_kernel[(triton.cdiv(T, BN), HKV, B)](q, k, v, {do}, "
+            c(f"attend_{st.name}_bwd_dkdv_kernel[(triton.cdiv(T, BN), HKV, B)](q, k, v, do, "
               f"dk, dv, {''.join(x + ', ' for x in dargs)}T, {''.join(f'NB{x}, ' for x in nbs)}"
               "H=H, HKV=HKV, G=G, D=D, DV=DV, BD=BD, BDV=BDV, BM=BM, BN=BN, IEEE=IEEE, "
               "num_warps=W, num_stages=NS)")
@@ -2532,7 +2576,7 @@ class HostBwdEmitter(HostEmitter):
             c(f"QT, S = _query_split(triton.cdiv(T, BM), triton.cdiv(NB{b.grid.node}, BN) * H * B)"
               "  # (SPARSEDSL_QUERY_SPLIT)")
             c(f"attend_{st.name}_bwd_dkdvp{b.node}_kernel[(triton.cdiv(NB{b.grid.node}, BN), H, "
-              f"B * S)](q, {do}, kp{pool}, vp{pool}, dkp{pool}, dvp{pool}, "
+              f"B * S)](q, do, kp{pool}, vp{pool}, dkp{pool}, dvp{pool}, "
               f"{''.join(x + ', ' for x in pargs)}T, {''.join(f'NB{x}, ' for x in nbs)}S, QT, "
               "H=H, HKV=HKV, G=G, D=D, DV=DV, BD=BD, BDV=BDV, BM=BM, BN=BN, IEEE=IEEE, "
               "num_warps=W, num_stages=NS)")

@@ -391,7 +391,7 @@ class GroupedEmitter:
           f"ggcnt, gtoff, gtgroup, {self._common(scale)}, BM=GBM, BN=GBN, IEEE=IEEE, "
           f"num_warps=GW, num_stages=GS)")
         c("o = torch.empty(B, T, H, DV, device=dev, dtype=q.dtype)")
-        c("osave = o  # the backward's delta reads the output itself, as FlashAttention's does")
+        c("osave0 = o  # the backward's delta reads the output itself, as FlashAttention's does")
         c("lsave = torch.empty(1, B, T, H, device=dev, dtype=f32) if save else o")
         c(f"attend_{self.st.name}_combine_kernel[(triton.cdiv(B * T * H, 16),)](po, pl, sel{s}, o, "
           f"lsave, B * T * H, H=H, HS=HS{s}, KS=KS{s}, KSP=triton.next_power_of_2(KS{s}), "
@@ -416,7 +416,7 @@ class GroupedEmitter:
         c(f"NG = B * H * NB{self.grid.node}")
         c("glse = lsave[0]")
         c("gdelta = torch.empty(B, T, H, device=dev, dtype=f32)")
-        c("_rowdot_kernel[(triton.cdiv(B * T * H, 16),)](do, osave, gdelta, B * T * H, DV=DV, "
+        c("_rowdot_kernel[(triton.cdiv(B * T * H, 16),)](do, osave0, gdelta, B * T * H, DV=DV, "
           "BDV=BDV, BR=16)  # delta = rowsum(dO * o), accumulated in f32, no temporaries")
         c("GBM, GBN, GW, GS = _grouped_config(q, 'dq')  # (SPARSEDSL_GROUPED_DQ)")
         c("gtoff, gtgroup = _group_tiles(ggcnt, GBM, gorder.numel())  # tiles of GBM entries")

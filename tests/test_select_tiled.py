@@ -45,8 +45,9 @@ out = attend(tokens(sel) & causal)
 
 NSA = dict(cmp="mean", cmp_len=8, cmp_stride=4, sel_len=12, topn=3, init_blocks=1,
            local_blocks=2, window=8)
-CASES = [  # (id, spec, params, B, T, Hkv, G, D, tiles): BQ,C,WARPS, None: the default
-    ("nsa-g4", "nsa", NSA, 1, 45, 1, 4, 16, (None, "2,4,1", "1,2,1")),
+CASES = [  # (id, spec, params, B, T, Hkv, G, D, tiles): BQ,C,WARPS, None: the default,
+    # query,C,WARPS: the per-query kernel with other chunks (the GPU's default: 16 blocks)
+    ("nsa-g4", "nsa", NSA, 1, 45, 1, 4, 16, (None, "2,4,1", "1,2,1", "query,16,1", "query,4,1")),
     ("nsa-g16", "nsa", dict(NSA, cmp_len=16, cmp_stride=8, sel_len=8, topn=4), 1, 37, 1, 16, 8,
      (None, "4,8,2")),
     ("nsa-g1-mlp", "nsa", dict(NSA, cmp="mlp", sel_len=16), 1, 35, 2, 1, 8, (None, "2,4,1")),

@@ -152,6 +152,9 @@ class AttendOp:
         # block lists and saved state are outputs only to reach the backward: not values
         # anything differentiates
         ctx.mark_non_differentiable(*output[1:])
+        # and get no zero-filled gradients either: autograd would otherwise materialise one
+        # per output, the saved float32 branch outputs included (4 GiB for NSA at 64k)
+        ctx.set_materialize_grads(False)
         ctx.counts = (len(gates), len(params))
         ctx.save_for_backward(q, k, v, *gates, *params, *saved)
 
@@ -160,6 +163,8 @@ class AttendOp:
         q, k, v, *rest = ctx.saved_tensors
         gates, params, saved = rest[:ng], rest[ng:ng + npar], rest[ng + npar:]
         do = grads[0]
+        if do is None:  # only the block lists were used: no gradient reaches the inputs
+            return None, None, None, [None] * ng, [None] * npar, None
         dq, dk, dv, *dgp = self.backward_op(q, k, v, list(gates), list(params), list(saved),
                                             do.to(q.dtype))
         dgates = [g.to(t.dtype) for g, t in zip(dgp[:ng], gates)]
