@@ -104,15 +104,18 @@ def _env_tiles(var, what):
 def _row_config(kernel, q):
     """(BN, num_warps, num_stages) of a row-layout kernel ('fwd' or 'dq': one query's rows
     against BN keys a step), read at each call: SPARSEDSL_ROW, SPARSEDSL_ROW_DQ =
-    "BN,WARPS,STAGES" override; else 32 keys in the interpreter (several steps in tests) and
-    64 keys, 4 warps, 2 stages on a GPU."""
+    "BN,WARPS,STAGES" override; else 32 keys in the interpreter (several steps in tests); on
+    a GPU the forward 32 keys, 1 warp, 2 stages, the dq kernel 64 keys, 4 warps, 2 stages."""
     import os
     env = os.environ.get({'fwd': 'SPARSEDSL_ROW', 'dq': 'SPARSEDSL_ROW_DQ'}[kernel])
     if not env:
-        # H100, NSA as fla at 64k (docs/perf-notes.md): forward 72.2 ms with 32 keys / 4 warps
-        # / 3 stages, 62.0 with 64 / 4 / 2; fwd+bwd 198.8 with the dq kernel at 32 / 4 / 3,
-        # 191.5 at 64 / 4 / 2
-        return (64, 4, 2) if q.is_cuda else (32, 4, 3)
+        # H100 (docs/perf-notes.md): the forward of NSA as fla at 64k 38.1 ms with 64 keys / 4
+        # warps / 2 stages, 36.3 with 32 / 1 / 2 (8k: 3.77 -> 3.53; NSA's defaults at 16k:
+        # 12.9 -> 11.9); fwd+bwd 198.8 with the dq kernel at 32 / 4 / 3, 191.5 at 64 / 4 / 2
+        # (a sweep of 1-2 warps found nothing better for dq)
+        if not q.is_cuda:
+            return 32, 4, 3
+        return (32, 1, 2) if kernel == 'fwd' else (64, 4, 2)
     bn, w, s = (int(x) for x in env.split(","))
     if bn < 16 or bn & (bn - 1) or w < 1 or s < 1:
         raise ValueError(f"row tile: BN a power of two >= 16, warps and stages >= 1, got {env!r}")
@@ -2329,11 +2332,12 @@ class HostEmitter:
         if em.tree_tiled:
             c("RP = triton.next_power_of_2(R)")
             if any(remap_reach(*r) > 1 for r in em.remap_shapes):
-                c("# on a GPU 64 rows a program: NSA's defaults at 16k on the H100, forward 21.5 "
-                  "ms with 4 queries x 16 heads,")
-                c("# 25.0 ms with the per-query kernel, which scores a compressed block once "
-                  "per overlapping selection block (docs/perf-notes.md)")
-                c("tile = _select_tile(q, (max(1, 64 // RP), 16, 4), (max(2, 32 // RP), 16, 4))")
+                c("# on a GPU 256 rows a program: NSA's defaults on the H100, forward at 64k "
+                  "77.9 ms with 16 queries x 16 heads,")
+                c("# 90.5 with 4 x 16, 84.1 with the per-query kernel, which scores a compressed "
+                  "block once per overlapping")
+                c("# selection block (16k: 12.0, 13.0, 12.9 ms; docs/perf-notes.md)")
+                c("tile = _select_tile(q, (max(1, 256 // RP), 16, 4), (max(2, 32 // RP), 16, 4))")
             else:
                 c("# on a GPU the per-query kernel by default: NSA as fla at 8k on the H100, "
                   "forward 6.39 ms with it,")
