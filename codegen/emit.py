@@ -963,10 +963,9 @@ def dout_gate(plan: KernelPlan, st: AttendStage, gi: int) -> str | None:
     (None: do_g = dO). An earlier stage's group gets the gate of the final stage's group
     that holds its output: its backward scales dO itself, no do_g buffer."""
     if st.writes_lse:
-        final = [s for s in plan.stages if s.kind == "attend"][-1]
-        for fgi, grp in enumerate(final.groups):
+        for fgi, grp in enumerate(plan.final.groups):
             if any(b.precomputed and b.node == st.node for b in grp):
-                return dout_gate(plan, final, fgi)
+                return dout_gate(plan, plan.final, fgi)
         return None
     return st.gates[gi] if st.combine == "mix" else None
 
@@ -1486,7 +1485,7 @@ class AttendBwdEmitter(AttendEmitter):
             L, S, sel = g.length, g.stride, src.select
             mask = self.ex.with_given({sel}).union_keys(tokens)
             scale = f"scale{tokens[0].node}"
-            gate = st.gates[gi] if st.combine == "mix" else None
+            gate = dout_gate(self.plan, st, gi)
             args = []
             c = Code()
             c("i_c, i_w = tl.program_id(0), tl.program_id(1)")
@@ -2266,8 +2265,7 @@ class HostEmitter:
         saved = [f"kp{st.node}" for st in plan.stages if st.kind == "pool"]
         saved += [f"vp{st.node}" for st in plan.stages if st.kind == "pool"]
         saved += [f"sel{st.node}" for st in plan.stages if st.kind == "select"]
-        final = [st for st in plan.stages if st.kind == "attend"][-1]
-        saved += [f"osave{gi}" for gi in range(len(final.groups))] + ["lsave"]
+        saved += [f"osave{gi}" for gi in range(len(plan.final.groups))] + ["lsave"]
         for st in plan.stages:
             if st.kind == "attend" and st.layout == "grouped":
                 saved += attend_emitters[id(st)].saved()
@@ -2465,7 +2463,7 @@ class HostBwdEmitter(HostEmitter):
         # differentiated); which pools: those with parameters, and mean pools a running stage
         # attends (a pool that only feeds a router gets no gradient)
         attends = [st for st in plan.stages if st.kind == "attend"]
-        final = attends[-1]
+        final = plan.final
         used = {b.node for grp in final.groups for b in grp if b.precomputed}
         runs = [st for st in reversed(attends) if not (st.writes_lse and st.node not in used)]
         read = {self.ir.operand(b.node, "keys") for st in runs for grp in st.groups for b in grp

@@ -137,6 +137,11 @@ class KernelPlan:
     grids: dict[int, Grid] = field(default_factory=dict)
     strategy: str = ""
 
+    @property
+    def final(self) -> "AttendStage":
+        """The last attention stage: its output is the layer's (earlier ones feed it)."""
+        return [s for s in self.stages if s.kind == "attend"][-1]
+
     def format(self) -> str:
         lines = [f"plan {self.spec}({', '.join(f'{k}={v}' for k, v in self.params.items())})",
                  f"  strategy: {self.strategy}"]
@@ -433,7 +438,7 @@ class Planner:
         return stage
 
     def _describe(self, plan: KernelPlan) -> str:
-        final = plan.stages[-1]
+        final = plan.final
         sel = [s for s in plan.stages if s.kind == "select"]
         if final.layout == "tile":
             return ("static pattern: query tiles of one head walk key tiles between interval "
