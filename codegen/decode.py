@@ -111,6 +111,8 @@ def emit_combine(st: AttendStage) -> str:
     c("o_dv = tl.arange(0, BDV)")
     c("m_dv = o_dv < DV")
     c("b_o = tl.zeros([BDV], dtype=tl.float32)")
+    c("L2E = tl.full([], 1.4426950408889634, tl.float32)  # log2(e): the partials' maxima are "
+      "in base 2")
     for gi in range(ng):
         c(f"# group {gi}")
         c(f"p_part = ({gi} * S + o_s).to(tl.int64) * n_rows + i_r  # [SP]")
@@ -120,7 +122,7 @@ def emit_combine(st: AttendStage) -> str:
           "m_dv[None, :], other=0.)  # [SP, BDV]")
         c("b_max = tl.max(b_m, 0)")
         c("b_max = tl.where(b_max == float('-inf'), 0., b_max)")
-        c("b_w = tl.where(m_s, tl.exp(b_m - b_max), 0.)")
+        c("b_w = tl.where(m_s, tl.exp2(b_m - b_max), 0.)")
         c("b_sum = tl.sum(b_l * b_w, 0)")
         c("b_og = tl.sum(b_acc * b_w[:, None], 0) / tl.where(b_sum > 0, b_sum, 1.)")
         c("b_og = tl.where(b_sum > 0, b_og, 0.)")
@@ -131,8 +133,8 @@ def emit_combine(st: AttendStage) -> str:
             c("b_o += b_og")
     c("tl.store(o + i_r * DV + o_dv, b_o.to(o.dtype.element_ty), mask=m_dv)")
     if st.writes_lse:
-        c("tl.store(lse + i_r, tl.where(b_sum > 0, b_max + tl.log(tl.where(b_sum > 0, b_sum, "
-          "1.)), float('-inf')))")
+        c("tl.store(lse + i_r, tl.where(b_sum > 0, (b_max + tl.log2(tl.where(b_sum > 0, b_sum, "
+          "1.))) / L2E, float('-inf')))  # natural log")
     args = "".join(f"gate_{g}, " for g in gates) + ("lse, " if st.writes_lse else "")
     sig = (f"opart, mpart, lpart, o, {args}S, SP: tl.constexpr, DV: tl.constexpr, "
            f"BDV: tl.constexpr")

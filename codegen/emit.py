@@ -1048,6 +1048,7 @@ class AttendEmitter:
           f"o_d[None, :]")
         c("b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.)  # [RP, BD]")
         c("I = o_i[:, None]  # [RP, 1]")
+        c("L2E = tl.full([], 1.4426950408889634, tl.float32)  # log2(e): softmax in base 2, exp(x) = exp2(x * L2E)")
         # block lists read by this stage
         for grp in st.groups:
             for br in grp:
@@ -1118,10 +1119,10 @@ class AttendEmitter:
                 self._merge_once("b_lse")
                 c(f"b_pre = tl.load(o{b.node} + p_pre[:, None] * DV + o_dv[None, :], "
                   f"mask=m_r[:, None] & m_dv[None, :], other=0.)")
-                c(f"m_new = tl.maximum(m{gi}, b_lse)")
+                c(f"m_new = tl.maximum(m{gi}, b_lse * L2E)")
                 c(f"m_use = tl.where(m_new == float('-inf'), 0., m_new)")
-                c(f"b_a = tl.exp(m{gi} - m_use)")
-                c(f"b_b = tl.exp(b_lse - m_use)")
+                c(f"b_a = tl.exp2(m{gi} - m_use)")
+                c(f"b_b = tl.exp2(b_lse * L2E - m_use)")
                 c(f"acc{gi} = acc{gi} * b_a[:, None] + b_pre * b_b[:, None]")
                 c(f"l{gi} = l{gi} * b_a + b_b")
                 c(f"m{gi} = m_new")
@@ -1234,16 +1235,16 @@ class AttendEmitter:
         c("b_v = tl.load(p_v, mask=m_k & m_dv[None, :], other=0.)  # [BN, BDV]")
         if pooled is None:
             c("b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * "
-              f"{scale}  # [RP, BN]")
+              f"({scale} * L2E)  # [RP, BN] log2 units")
         else:
             c(f"b_s = tl.dot(b_q.to(b_k.dtype), tl.trans(b_k), input_precision='ieee' if IEEE "
-              f"else 'tf32') * {scale}")
+              f"else 'tf32') * ({scale} * L2E)")
         c(f"m_a = m_s & {mask}")
         c("b_s = tl.where(m_a, b_s, float('-inf'))")
         c(f"m_new = tl.maximum(m{gi}, tl.max(b_s, 1))")
         c("m_use = tl.where(m_new == float('-inf'), 0., m_new)")
-        c(f"b_alpha = tl.exp(m{gi} - m_use)")
-        c("b_p = tl.exp(b_s - m_use[:, None])  # [RP, BN]")
+        c(f"b_alpha = tl.exp2(m{gi} - m_use)")
+        c("b_p = tl.exp2(b_s - m_use[:, None])  # [RP, BN]")
         c(f"l{gi} = l{gi} * b_alpha + tl.sum(b_p, 1)")
         if pooled is None:
             c(f"acc{gi} = acc{gi} * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, "
@@ -1280,8 +1281,8 @@ class AttendEmitter:
                           f"l{gi}, 1.)[:, None], 0.)")
                         c(f"tl.store(osave{gi} + p_o[:, None] * DV + o_dv[None, :], "
                           f"b_og.to(osave{gi}.dtype.element_ty), mask=m_r[:, None] & m_dv[None, :])")
-                    c(f"tl.store(lsave + {gi} * n_rows + p_o, tl.where(l{gi} > 0, m{gi} + "
-                      f"tl.log(tl.where(l{gi} > 0, l{gi}, 1.)), float('-inf')), mask=m_r)")
+                    c(f"tl.store(lsave + {gi} * n_rows + p_o, tl.where(l{gi} > 0, (m{gi} + "
+                      f"tl.log2(tl.where(l{gi} > 0, l{gi}, 1.))) / L2E, float('-inf')), mask=m_r)")
         if st.combine == "mix":
             c("b_o = tl.zeros([RP, BDV], dtype=tl.float32)")
             for gi, gate in enumerate(st.gates):
@@ -1299,7 +1300,8 @@ class AttendEmitter:
           "mask=m_r[:, None] & m_dv[None, :])")
         if st.writes_lse:
             self._arg("lse")
-            c("b_lse = tl.where(l0 > 0, m0 + tl.log(tl.where(l0 > 0, l0, 1.)), float('-inf'))")
+            c("b_lse = tl.where(l0 > 0, (m0 + tl.log2(tl.where(l0 > 0, l0, 1.))) / L2E, "
+              "float('-inf'))  # natural log")
             c("tl.store(lse + p_o, b_lse, mask=m_r)")
 
 
@@ -1362,10 +1364,11 @@ class AttendBwdEmitter(AttendEmitter):
     def _prologue(self) -> None:
         c = self.c
         c("p_row = ((i_b * T + o_i).to(tl.int64) * H + o_h)  # [RP]")
-        c("b_q = b_q.to(tl.float32)")
         c("b_dq = tl.zeros([RP, BD], dtype=tl.float32)")
+        c("# q, k, v and dO enter the products in their own dtype (FlashAttention's precision)")
         c("b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & "
-          "m_dv[None, :], other=0.).to(tl.float32)  # [RP, BDV] dO")
+          "m_dv[None, :], other=0.)  # [RP, BDV] dO")
+        c("b_dof = b_do.to(tl.float32)  # for delta and the gates' gradients")
         if not self.st.writes_lse:
             c("n_rows = T * H * tl.num_programs(2)")
 
@@ -1374,12 +1377,9 @@ class AttendBwdEmitter(AttendEmitter):
         c("")
         c(f"# ---- softmax group {gi}: {' + '.join(b.name for b in grp)}")
         gate = dout_gate(self.plan, st, gi)
-        if gate is not None:
+        if gate is not None:  # do_g = g * dO: g scales dp (and p for dv), dO stays as it is
             self._arg(f"gate_{gate}")
-            c(f"b_g = tl.load(gate_{gate} + p_row, mask=m_r, other=0.).to(tl.float32)")
-            c(f"b_do{gi} = b_do * b_g[:, None]")
-        else:
-            c(f"b_do{gi} = b_do")
+            c(f"b_g{gi} = tl.load(gate_{gate} + p_row, mask=m_r, other=0.).to(tl.float32)")
         if st.writes_lse:  # an earlier stage: lse, delta come from the stage that used it
             self._arg("xlse")
             self._arg("xdelta")
@@ -1391,11 +1391,13 @@ class AttendBwdEmitter(AttendEmitter):
             c(f"b_o{gi} = tl.load(osave{gi} + p_row[:, None] * DV + o_dv[None, :], "
               f"mask=m_r[:, None] & m_dv[None, :], other=0.).to(tl.float32)")
             c(f"b_lse{gi} = tl.load(lsave + {gi} * n_rows + p_row, mask=m_r, other=float('-inf'))")
-            c(f"b_delta{gi} = tl.sum(b_do{gi} * b_o{gi}, 1)  # [RP]")
             if gate is not None:
                 self._arg(f"dgate_{gate}")
-                c(f"tl.store(dgate_{gate} + p_row, tl.sum(b_do * b_o{gi}, 1), mask=m_r)  "
-                  f"# d(gate) = rowsum(dO * o_g)")
+                c(f"b_od = tl.sum(b_dof * b_o{gi}, 1)  # rowsum(dO * o_g)")
+                c(f"tl.store(dgate_{gate} + p_row, b_od, mask=m_r)  # d(gate)")
+                c(f"b_delta{gi} = b_od * b_g{gi}  # rowsum(do_g * o_g)")
+            else:
+                c(f"b_delta{gi} = tl.sum(b_dof * b_o{gi}, 1)  # [RP]")
             for b in grp:
                 if b.precomputed:
                     for kind in ("lse", "delta"):
@@ -1443,26 +1445,47 @@ class AttendBwdEmitter(AttendEmitter):
             c(f"m_k = ({idx} < NB{g.node})[:, None]")
         c(f"o_kv = {base}  # [BN]")
         c(f"b_k = tl.load({kptr} + o_kv[:, None] * D + o_d[None, :], mask=m_k & m_d[None, :], "
-          f"other=0.).to(tl.float32)")
+          f"other=0.)")
         c(f"b_v = tl.load({vptr} + o_kv[:, None] * DV + o_dv[None, :], mask=m_k & m_dv[None, :], "
-          f"other=0.).to(tl.float32)")
-        c(f"b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * {scale}")
+          f"other=0.)")
+        c(f"b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * "
+          f"({scale} * L2E)  # log2 units")
         c(f"m_a = m_s & {mask}")
         c(f"m_a = m_a & (b_lse{gi} > float('-inf'))[:, None]  # a row that saw no key has none")
-        c(f"b_p = tl.where(m_a, tl.exp(b_s - b_lse{gi}[:, None]), 0.)  # [RP, BN]")
-        c(f"b_dp = tl.dot(b_do{gi}, tl.trans(b_v), input_precision='ieee' if IEEE else 'tf32')")
-        c(f"b_ds = b_p * (b_dp - b_delta{gi}[:, None])")
-        c(f"b_dq += tl.dot(b_ds, b_k, input_precision='ieee' if IEEE else 'tf32') * {scale}")
+        c(f"b_p = tl.where(m_a, tl.exp2(b_s - b_lse{gi}[:, None] * L2E), 0.)  # [RP, BN]")
+        self._dq(gi, scale)
         by_keys = pooled is None and gi in self.by_keys  # the group's token keys: KM<gi> decides
         if by_keys:
             c(f"if not KM{gi}:  # else dk, dv come from the key-major kernel")
         with c.indent() if by_keys else contextlib.nullcontext():
-            self._kv_atomics(gi, scale, dkptr, dvptr)
+            self._kv_atomics(gi, scale, dkptr, dvptr, pooled is not None)
 
-    def _kv_atomics(self, gi, scale, dkptr, dvptr) -> None:
+    def _dq(self, gi, scale) -> None:
+        """dp = do_g . v, ds = p (dp - delta_g), dq += scale ds . k (ds rounded to k's dtype
+        for the product, as FlashAttention's dq)."""
         c = self.c
-        c(f"b_dk = tl.dot(tl.trans(b_ds), b_q, input_precision='ieee' if IEEE else 'tf32') * {scale}")
-        c(f"b_dv = tl.dot(tl.trans(b_p), b_do{gi}, input_precision='ieee' if IEEE else 'tf32')")
+        c("b_dp = tl.dot(b_do, tl.trans(b_v), input_precision='ieee' if IEEE else 'tf32')")
+        if dout_gate(self.plan, self.st, gi) is not None:
+            c(f"b_dp = b_dp * b_g{gi}[:, None]  # do_g . v")
+        c(f"b_ds = b_p * (b_dp - b_delta{gi}[:, None])")
+        c(f"b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision='ieee' if IEEE else 'tf32') "
+          f"* {scale}")
+
+    def _kv_atomics(self, gi, scale, dkptr, dvptr, pooled=False) -> None:
+        """dk, dv of this tile's keys, added atomically. Pooled keys take ds, p and the rows
+        in float32 (tf32 products): their dk sums ds over every later query, and rowsum(ds) = 0
+        must survive the sum (the compressed keys' shared bias gets no gradient)."""
+        c = self.c
+        pg = "b_p"
+        if dout_gate(self.plan, self.st, gi) is not None:
+            c(f"b_pg = b_p * b_g{gi}[:, None]  # p scaled by the gate: dv = p^T . do_g")
+            pg = "b_pg"
+        if pooled:
+            ds, q, p, do = "b_ds", "b_q.to(tl.float32)", pg, "b_dof"
+        else:
+            ds, q, p, do = "b_ds.to(b_q.dtype)", "b_q", f"{pg}.to(b_do.dtype)", "b_do"
+        c(f"b_dk = tl.dot(tl.trans({ds}), {q}, input_precision='ieee' if IEEE else 'tf32') * {scale}")
+        c(f"b_dv = tl.dot(tl.trans({p}), {do}, input_precision='ieee' if IEEE else 'tf32')")
         c(f"m_w = m_k & (tl.sum(m_a.to(tl.int32), 0) > 0)[:, None]  # keys some row attended")
         c(f"tl.atomic_add({dkptr} + o_kv[:, None] * D + o_d[None, :], b_dk, mask=m_w & m_d[None, :])")
         c(f"tl.atomic_add({dvptr} + o_kv[:, None] * DV + o_dv[None, :], b_dv, "
@@ -1498,6 +1521,7 @@ class AttendBwdEmitter(AttendEmitter):
             c(f"i_bh, i_n = i_key // NB{g.node}, i_key % NB{g.node}")
             c("i_b, i_hk = i_bh // HKV, i_bh % HKV")
             c("n_rows = T * H * B")
+            c("L2E = tl.full([], 1.4426950408889634, tl.float32)  # log2(e): softmax in base 2, exp(x) = exp2(x * L2E)")
             c("o_d = tl.arange(0, BD)")
             c("m_d = o_d < D")
             c("o_dv = tl.arange(0, BDV)")
@@ -1505,7 +1529,7 @@ class AttendBwdEmitter(AttendEmitter):
             c(f"o_jj = i_c * BN + tl.arange(0, BN)  # [BN] keys of block i_n")
             c(f"o_j = i_n * {S} + o_jj")
             c(f"m_k = (o_jj < {L}) & (o_j < T) & i_ok")
-            c("J = o_j[None, :]")
+            c("J = o_j[:, None]  # [BN, 1]: keys down the rows of s^T")
             c("p_kv = (i_b * T + o_j).to(tl.int64) * HKV + i_hk  # [BN]")
             c("b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_k[:, None] & "
               "m_d[None, :], other=0.)  # [BN, BD]")
@@ -1533,31 +1557,36 @@ class AttendBwdEmitter(AttendEmitter):
                     c("o_h = i_hk * G + b_ent % G")
                     c("m_in = o_e < e_hi")
                 c("p_row = (i_b * T + o_iq).to(tl.int64) * H + o_h  # [BR]")
-                c("I = o_iq[:, None]")
+                c("I = o_iq[None, :]  # [1, BR]")
                 c("b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_in[:, None] & "
                   "m_d[None, :], other=0.)  # [BR, BD]")
                 args += ["do", "lsave", "ksave"]
                 c("b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask=m_in[:, "
-                  "None] & m_dv[None, :], other=0.).to(tl.float32)")
-                if gate is not None:
-                    args.append(f"gate_{gate}")
-                    c(f"b_do = b_do * tl.load(gate_{gate} + p_row, mask=m_in, "
-                      f"other=0.).to(tl.float32)[:, None]")
+                  "None] & m_dv[None, :], other=0.)  # [BR, BDV]")
                 c(f"b_lse = tl.load(lsave + {gi} * n_rows + p_row, mask=m_in, "
                   f"other=float('-inf'))")
                 c(f"b_delta = tl.load(ksave + {gi} * n_rows + p_row, mask=m_in, other=0.)")
-                c(f"b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else "
-                  f"'tf32') * {scale}  # [BR, BN]")
-                c(f"m_a = m_in[:, None] & m_k[None, :] & {mask} & "
-                  f"(b_lse > float('-inf'))[:, None]")
-                c("b_p = tl.where(m_a, tl.exp(b_s - b_lse[:, None]), 0.)")
-                c("b_dp = tl.dot(b_do.to(b_v.dtype), tl.trans(b_v), input_precision='ieee' if "
-                  "IEEE else 'tf32')")
-                c("b_ds = b_p * (b_dp - b_delta[:, None])")
-                c("b_dv += tl.dot(tl.trans(b_p).to(b_v.dtype), b_do.to(b_v.dtype), "
-                  "input_precision='ieee' if IEEE else 'tf32')")
-                c(f"b_dk += tl.dot(tl.trans(b_ds).to(b_q.dtype), b_q, input_precision='ieee' "
-                  f"if IEEE else 'tf32') * {scale}")
+                c("# keys by rows (s^T = k q^T): p^T and ds^T are the left operands of dv and dk")
+                c(f"b_st = tl.dot(b_k, tl.trans(b_q), input_precision='ieee' if IEEE else "
+                  f"'tf32') * ({scale} * L2E)  # [BN, BR] log2 units")
+                c(f"m_a = m_k[:, None] & m_in[None, :] & {mask} & "
+                  f"(b_lse > float('-inf'))[None, :]")
+                c("b_pt = tl.where(m_a, tl.exp2(b_st - (b_lse * L2E)[None, :]), 0.)")
+                c("b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision='ieee' if IEEE else "
+                  "'tf32')")
+                pg = "b_pt"
+                if gate is not None:  # do_g = g * dO: g scales p^T and dp^T, dO stays as it is
+                    args.append(f"gate_{gate}")
+                    c(f"b_g = tl.load(gate_{gate} + p_row, mask=m_in, other=0.).to(tl.float32)")
+                    c("b_dpt = b_dpt * b_g[None, :]  # v . do_g")
+                    c("b_pgt = b_pt * b_g[None, :]")
+                    pg = "b_pgt"
+                c("b_dst = b_pt * (b_dpt - b_delta[None, :])")
+                c(f"b_dv += tl.dot({pg}.to(b_v.dtype), b_do, input_precision='ieee' if IEEE "
+                  "else 'tf32')")
+                c("b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision='ieee' if IEEE else "
+                  "'tf32')")
+            c(f"b_dk = b_dk * {scale}  # dk = scale ds^T q")
             c("if e_hi > e_lo:  # other runs and branches may add to the same keys")
             with c.indent():
                 c("tl.atomic_add(dk + p_kv[:, None] * D + o_d[None, :], b_dk, mask=m_k[:, None] "
@@ -1686,10 +1715,10 @@ class TileAttendEmitter(TileWalk, AttendEmitter):
         c("b_k = tl.load(k + o_kv[:, None] * D + o_d[None, :], mask=m_d[None, :], other=0.)")
         c("b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_dv[None, :], other=0.)")
         c("b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * "
-          f"{scale}  # [RP, BN]")
+          f"({scale} * L2E)  # [RP, BN] log2 units")
         c(f"m_new = tl.maximum(m{gi}, tl.max(b_s, 1))")
-        c(f"b_alpha = tl.exp(m{gi} - m_new)")
-        c("b_p = tl.exp(b_s - m_new[:, None])")
+        c(f"b_alpha = tl.exp2(m{gi} - m_new)")
+        c("b_p = tl.exp2(b_s - m_new[:, None])")
         c(f"l{gi} = l{gi} * b_alpha + tl.sum(b_p, 1)")
         c(f"acc{gi} = acc{gi} * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, "
           "input_precision='ieee' if IEEE else 'tf32')")
@@ -1721,14 +1750,6 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
         return (f'    """Backward of attention `{st.name}` (tile layout, {combine}): dq of a tile '
                 f'of queries, written by this program alone{tokens}{tail}."""')
 
-    def _prologue(self) -> None:
-        self.c("b_qn = b_q  # q in its own dtype (pooled keys have it too): the products")
-        super()._prologue()
-
-    def _walk(self, gi, sources, mask, scale, pooled, full=()) -> None:
-        self.c(f"b_don{gi} = b_do{gi}.to(b_qn.dtype)")
-        TileWalk._walk(self, gi, sources, mask, scale, pooled, full)
-
     def _token_groups(self):
         return [(gi, [b for b in grp if not b.pooled and not b.precomputed])
                 for gi, grp in enumerate(self.st.groups)
@@ -1749,9 +1770,10 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
           "other=0.)")
         c(f"b_v = tl.load({vptr} + o_kv[:, None] * DV + o_dv[None, :], mask=m_k & m_dv[None, :], "
           "other=0.)")
-        c(f"b_s = tl.dot(b_qn, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * {scale}")
+        c(f"b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * "
+          f"({scale} * L2E)  # log2 units")
         c(f"m_a = m_s & {mask} & (b_lse{gi} > float('-inf'))[:, None]")
-        c(f"b_p = tl.where(m_a, tl.exp(b_s - b_lse{gi}[:, None]), 0.)  # [RP, BN]")
+        c(f"b_p = tl.where(m_a, tl.exp2(b_s - b_lse{gi}[:, None] * L2E), 0.)  # [RP, BN]")
         self._dq(gi, scale)
 
     def _update_full(self, gi, scale) -> None:
@@ -1759,16 +1781,10 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
         c("o_kv = ((i_b * T + o_j).to(tl.int64) * HKV + i_hk)  # [BN]")
         c("b_k = tl.load(k + o_kv[:, None] * D + o_d[None, :], mask=m_d[None, :], other=0.)")
         c("b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_dv[None, :], other=0.)")
-        c(f"b_s = tl.dot(b_qn, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * {scale}")
-        c(f"b_p = tl.exp(b_s - b_lse{gi}[:, None])  # [RP, BN]")
+        c(f"b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * "
+          f"({scale} * L2E)  # log2 units")
+        c(f"b_p = tl.exp2(b_s - b_lse{gi}[:, None] * L2E)  # [RP, BN]")
         self._dq(gi, scale)
-
-    def _dq(self, gi, scale) -> None:
-        c = self.c
-        c(f"b_dp = tl.dot(b_don{gi}, tl.trans(b_v), input_precision='ieee' if IEEE else 'tf32')")
-        c(f"b_ds = b_p * (b_dp - b_delta{gi}[:, None])")
-        c(f"b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision='ieee' if IEEE else 'tf32') "
-          f"* {scale}")
 
     def delta_groups(self) -> list[int]:
         """The softmax groups whose delta the key-major kernels read (token or pooled keys)."""
@@ -1807,11 +1823,12 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
         c("j1 = tl.minimum(j0 + BN, T)")
         c("o_j = j0 + tl.arange(0, BN)  # [BN] key positions")
         c("m_j = o_j < T")
-        c("J = o_j[None, :]  # [1, BN]")
+        c("J = o_j[:, None]  # [BN, 1]: keys down the rows of s^T")
         c("o_d = tl.arange(0, BD)")
         c("m_d = o_d < D")
         c("o_dv = tl.arange(0, BDV)")
         c("m_dv = o_dv < DV")
+        c("L2E = tl.full([], 1.4426950408889634, tl.float32)  # log2(e): softmax in base 2, exp(x) = exp2(x * L2E)")
         c("p_kv = ((i_b * T + o_j).to(tl.int64) * HKV + i_hk)  # [BN]")
         c("b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_j[:, None] & m_d[None, :], "
           "other=0.)  # [BN, BD]")
@@ -1863,6 +1880,7 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
             c(f"fa{gi} = tl.where(f_ok, fa{gi}, ta{gi})")
             c(f"fb{gi} = tl.where(f_ok, fb{gi}, ta{gi})")
         c("")
+        scales = {plans[gi][2] for gi, _ in groups}
         c("for i_g in range(G):  # the query heads of this kv head, in order")
         with c.indent():
             c("i_h = i_hk * G + i_g")
@@ -1870,7 +1888,10 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
                 sources, mask, scale = plans[gi]
                 for unmasked in _edge_full_edge(c, "for t in range({a}, {b}):", f"ta{gi}",
                                                 f"fa{gi}", f"fb{gi}", f"tb{gi}"):
-                    self._dkdv_tile(c, gi, sources, mask, scale, unmasked, arg)
+                    self._dkdv_tile(c, gi, sources, mask, scale, unmasked, arg,
+                                    ds_scale=len(scales) > 1)
+        if len(scales) == 1:
+            c(f"b_dk = b_dk * {scales.pop()}  # dk = scale ds^T q")
         c("")
         c("# written once: this program owns these keys (other stages ran before: add)")
         c("p_dk = dk + p_kv[:, None] * D + o_d[None, :]")
@@ -1892,13 +1913,19 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
                 f"{c.text()}\n")
 
     def _dkdv_tile(self, c, gi, sources, mask, scale, unmasked, arg, limit="T",
-                   f32_ds=False) -> None:
+                   f32_ds=False, ds_scale=False) -> None:
         """One query tile t's contribution to the key tile's dk, dv (keys up to `limit`: T,
-        or NB<g> for pooled keys). dO enters the dots as it is (its own dtype: exact
-        products); a gate g of do_g = g * dO scales the [BM, BN] tiles p and dp instead, so
-        dO goes from memory to the dots untouched. `f32_ds`: dk's product takes ds unrounded
-        (tf32): pooled keys sum ds over every later query, and rowsum(ds) = 0 must survive
-        the sum (the compressed keys' shared bias gets no gradient)."""
+        or NB<g> for pooled keys), computed keys-by-queries as FlashAttention-2's backward
+        does: s^T = k q^T is [BN, BM], so p^T and ds^T are already the left operands of
+        dv += p^T dO and dk += ds^T q (no transpose of a register tile through shared
+        memory), q and dO the right operands straight from memory. The mask reads J as
+        [BN, 1] key positions and I as [1, BM] query positions. dO enters the dots as it is
+        (its own dtype: exact products); a gate g of do_g = g * dO scales the tiles p^T and
+        dp^T instead. dk's scale is applied once after the walk, or here to ds (`ds_scale`,
+        when groups of different scales add into one dk). `f32_ds`: dk's product takes ds as
+        a pair hi + lo of q's dtype (about 16 bits of mantissa, where a rounded ds keeps 8):
+        pooled keys sum ds over every later query, and rowsum(ds) = 0 must survive the sum
+        (the compressed keys' shared bias gets no gradient)."""
         st = self.st
         c("i_lo = t * BM")
         c("i_hi = tl.minimum(i_lo + BM, T)")
@@ -1908,7 +1935,7 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
             m_q, m_o, m_row = "m_d[None, :]", "m_dv[None, :]", None
         else:
             c("m_r = o_i < T")
-            c("I = o_i[:, None]  # [BM, 1]")
+            c("I = o_i[None, :]  # [1, BM]")
             m_q, m_o, m_row = "m_r[:, None] & m_d[None, :]", "m_r[:, None] & m_dv[None, :]", "m_r"
         rmask = f", mask={m_row}" if m_row else ""
         other = lambda x: f", other={x}" if m_row else ""  # noqa: E731
@@ -1930,31 +1957,40 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
             arg("dsave")
             c(f"b_lse = tl.load(lsave + {gi} * n_rows + p_row{rmask}{other(NEG_INF)})")
             c(f"b_delta = tl.load(dsave + {gi} * n_rows + p_row{rmask}{other('0.')})")
-        c(f"b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * {scale}"
-          "  # [BM, BN]")
+        c(f"b_st = tl.dot(b_k, tl.trans(b_q), input_precision='ieee' if IEEE else 'tf32') * "
+          f"({scale} * L2E)  # [BN, BM] log2 units")
+        c("b_l2 = b_lse * L2E")
         if unmasked:
-            c("b_p = tl.exp(b_s - b_lse[:, None])")
+            c("b_pt = tl.exp2(b_st - b_l2[None, :])")
         else:
             for si, s in enumerate(sources):
                 c(f"lo{si} = tl.maximum({_tl(s.lo)}, 0)")
                 c(f"hi{si} = tl.minimum({_tl(s.hi)}, {limit})")
             m_s = " | ".join(f"((J >= lo{si}) & (J < hi{si}))" for si in range(len(sources)))
-            c(f"m_a = m_r[:, None] & m_j[None, :] & ({m_s}) & {mask}")
-            c("m_a = m_a & (b_lse > float('-inf'))[:, None]  # a row that saw no key has none")
-            c("b_p = tl.where(m_a, tl.exp(b_s - b_lse[:, None]), 0.)  # [BM, BN]")
-        # dk's operands: float32 with f32_ds, else q's dtype
-        ds, q = ("b_ds", "b_q.to(tl.float32)") if f32_ds else ("b_ds.to(b_q.dtype)", "b_q")
-        c("b_dp = tl.dot(b_do, tl.trans(b_v), input_precision='ieee' if IEEE else 'tf32')")
-        pg = "b_p"
+            c(f"m_a = m_j[:, None] & m_r[None, :] & ({m_s}) & {mask}")
+            c("m_a = m_a & (b_lse > float('-inf'))[None, :]  # a row that saw no key has none")
+            c("b_pt = tl.where(m_a, tl.exp2(b_st - b_l2[None, :]), 0.)  # [BN, BM]")
+        c("b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision='ieee' if IEEE else 'tf32')")
+        pg = "b_pt"
         if gate is not None:
-            c("b_dp = b_dp * b_g[:, None]  # do_g . v")
-            c("b_pg = b_p * b_g[:, None]")
-            pg = "b_pg"
-        c("b_ds = b_p * (b_dp - b_delta[:, None])")
-        c(f"b_dv += tl.dot(tl.trans({pg}.to(b_q.dtype)), b_do, "
+            c("b_dpt = b_dpt * b_g[None, :]  # v . do_g")
+            c("b_pgt = b_pt * b_g[None, :]")
+            pg = "b_pgt"
+        c("b_dst = b_pt * (b_dpt - b_delta[None, :])" + (f" * {scale}" if ds_scale else ""))
+        c(f"b_dv += tl.dot({pg}.to(b_q.dtype), b_do, "
           "input_precision='ieee' if IEEE else 'tf32')  # p^T . do_g")
-        c(f"b_dk += tl.dot(tl.trans({ds}), {q}, "
-          f"input_precision='ieee' if IEEE else 'tf32') * {scale}")
+        if not f32_ds:
+            c("b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision='ieee' if IEEE else "
+              "'tf32')")
+            return
+        c("if IEEE:")
+        with c.indent():
+            c("b_dk += tl.dot(b_dst, b_q, input_precision='ieee')")
+        c("else:  # ds as a pair hi + lo of q's dtype: about 16 bits of mantissa, 16-bit products")
+        with c.indent():
+            c("b_dsh = b_dst.to(b_q.dtype)")
+            c("b_dk += tl.dot(b_dsh, b_q) + tl.dot((b_dst - b_dsh.to(tl.float32)).to(b_q.dtype), "
+              "b_q)")
 
     # ------------------------------------------------------- pooled dk, dv by key tiles
     def _pooled_branches(self):
@@ -1995,11 +2031,12 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
             c(f"j1 = tl.minimum(j0 + BN, NB{g})")
             c("o_j = j0 + tl.arange(0, BN)  # [BN] block indices")
             c(f"m_j = o_j < NB{g}")
-            c("J = o_j[None, :]  # [1, BN]")
+            c("J = o_j[:, None]  # [BN, 1]: blocks down the rows of s^T")
             c("o_d = tl.arange(0, BD)")
             c("m_d = o_d < D")
             c("o_dv = tl.arange(0, BDV)")
             c("m_dv = o_dv < DV")
+            c("L2E = tl.full([], 1.4426950408889634, tl.float32)  # log2(e): softmax in base 2, exp(x) = exp2(x * L2E)")
             c(f"p_kv = ((i_b * NB{g} + o_j).to(tl.int64) * HKV + i_hk)  # [BN]")
             c(f"b_k = tl.load(kp{pool} + p_kv[:, None] * D + o_d[None, :], mask=m_j[:, None] & "
               "m_d[None, :], other=0.)  # [BN, BD]")
@@ -2027,6 +2064,7 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
             with c.indent():
                 self._dkdv_tile(c, gi, list(b.sources), mask, scale, False, arg,
                                 limit=f"NB{g}", f32_ds=True)
+            c(f"b_dk = b_dk * {scale}  # dk = scale ds^T q")
             c("")
             c("# once per program: the other heads of the kv head and the other splits add to "
               "the same blocks")

@@ -171,6 +171,8 @@ class GroupedEmitter:
             f"{ind}m_dv = o_dv < DV",
             f"{ind}b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None] & "
             f"m_d[None, :], other=0.)  # [BM, BD]",
+            f"{ind}L2E = tl.full([], 1.4426950408889634, tl.float32)  # log2(e): softmax in "
+            f"base 2",
             f"{ind}b_m = tl.full([BM], float('-inf'), tl.float32)",
             f"{ind}b_l = tl.zeros([BM], dtype=tl.float32)",
             f"{ind}b_acc = tl.zeros([BM, BDV], dtype=tl.float32)",
@@ -182,8 +184,8 @@ class GroupedEmitter:
             f"{ind2}b_s = tl.where(m_a, b_s, float('-inf'))",
             f"{ind2}m_new = tl.maximum(b_m, tl.max(b_s, 1))",
             f"{ind2}m_use = tl.where(m_new == float('-inf'), 0., m_new)",
-            f"{ind2}b_alpha = tl.exp(b_m - m_use)",
-            f"{ind2}b_p = tl.exp(b_s - m_use[:, None])  # [BM, BN]",
+            f"{ind2}b_alpha = tl.exp2(b_m - m_use)",
+            f"{ind2}b_p = tl.exp2(b_s - m_use[:, None])  # [BM, BN]",
             f"{ind2}b_l = b_l * b_alpha + tl.sum(b_p, 1)",
             f"{ind2}b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, "
             f"input_precision='ieee' if IEEE else 'tf32')",
@@ -191,8 +193,8 @@ class GroupedEmitter:
             f"{ind}b_o = tl.where(b_l[:, None] > 0, b_acc / tl.where(b_l > 0, b_l, 1.)[:, None], 0.)",
             f"{ind}tl.store(po + o_ent.to(tl.int64)[:, None] * DV + o_dv[None, :], "
             f"b_o.to(po.dtype.element_ty), mask=m_r[:, None] & m_dv[None, :])",
-            f"{ind}tl.store(pl + o_ent, tl.where(b_l > 0, b_m + tl.log(tl.where(b_l > 0, b_l, "
-            f"1.)), float('-inf')), mask=m_r)",
+            f"{ind}tl.store(pl + o_ent, tl.where(b_l > 0, (b_m + tl.log2(tl.where(b_l > 0, b_l, "
+            f"1.))) / L2E, float('-inf')), mask=m_r)  # natural log",
         ]
         fwd = "\n".join(c) + "\n"
         c = self._head("combine", "po, pl, sel, o, lsave, N, H: tl.constexpr, "
@@ -245,7 +247,7 @@ class GroupedEmitter:
             f"{ind}m_k = o_j < j_hi",
             *self._load_kv(ind),
             f"{ind}b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else "
-            f"'tf32') * scale  # [BM, BN]",
+            f"'tf32') * (scale * L2E)  # [BM, BN] log2 units",
             f"{ind}m_a = m_r[:, None] & m_k[None, :] & {self.mask}",
         ]
 
@@ -270,7 +272,9 @@ class GroupedEmitter:
             f"m_d[None, :], other=0.)  # [BM, BD]",
         ]
         c += self._bwd_rows(ind)
-        c += [f"{ind}b_dq = tl.zeros([BM, BD], dtype=tl.float32)",
+        c += [f"{ind}L2E = tl.full([], 1.4426950408889634, tl.float32)  # log2(e): softmax in "
+              f"base 2",
+              f"{ind}b_dq = tl.zeros([BM, BD], dtype=tl.float32)",
               f"{ind}for j0 in range(j_lo, j_hi, BN):"]
         c += self._scores(ind2)
         c += self._grads(ind2)
@@ -303,6 +307,8 @@ class GroupedEmitter:
             f"{ind}J = o_j[None, :]",
             f"{ind}m_k = (i_c * BN + tl.arange(0, BN) < {L}) & (o_j < T)",
             *self._load_kv(ind),
+            f"{ind}L2E = tl.full([], 1.4426950408889634, tl.float32)  # log2(e): softmax in "
+            f"base 2",
             f"{ind}b_dk = tl.zeros([BN, BD], dtype=tl.float32)",
             f"{ind}b_dv = tl.zeros([BN, BDV], dtype=tl.float32)",
             f"{ind}e_lo = tl.load(goff + i_g)",
@@ -320,7 +326,7 @@ class GroupedEmitter:
         c += self._bwd_rows(ind2)
         c += [
             f"{ind2}b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else "
-            f"'tf32') * scale  # [BM, BN]",
+            f"'tf32') * (scale * L2E)  # [BM, BN] log2 units",
             f"{ind2}m_a = m_r[:, None] & m_k[None, :] & {self.mask}",
         ]
         c += self._grads(ind2)
@@ -367,7 +373,7 @@ class GroupedEmitter:
         """p from the saved lse, dp = dO v^T, ds = p (dp - delta)."""
         return [
             f"{ind}m_a = m_a & (b_lse > float('-inf'))[:, None]",
-            f"{ind}b_p = tl.where(m_a, tl.exp(b_s - b_lse[:, None]), 0.)  # [BM, BN]",
+            f"{ind}b_p = tl.where(m_a, tl.exp2(b_s - (b_lse * L2E)[:, None]), 0.)  # [BM, BN]",
             f"{ind}b_dp = tl.dot(b_do, tl.trans(b_v), input_precision='ieee' if IEEE else "
             f"'tf32')",
             f"{ind}b_ds = b_p * (b_dp - b_delta[:, None])",
