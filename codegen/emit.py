@@ -970,11 +970,20 @@ def dout_gate(plan: KernelPlan, st: AttendStage, gi: int) -> str | None:
     return st.gates[gi] if st.combine == "mix" else None
 
 
+def own_delta(plan: KernelPlan, st: AttendStage) -> bool:
+    """Whether earlier stage `st` computes its own delta (and its gate's gradient): the final
+    stage's group holding its output holds nothing else (saved_outputs: ("stage", n)), so
+    delta = rowsum(do_g * o) = rowsum(p * dp) over this stage's keys alone."""
+    return st.writes_lse and any(len(grp) == 1 and grp[0].precomputed and grp[0].node == st.node
+                                 for grp in plan.final.groups)
+
+
 def saved_outputs(st: AttendStage) -> list[tuple]:
     """Where the backward finds each softmax group's normalised output o_g (for delta_g =
     rowsum(do_g * o_g) and the gates' gradients), for the final stage `st`:
-      ("stage", n): the group is the earlier stage n's branch alone: that stage's own
-                    float32 output, kept (not copied);
+      ("stage", n): the group is the earlier stage n's branch alone: nothing is kept;
+                    that stage's backward sums delta_g = rowsum(p * dp) over its own keys
+                    (`own_delta`), and the gate's gradient with it;
       ("out",):     one group, no gate: the stage's output itself, as FlashAttention keeps;
       ("f32",):     written in float32: the group has pooled keys, whose shared bias gets no
                     gradient only if delta matches p . dp summed over them (rowsum(ds) = 0);
@@ -1320,6 +1329,7 @@ class AttendBwdEmitter(AttendEmitter):
     mode = "bwd"
     head_args = "do, dq, dk, dv"
     extra_consts = ""
+    _prepass = False  # emitting _own_delta's walk
     pooled_atomics = True  # pooled keys' dk, dv added here (the tile layout: by key tiles)
 
     def __init__(self, *a, **kw):
@@ -1377,14 +1387,27 @@ class AttendBwdEmitter(AttendEmitter):
         c("")
         c(f"# ---- softmax group {gi}: {' + '.join(b.name for b in grp)}")
         gate = dout_gate(self.plan, st, gi)
-        if gate is not None:  # do_g = g * dO: g scales dp (and p for dv), dO stays as it is
+        alone = not st.writes_lse and saved_outputs(st)[gi][0] == "stage"
+        if gate is not None and not alone:  # do_g = g * dO: g scales dp (and p for dv)
             self._arg(f"gate_{gate}")
             c(f"b_g{gi} = tl.load(gate_{gate} + p_row, mask=m_r, other=0.).to(tl.float32)")
-        if st.writes_lse:  # an earlier stage: lse, delta come from the stage that used it
+        if alone:  # an earlier stage's output alone: its backward needs only the lse
+            b = grp[0]
+            self._arg("lsave")
+            self._arg(f"xlse{b.node}")
+            c(f"# `{b.name}` runs its own backward (its delta and gate gradient too) with this "
+              f"group's lse")
+            c(f"b_lse{gi} = tl.load(lsave + {gi} * n_rows + p_row, mask=m_r, other=float('-inf'))")
+            c(f"tl.store(xlse{b.node} + p_row, b_lse{gi}, mask=m_r)")
+            return
+        if st.writes_lse:  # an earlier stage: lse (and delta) from the stage that used it
             self._arg("xlse")
             self._arg("xdelta")
             c(f"b_lse{gi} = tl.load(xlse + p_row, mask=m_r, other=float('-inf'))")
-            c(f"b_delta{gi} = tl.load(xdelta + p_row, mask=m_r, other=0.)")
+            if own_delta(self.plan, st):
+                self._own_delta(gi, grp, gate)
+            else:
+                c(f"b_delta{gi} = tl.load(xdelta + p_row, mask=m_r, other=0.)")
         else:
             self._arg(f"osave{gi}")
             self._arg("lsave")
@@ -1406,6 +1429,14 @@ class AttendBwdEmitter(AttendEmitter):
                       f"do, from dO and the gate)")
                     c(f"tl.store(xlse{b.node} + p_row, b_lse{gi}, mask=m_r)")
                     c(f"tl.store(xdelta{b.node} + p_row, b_delta{gi}, mask=m_r)")
+        if gi in self.by_keys:
+            self._arg("ksave")
+            c(f"tl.store(ksave + {gi} * n_rows + p_row, b_delta{gi}, mask=m_r)  "
+              f"# delta, for the key-major dk/dv kernel")
+        self._walk_group(gi, grp)
+
+    def _walk_group(self, gi: int, grp) -> None:
+        """The walks over a group's token and pooled keys (`_update` per key tile)."""
         tokens = [b for b in grp if not b.pooled and not b.precomputed]
         if tokens:
             mask = self.ex.union_keys(tokens)
@@ -1416,10 +1447,6 @@ class AttendBwdEmitter(AttendEmitter):
             scale = f"scale{tokens[0].node}"
             self._arg(scale)
             full = tuple(f for b in tokens for f in b.full)
-            if gi in self.by_keys:
-                self._arg("ksave")
-                c(f"tl.store(ksave + {gi} * n_rows + p_row, b_delta{gi}, mask=m_r)  "
-                  f"# delta, for the key-major dk/dv kernel")
             self._walk(gi, sources, mask, scale, pooled=None, full=full)
         for b in grp:
             if b.pooled and not b.precomputed:
@@ -1431,6 +1458,25 @@ class AttendBwdEmitter(AttendEmitter):
                 self.nbs.add(b.grid.node)
                 mask = self.ex.blocks(blocks, "I", "J")
                 self._walk(gi, list(b.sources), mask, f"scale{b.node}", pooled=(pool, b.grid))
+
+    def _own_delta(self, gi: int, grp, gate: str | None) -> None:
+        """delta_g = rowsum(p * dp) by a first walk over this stage's keys (FlashAttention
+        takes rowsum(dO * o); the sum over the same p and dp the gradients use makes rowsum(ds)
+        vanish to float32 rounding, so pooled keys' shared bias gets no gradient), the gate's
+        gradient rowsum(dO * o) = rowsum(p * (dO . v)) with it; stored for the dk/dv kernels."""
+        c = self.c
+        c("# delta = rowsum(p * dp) over this stage's keys: a first walk (no output is kept)")
+        c(f"b_pdp{gi} = tl.zeros([RP], dtype=tl.float32)  # rowsum(p * (dO . v))")
+        self._prepass = True
+        self._walk_group(gi, grp)
+        self._prepass = False
+        if gate is not None:
+            self._arg(f"dgate_{gate}")
+            c(f"tl.store(dgate_{gate} + p_row, b_pdp{gi}, mask=m_r)  # d(gate) = rowsum(dO * o)")
+            c(f"b_delta{gi} = b_pdp{gi} * b_g{gi}  # rowsum(do_g * o)")
+        else:
+            c(f"b_delta{gi} = b_pdp{gi}")
+        c(f"tl.store(xdelta + p_row, b_delta{gi}, mask=m_r)  # for the dk/dv kernels")
 
     def _update(self, gi, mask, scale, pooled, idx) -> None:
         c = self.c
@@ -1454,6 +1500,8 @@ class AttendBwdEmitter(AttendEmitter):
         c(f"m_a = m_a & (b_lse{gi} > float('-inf'))[:, None]  # a row that saw no key has none")
         c(f"b_p = tl.where(m_a, tl.exp2(b_s - b_lse{gi}[:, None] * L2E), 0.)  # [RP, BN]")
         self._dq(gi, scale)
+        if self._prepass:
+            return
         by_keys = pooled is None and gi in self.by_keys  # the group's token keys: KM<gi> decides
         if by_keys:
             c(f"if not KM{gi}:  # else dk, dv come from the key-major kernel")
@@ -1465,6 +1513,9 @@ class AttendBwdEmitter(AttendEmitter):
         for the product, as FlashAttention's dq)."""
         c = self.c
         c("b_dp = tl.dot(b_do, tl.trans(b_v), input_precision='ieee' if IEEE else 'tf32')")
+        if self._prepass:  # _own_delta's walk: the sum only
+            c(f"b_pdp{gi} += tl.sum(b_p * b_dp, 1)")
+            return
         if dout_gate(self.plan, self.st, gi) is not None:
             c(f"b_dp = b_dp * b_g{gi}[:, None]  # do_g . v")
         c(f"b_ds = b_p * (b_dp - b_delta{gi}[:, None])")
@@ -2303,7 +2354,8 @@ class HostEmitter:
         saved = [f"kp{st.node}" for st in plan.stages if st.kind == "pool"]
         saved += [f"vp{st.node}" for st in plan.stages if st.kind == "pool"]
         saved += [f"sel{st.node}" for st in plan.stages if st.kind == "select"]
-        saved += [f"osave{gi}" for gi in range(len(plan.final.groups))] + ["lsave"]
+        saved += [f"osave{gi}" for gi, how in enumerate(saved_outputs(plan.final))
+                  if how[0] != "stage"] + ["lsave"]
         for st in plan.stages:
             if st.kind == "attend" and st.layout == "grouped":
                 saved += attend_emitters[id(st)].saved()
@@ -2453,7 +2505,8 @@ class HostEmitter:
             return
         c(f"# attend `{st.name}`: {st.layout} layout, {st.combine}")
         if st.writes_lse:
-            c(f"o = o{st.node} = torch.empty(B, T, H, DV, device=dev, dtype=f32)")
+            c(f"o = o{st.node} = torch.empty(B, T, H, DV, device=dev, dtype=q.dtype)  # merged "
+              f"by the final stage")
             c(f"lse = lse{st.node} = torch.empty(B, T, H, device=dev, dtype=f32)")
         else:
             c("o = torch.empty(B, T, H, DV, device=dev, dtype=q.dtype)")
@@ -2461,8 +2514,8 @@ class HostEmitter:
             for gi, how in enumerate(saved_outputs(st)):
                 names = " + ".join(f"`{b.name}`" for b in st.groups[gi])
                 if how[0] == "stage":
-                    c(f"osave{gi} = o{how[1]}  # {names}: its own stage's float32 output")
-                elif how[0] == "out":
+                    continue  # its stage's backward sums its delta itself (own_delta)
+                if how[0] == "out":
                     c(f"osave{gi} = o  # {names}: the output itself")
                 else:
                     dt = "f32" if how[0] == "f32" else "q.dtype"
@@ -2525,7 +2578,8 @@ class HostBwdEmitter(HostEmitter):
         c(f"dk = torch.zeros(B, T, HKV, D, device=dev, dtype={dkv_dt})")
         c(f"dv = torch.zeros(B, T, HKV, DV, device=dev, dtype={dkv_dt})")
         c("dparams = {}")
-        osaves = [f"osave{gi}" for gi in range(len(final.groups))] + ["lsave"]
+        osaves = [f"osave{gi}" for gi, how in enumerate(saved_outputs(final))
+                  if how[0] != "stage"] + ["lsave"]
         c(f"{', '.join(osaves)} = {', '.join(f'saved[{x!r}]' for x in osaves)}")
         for gid, g in sorted(plan.grids.items()):
             c(f"NB{gid} = triton.cdiv(T, {g.stride})")
