@@ -1346,6 +1346,9 @@ class AttendBwdEmitter(AttendEmitter):
                     self.by_keys[gi] = src
         if self.by_keys:
             self.extra_consts += "".join(f", KM{gi}: tl.constexpr" for gi in self.by_keys)
+        # row-layout groups of token-range keys: dk, dv by key tiles (emit_dkdv)
+        self.tok_keys = ({gi for gi, _ in self._token_groups()} if self.st.layout == "row"
+                         else set())
 
     def _list_source(self, grp):
         """(the BlockList, the token branches) when a group's token keys are exactly the
@@ -1368,6 +1371,8 @@ class AttendBwdEmitter(AttendEmitter):
         st = self.st
         keys = "".join(f"; group {gi}'s block-list keys: attend_{st.name}_bwd_dkdv{gi}_kernel "
                        f"when KM{gi}" for gi in self.by_keys)
+        keys += "".join(f"; group {gi}'s token keys: attend_{st.name}_bwd_dkdv_kernel"
+                        for gi in sorted(self.tok_keys))
         return (f'    """Backward of attention `{st.name}` ({st.layout} layout, {combine}): dq, and '
                 f'dk, dv (and pooled dk, dv) by atomic adds{keys}: not deterministic."""')
 
@@ -1433,6 +1438,10 @@ class AttendBwdEmitter(AttendEmitter):
             self._arg("ksave")
             c(f"tl.store(ksave + {gi} * n_rows + p_row, b_delta{gi}, mask=m_r)  "
               f"# delta, for the key-major dk/dv kernel")
+        if gi in self.tok_keys:
+            self._arg("dsave")
+            c(f"tl.store(dsave + {gi} * n_rows + p_row, b_delta{gi}, mask=m_r)  "
+              f"# delta, for the dk/dv kernel by key tiles")
         self._walk_group(gi, grp)
 
     def _walk_group(self, gi: int, grp) -> None:
@@ -1500,7 +1509,7 @@ class AttendBwdEmitter(AttendEmitter):
         c(f"m_a = m_a & (b_lse{gi} > float('-inf'))[:, None]  # a row that saw no key has none")
         c(f"b_p = tl.where(m_a, tl.exp2(b_s - b_lse{gi}[:, None] * L2E), 0.)  # [RP, BN]")
         self._dq(gi, scale)
-        if self._prepass:
+        if self._prepass or (pooled is None and gi in self.tok_keys):  # (dk, dv by key tiles)
             return
         by_keys = pooled is None and gi in self.by_keys  # the group's token keys: KM<gi> decides
         if by_keys:
@@ -1658,6 +1667,212 @@ class AttendBwdEmitter(AttendEmitter):
             out.append(f"\n@triton.jit\ndef attend_{st.name}_bwd_dkdv{gi}_kernel(\n    {sig},\n):"
                        f"\n{doc}\n{c.text()}\n")
         return out
+
+    def _token_groups(self):
+        """The row layout's softmax groups whose token keys all come from token ranges (a
+        sliding window, sinks): their dk, dv by key tiles (`emit_dkdv`), not by atomic adds
+        from every query (at 64k, NSA's 512-token window took 230 ms that way)."""
+        if self.st.layout != "row" or self.st.writes_lse:
+            return []
+        out = []
+        for gi, grp in enumerate(self.st.groups):
+            tokens = [b for b in grp if not b.pooled and not b.precomputed]
+            if (gi not in self.by_keys and tokens
+                    and all(isinstance(x, TokenRange) for b in tokens for x in b.sources)):
+                out.append((gi, tokens))
+        return out
+
+    # ---------------------------------------------------------------- dk, dv by key tiles
+    def emit_dkdv(self) -> str:
+        """The key-major dk/dv kernel ("" when the stage has no token branch)."""
+        st, ir = self.st, self.ir
+        groups = self._token_groups()
+        if not groups:
+            self.dkdv = None
+            return ""
+        c = Code()
+        args: list[str] = []
+        nbs: set[int] = set()
+
+        def arg(a):
+            if a not in args:
+                args.append(a)
+
+        c("i_n, i_hk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)")
+        c("# a tile of BN consecutive keys of one kv head; dk, dv accumulate in registers over")
+        c("# the query tiles that can see it, for each of the kv head's G query heads")
+        c("j0 = i_n * BN")
+        c("j1 = tl.minimum(j0 + BN, T)")
+        c("o_j = j0 + tl.arange(0, BN)  # [BN] key positions")
+        c("m_j = o_j < T")
+        c("J = o_j[:, None]  # [BN, 1]: keys down the rows of s^T")
+        c("o_d = tl.arange(0, BD)")
+        c("m_d = o_d < D")
+        c("o_dv = tl.arange(0, BDV)")
+        c("m_dv = o_dv < DV")
+        c("L2E = tl.full([], 1.4426950408889634, tl.float32)  # log2(e): softmax in base 2, exp(x) = exp2(x * L2E)")
+        c("p_kv = ((i_b * T + o_j).to(tl.int64) * HKV + i_hk)  # [BN]")
+        c("b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_j[:, None] & m_d[None, :], "
+          "other=0.)  # [BN, BD]")
+        c("b_v = tl.load(v + p_kv[:, None] * DV + o_dv[None, :], mask=m_j[:, None] & "
+          "m_dv[None, :], other=0.)  # [BN, BDV]")
+        c("b_dk = tl.zeros([BN, BD], dtype=tl.float32)")
+        c("b_dv = tl.zeros([BN, BDV], dtype=tl.float32)")
+        c("NT = tl.cdiv(T, BM)  # query tiles")
+        c("NF = T // BM  # query tiles without rows past T")
+        if not st.writes_lse:
+            c("n_rows = T * H * tl.num_programs(2)  # B * T * H rows per group")
+        plans = {}
+        for gi, tokens in groups:
+            mask = self.ex.union_keys(tokens)
+            sources: list = []
+            for b in tokens:
+                sources += [x for x in b.sources if x not in sources]
+            full = [f for b in tokens for f in b.full]
+            scale = f"scale{tokens[0].node}"
+            arg(scale)
+            plans[gi] = (sources, mask, scale)
+            c("")
+            c(f"# ---- softmax group {gi}: {' + '.join(b.name for b in tokens)}")
+            c(f"# the query tiles [ta{gi}, tb{gi}) whose source bounds reach keys [j0, j1)")
+            c(f"ta{gi} = NT")
+            c(f"tb{gi} = NT * 0")
+            for si, s in enumerate(sources):
+                nbs.update(_nbs_in(s.lo, s.hi))
+                c(f"# source {si}: keys [{s.lo}, {s.hi})")
+                _bisect(c, "t_lo", f"tl.minimum({_tl(s.hi)}, T) > j0")
+                _bisect(c, "t_hi", f"tl.maximum({_tl(s.lo)}, 0) >= j1")
+                c(f"ta{gi} = tl.where(t_lo < t_hi, tl.minimum(ta{gi}, t_lo), ta{gi})")
+                c(f"tb{gi} = tl.where(t_lo < t_hi, tl.maximum(tb{gi}, t_hi), tb{gi})")
+            c(f"tb{gi} = tl.maximum(tb{gi}, ta{gi})")
+            c(f"# the query tiles [fa{gi}, fb{gi}) that attend every key of the tile: no masks")
+            c(f"fa{gi} = ta{gi}")
+            c(f"fb{gi} = ta{gi}")
+            for f in full:
+                nbs.update(_nbs_in(f.lo, f.hi))
+                c(f"# inner range [{f.lo}, {f.hi})")
+                _bisect(c, "t_lo", f"{_tl(f.hi)} >= j0 + BN")
+                _bisect(c, "t_hi", f"{_tl(f.lo)} > j0")
+                c(f"t_lo = tl.maximum(t_lo, ta{gi})")
+                c(f"t_hi = tl.minimum(tl.minimum(t_hi, tb{gi}), NF)")
+                c(f"f_w = t_hi - t_lo > fb{gi} - fa{gi}")
+                c(f"fa{gi} = tl.where(f_w, t_lo, fa{gi})")
+                c(f"fb{gi} = tl.where(f_w, t_hi, fb{gi})")
+            c(f"f_ok = (fb{gi} > fa{gi}) & (j1 - j0 == BN)")
+            c(f"fa{gi} = tl.where(f_ok, fa{gi}, ta{gi})")
+            c(f"fb{gi} = tl.where(f_ok, fb{gi}, ta{gi})")
+        c("")
+        scales = {plans[gi][2] for gi, _ in groups}
+        c("for i_g in range(G):  # the query heads of this kv head, in order")
+        with c.indent():
+            c("i_h = i_hk * G + i_g")
+            for gi, _ in groups:
+                sources, mask, scale = plans[gi]
+                for unmasked in _edge_full_edge(c, "for t in range({a}, {b}):", f"ta{gi}",
+                                                f"fa{gi}", f"fb{gi}", f"tb{gi}"):
+                    self._dkdv_tile(c, gi, sources, mask, scale, unmasked, arg,
+                                    ds_scale=len(scales) > 1)
+        if len(scales) == 1:
+            c(f"b_dk = b_dk * {scales.pop()}  # dk = scale ds^T q")
+        c("")
+        c("# written once: this program owns these keys (other stages ran before: add)")
+        c("p_dk = dk + p_kv[:, None] * D + o_d[None, :]")
+        c("m_dk = m_j[:, None] & m_d[None, :]")
+        c("tl.store(p_dk, tl.load(p_dk, mask=m_dk, other=0.) + b_dk, mask=m_dk)")
+        c("p_dv = dv + p_kv[:, None] * DV + o_dv[None, :]")
+        c("m_dv2 = m_j[:, None] & m_dv[None, :]")
+        c("tl.store(p_dv, tl.load(p_dv, mask=m_dv2, other=0.) + b_dv, mask=m_dv2)")
+        sig = (f"q, k, v, do, dk, dv, {''.join(a + ', ' for a in args)}T, "
+               f"{''.join(f'NB{x}, ' for x in sorted(nbs))}"
+               "H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, "
+               "DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, "
+               "BN: tl.constexpr, IEEE: tl.constexpr")
+        self.dkdv = (args, sorted(nbs))
+        doc = (f'    """dk, dv of the token keys of attention `{st.name}` by key tiles: each program '
+               f'walks the query tiles that see its keys and adds their gradients once, no '
+               f'atomics: deterministic."""')
+        return (f"\n@triton.jit\ndef attend_{st.name}_bwd_dkdv_kernel(\n    {sig},\n):\n{doc}\n"
+                f"{c.text()}\n")
+
+    def _dkdv_tile(self, c, gi, sources, mask, scale, unmasked, arg, limit="T",
+                   f32_ds=False, ds_scale=False) -> None:
+        """One query tile t's contribution to the key tile's dk, dv (keys up to `limit`: T,
+        or NB<g> for pooled keys), computed keys-by-queries as FlashAttention-2's backward
+        does: s^T = k q^T is [BN, BM], so p^T and ds^T are already the left operands of
+        dv += p^T dO and dk += ds^T q (no transpose of a register tile through shared
+        memory), q and dO the right operands straight from memory. The mask reads J as
+        [BN, 1] key positions and I as [1, BM] query positions. dO enters the dots as it is
+        (its own dtype: exact products); a gate g of do_g = g * dO scales the tiles p^T and
+        dp^T instead. dk's scale is applied once after the walk, or here to ds (`ds_scale`,
+        when groups of different scales add into one dk). `f32_ds`: dk's product takes ds as
+        a pair hi + lo of q's dtype (about 16 bits of mantissa, where a rounded ds keeps 8):
+        pooled keys sum ds over every later query, and rowsum(ds) = 0 must survive the sum
+        (the compressed keys' shared bias gets no gradient)."""
+        st = self.st
+        c("i_lo = t * BM")
+        c("i_hi = tl.minimum(i_lo + BM, T)")
+        c("o_i = i_lo + tl.arange(0, BM)  # [BM] query positions")
+        c("p_row = ((i_b * T + o_i).to(tl.int64) * H + i_h)  # [BM]")
+        if unmasked:
+            m_q, m_o, m_row = "m_d[None, :]", "m_dv[None, :]", None
+        else:
+            c("m_r = o_i < T")
+            c("I = o_i[None, :]  # [1, BM]")
+            m_q, m_o, m_row = "m_r[:, None] & m_d[None, :]", "m_r[:, None] & m_dv[None, :]", "m_r"
+        rmask = f", mask={m_row}" if m_row else ""
+        other = lambda x: f", other={x}" if m_row else ""  # noqa: E731
+        NEG_INF = "float('-inf')"
+        c(f"b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask={m_q}, other=0.)  # [BM, BD]")
+        c(f"b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask={m_o}, other=0.)")
+        gate = dout_gate(self.plan, st, gi)
+        if gate is not None:
+            arg(f"gate_{gate}")
+            c(f"b_g = tl.load(gate_{gate} + p_row{rmask}{other('0.')}).to(tl.float32)  "
+              f"# do_g = g * dO")
+        if st.writes_lse:
+            for a in ("xlse", "xdelta"):
+                arg(a)
+            c(f"b_lse = tl.load(xlse + p_row{rmask}{other(NEG_INF)})")
+            c(f"b_delta = tl.load(xdelta + p_row{rmask}{other('0.')})")
+        else:
+            arg("lsave")
+            arg("dsave")
+            c(f"b_lse = tl.load(lsave + {gi} * n_rows + p_row{rmask}{other(NEG_INF)})")
+            c(f"b_delta = tl.load(dsave + {gi} * n_rows + p_row{rmask}{other('0.')})")
+        c(f"b_st = tl.dot(b_k, tl.trans(b_q), input_precision='ieee' if IEEE else 'tf32') * "
+          f"({scale} * L2E)  # [BN, BM] log2 units")
+        c("b_l2 = b_lse * L2E")
+        if unmasked:
+            c("b_pt = tl.exp2(b_st - b_l2[None, :])")
+        else:
+            for si, s in enumerate(sources):
+                c(f"lo{si} = tl.maximum({_tl(s.lo)}, 0)")
+                c(f"hi{si} = tl.minimum({_tl(s.hi)}, {limit})")
+            m_s = " | ".join(f"((J >= lo{si}) & (J < hi{si}))" for si in range(len(sources)))
+            c(f"m_a = m_j[:, None] & m_r[None, :] & ({m_s}) & {mask}")
+            c("m_a = m_a & (b_lse > float('-inf'))[None, :]  # a row that saw no key has none")
+            c("b_pt = tl.where(m_a, tl.exp2(b_st - b_l2[None, :]), 0.)  # [BN, BM]")
+        c("b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision='ieee' if IEEE else 'tf32')")
+        pg = "b_pt"
+        if gate is not None:
+            c("b_dpt = b_dpt * b_g[None, :]  # v . do_g")
+            c("b_pgt = b_pt * b_g[None, :]")
+            pg = "b_pgt"
+        c("b_dst = b_pt * (b_dpt - b_delta[None, :])" + (f" * {scale}" if ds_scale else ""))
+        c(f"b_dv += tl.dot({pg}.to(b_q.dtype), b_do, "
+          "input_precision='ieee' if IEEE else 'tf32')  # p^T . do_g")
+        if not f32_ds:
+            c("b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision='ieee' if IEEE else "
+              "'tf32')")
+            return
+        c("if IEEE:")
+        with c.indent():
+            c("b_dk += tl.dot(b_dst, b_q, input_precision='ieee')")
+        c("else:  # ds as a pair hi + lo of q's dtype: about 16 bits of mantissa, 16-bit products")
+        with c.indent():
+            c("b_dsh = b_dst.to(b_q.dtype)")
+            c("b_dk += tl.dot(b_dsh, b_q) + tl.dot((b_dst - b_dsh.to(tl.float32)).to(b_q.dtype), "
+              "b_q)")
 
     def _finish(self) -> None:
         c = self.c
@@ -1850,198 +2065,6 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
             for gi in self.delta_groups():
                 self.c(f"tl.store(dsave + {gi} * n_rows + p_row, b_delta{gi}, mask=m_r)")
         super()._finish()
-
-    # ---------------------------------------------------------------- dk, dv by key tiles
-    def emit_dkdv(self) -> str:
-        """The key-major dk/dv kernel ("" when the stage has no token branch)."""
-        st, ir = self.st, self.ir
-        groups = self._token_groups()
-        if not groups:
-            self.dkdv = None
-            return ""
-        c = Code()
-        args: list[str] = []
-        nbs: set[int] = set()
-
-        def arg(a):
-            if a not in args:
-                args.append(a)
-
-        c("i_n, i_hk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)")
-        c("# a tile of BN consecutive keys of one kv head; dk, dv accumulate in registers over")
-        c("# the query tiles that can see it, for each of the kv head's G query heads")
-        c("j0 = i_n * BN")
-        c("j1 = tl.minimum(j0 + BN, T)")
-        c("o_j = j0 + tl.arange(0, BN)  # [BN] key positions")
-        c("m_j = o_j < T")
-        c("J = o_j[:, None]  # [BN, 1]: keys down the rows of s^T")
-        c("o_d = tl.arange(0, BD)")
-        c("m_d = o_d < D")
-        c("o_dv = tl.arange(0, BDV)")
-        c("m_dv = o_dv < DV")
-        c("L2E = tl.full([], 1.4426950408889634, tl.float32)  # log2(e): softmax in base 2, exp(x) = exp2(x * L2E)")
-        c("p_kv = ((i_b * T + o_j).to(tl.int64) * HKV + i_hk)  # [BN]")
-        c("b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_j[:, None] & m_d[None, :], "
-          "other=0.)  # [BN, BD]")
-        c("b_v = tl.load(v + p_kv[:, None] * DV + o_dv[None, :], mask=m_j[:, None] & "
-          "m_dv[None, :], other=0.)  # [BN, BDV]")
-        c("b_dk = tl.zeros([BN, BD], dtype=tl.float32)")
-        c("b_dv = tl.zeros([BN, BDV], dtype=tl.float32)")
-        c("NT = tl.cdiv(T, BM)  # query tiles")
-        c("NF = T // BM  # query tiles without rows past T")
-        if not st.writes_lse:
-            c("n_rows = T * H * tl.num_programs(2)  # B * T * H rows per group")
-        plans = {}
-        for gi, tokens in groups:
-            mask = self.ex.union_keys(tokens)
-            sources: list = []
-            for b in tokens:
-                sources += [x for x in b.sources if x not in sources]
-            full = [f for b in tokens for f in b.full]
-            scale = f"scale{tokens[0].node}"
-            arg(scale)
-            plans[gi] = (sources, mask, scale)
-            c("")
-            c(f"# ---- softmax group {gi}: {' + '.join(b.name for b in tokens)}")
-            c(f"# the query tiles [ta{gi}, tb{gi}) whose source bounds reach keys [j0, j1)")
-            c(f"ta{gi} = NT")
-            c(f"tb{gi} = NT * 0")
-            for si, s in enumerate(sources):
-                nbs.update(_nbs_in(s.lo, s.hi))
-                c(f"# source {si}: keys [{s.lo}, {s.hi})")
-                _bisect(c, "t_lo", f"tl.minimum({_tl(s.hi)}, T) > j0")
-                _bisect(c, "t_hi", f"tl.maximum({_tl(s.lo)}, 0) >= j1")
-                c(f"ta{gi} = tl.where(t_lo < t_hi, tl.minimum(ta{gi}, t_lo), ta{gi})")
-                c(f"tb{gi} = tl.where(t_lo < t_hi, tl.maximum(tb{gi}, t_hi), tb{gi})")
-            c(f"tb{gi} = tl.maximum(tb{gi}, ta{gi})")
-            c(f"# the query tiles [fa{gi}, fb{gi}) that attend every key of the tile: no masks")
-            c(f"fa{gi} = ta{gi}")
-            c(f"fb{gi} = ta{gi}")
-            for f in full:
-                nbs.update(_nbs_in(f.lo, f.hi))
-                c(f"# inner range [{f.lo}, {f.hi})")
-                _bisect(c, "t_lo", f"{_tl(f.hi)} >= j0 + BN")
-                _bisect(c, "t_hi", f"{_tl(f.lo)} > j0")
-                c(f"t_lo = tl.maximum(t_lo, ta{gi})")
-                c(f"t_hi = tl.minimum(tl.minimum(t_hi, tb{gi}), NF)")
-                c(f"f_w = t_hi - t_lo > fb{gi} - fa{gi}")
-                c(f"fa{gi} = tl.where(f_w, t_lo, fa{gi})")
-                c(f"fb{gi} = tl.where(f_w, t_hi, fb{gi})")
-            c(f"f_ok = (fb{gi} > fa{gi}) & (j1 - j0 == BN)")
-            c(f"fa{gi} = tl.where(f_ok, fa{gi}, ta{gi})")
-            c(f"fb{gi} = tl.where(f_ok, fb{gi}, ta{gi})")
-        c("")
-        scales = {plans[gi][2] for gi, _ in groups}
-        c("for i_g in range(G):  # the query heads of this kv head, in order")
-        with c.indent():
-            c("i_h = i_hk * G + i_g")
-            for gi, _ in groups:
-                sources, mask, scale = plans[gi]
-                for unmasked in _edge_full_edge(c, "for t in range({a}, {b}):", f"ta{gi}",
-                                                f"fa{gi}", f"fb{gi}", f"tb{gi}"):
-                    self._dkdv_tile(c, gi, sources, mask, scale, unmasked, arg,
-                                    ds_scale=len(scales) > 1)
-        if len(scales) == 1:
-            c(f"b_dk = b_dk * {scales.pop()}  # dk = scale ds^T q")
-        c("")
-        c("# written once: this program owns these keys (other stages ran before: add)")
-        c("p_dk = dk + p_kv[:, None] * D + o_d[None, :]")
-        c("m_dk = m_j[:, None] & m_d[None, :]")
-        c("tl.store(p_dk, tl.load(p_dk, mask=m_dk, other=0.) + b_dk, mask=m_dk)")
-        c("p_dv = dv + p_kv[:, None] * DV + o_dv[None, :]")
-        c("m_dv2 = m_j[:, None] & m_dv[None, :]")
-        c("tl.store(p_dv, tl.load(p_dv, mask=m_dv2, other=0.) + b_dv, mask=m_dv2)")
-        sig = (f"q, k, v, do, dk, dv, {''.join(a + ', ' for a in args)}T, "
-               f"{''.join(f'NB{x}, ' for x in sorted(nbs))}"
-               "H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, "
-               "DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, "
-               "BN: tl.constexpr, IEEE: tl.constexpr")
-        self.dkdv = (args, sorted(nbs))
-        doc = (f'    """dk, dv of attention `{st.name}` (tile layout), by key tiles: each program '
-               f'walks the query tiles that see its keys and writes their gradients once, no '
-               f'atomics: deterministic."""')
-        return (f"\n@triton.jit\ndef attend_{st.name}_bwd_dkdv_kernel(\n    {sig},\n):\n{doc}\n"
-                f"{c.text()}\n")
-
-    def _dkdv_tile(self, c, gi, sources, mask, scale, unmasked, arg, limit="T",
-                   f32_ds=False, ds_scale=False) -> None:
-        """One query tile t's contribution to the key tile's dk, dv (keys up to `limit`: T,
-        or NB<g> for pooled keys), computed keys-by-queries as FlashAttention-2's backward
-        does: s^T = k q^T is [BN, BM], so p^T and ds^T are already the left operands of
-        dv += p^T dO and dk += ds^T q (no transpose of a register tile through shared
-        memory), q and dO the right operands straight from memory. The mask reads J as
-        [BN, 1] key positions and I as [1, BM] query positions. dO enters the dots as it is
-        (its own dtype: exact products); a gate g of do_g = g * dO scales the tiles p^T and
-        dp^T instead. dk's scale is applied once after the walk, or here to ds (`ds_scale`,
-        when groups of different scales add into one dk). `f32_ds`: dk's product takes ds as
-        a pair hi + lo of q's dtype (about 16 bits of mantissa, where a rounded ds keeps 8):
-        pooled keys sum ds over every later query, and rowsum(ds) = 0 must survive the sum
-        (the compressed keys' shared bias gets no gradient)."""
-        st = self.st
-        c("i_lo = t * BM")
-        c("i_hi = tl.minimum(i_lo + BM, T)")
-        c("o_i = i_lo + tl.arange(0, BM)  # [BM] query positions")
-        c("p_row = ((i_b * T + o_i).to(tl.int64) * H + i_h)  # [BM]")
-        if unmasked:
-            m_q, m_o, m_row = "m_d[None, :]", "m_dv[None, :]", None
-        else:
-            c("m_r = o_i < T")
-            c("I = o_i[None, :]  # [1, BM]")
-            m_q, m_o, m_row = "m_r[:, None] & m_d[None, :]", "m_r[:, None] & m_dv[None, :]", "m_r"
-        rmask = f", mask={m_row}" if m_row else ""
-        other = lambda x: f", other={x}" if m_row else ""  # noqa: E731
-        NEG_INF = "float('-inf')"
-        c(f"b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask={m_q}, other=0.)  # [BM, BD]")
-        c(f"b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask={m_o}, other=0.)")
-        gate = dout_gate(self.plan, st, gi)
-        if gate is not None:
-            arg(f"gate_{gate}")
-            c(f"b_g = tl.load(gate_{gate} + p_row{rmask}{other('0.')}).to(tl.float32)  "
-              f"# do_g = g * dO")
-        if st.writes_lse:
-            for a in ("xlse", "xdelta"):
-                arg(a)
-            c(f"b_lse = tl.load(xlse + p_row{rmask}{other(NEG_INF)})")
-            c(f"b_delta = tl.load(xdelta + p_row{rmask}{other('0.')})")
-        else:
-            arg("lsave")
-            arg("dsave")
-            c(f"b_lse = tl.load(lsave + {gi} * n_rows + p_row{rmask}{other(NEG_INF)})")
-            c(f"b_delta = tl.load(dsave + {gi} * n_rows + p_row{rmask}{other('0.')})")
-        c(f"b_st = tl.dot(b_k, tl.trans(b_q), input_precision='ieee' if IEEE else 'tf32') * "
-          f"({scale} * L2E)  # [BN, BM] log2 units")
-        c("b_l2 = b_lse * L2E")
-        if unmasked:
-            c("b_pt = tl.exp2(b_st - b_l2[None, :])")
-        else:
-            for si, s in enumerate(sources):
-                c(f"lo{si} = tl.maximum({_tl(s.lo)}, 0)")
-                c(f"hi{si} = tl.minimum({_tl(s.hi)}, {limit})")
-            m_s = " | ".join(f"((J >= lo{si}) & (J < hi{si}))" for si in range(len(sources)))
-            c(f"m_a = m_j[:, None] & m_r[None, :] & ({m_s}) & {mask}")
-            c("m_a = m_a & (b_lse > float('-inf'))[None, :]  # a row that saw no key has none")
-            c("b_pt = tl.where(m_a, tl.exp2(b_st - b_l2[None, :]), 0.)  # [BN, BM]")
-        c("b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision='ieee' if IEEE else 'tf32')")
-        pg = "b_pt"
-        if gate is not None:
-            c("b_dpt = b_dpt * b_g[None, :]  # v . do_g")
-            c("b_pgt = b_pt * b_g[None, :]")
-            pg = "b_pgt"
-        c("b_dst = b_pt * (b_dpt - b_delta[None, :])" + (f" * {scale}" if ds_scale else ""))
-        c(f"b_dv += tl.dot({pg}.to(b_q.dtype), b_do, "
-          "input_precision='ieee' if IEEE else 'tf32')  # p^T . do_g")
-        if not f32_ds:
-            c("b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision='ieee' if IEEE else "
-              "'tf32')")
-            return
-        c("if IEEE:")
-        with c.indent():
-            c("b_dk += tl.dot(b_dst, b_q, input_precision='ieee')")
-        c("else:  # ds as a pair hi + lo of q's dtype: about 16 bits of mantissa, 16-bit products")
-        with c.indent():
-            c("b_dsh = b_dst.to(b_q.dtype)")
-            c("b_dk += tl.dot(b_dsh, b_q) + tl.dot((b_dst - b_dsh.to(tl.float32)).to(b_q.dtype), "
-              "b_q)")
 
     # ------------------------------------------------------- pooled dk, dv by key tiles
     def _pooled_branches(self):
@@ -2618,7 +2641,7 @@ class HostBwdEmitter(HostEmitter):
             return
         c(f"# backward of attend `{st.name}`")
         tile = st.layout == "tile"
-        if tile and em.delta_groups() and not st.writes_lse:
+        if ((tile and em.delta_groups()) or em.tok_keys) and not st.writes_lse:
             c(f"dsave = torch.empty({len(st.groups)}, B, T, H, device=dev, dtype=f32)  "
               "# delta per group")
         by_keys = getattr(em, "by_keys", {})
@@ -2655,7 +2678,7 @@ class HostBwdEmitter(HostEmitter):
                   f"{''.join(x + ', ' for x in kargs)}{self._scale(tokens[0].node)}, T, "
                   f"NB{g.node}, B, E, H=H, HKV=HKV, G=G, RE=RE, D=D, DV=DV, BD=BD, BDV=BDV, BT=KBT, "
                   f"BN=KBN, IEEE=IEEE)")
-        if tile and getattr(em, "dkdv", None):
+        if getattr(em, "dkdv", None):
             dargs, nbs = em.dkdv
             dargs = self._host_args(st, dargs)
             c("BM, BN, W, NS = _tile_config('dkdv', q)  # (SPARSEDSL_TILE_DKDV)")
@@ -2745,6 +2768,12 @@ def generate(ir: IR, plan: KernelPlan | None = None) -> tuple[str, KernelPlan]:
             em = AttendBwdEmitter(ir, plan, ex, st)
             parts.append(em.emit())
             parts += em.emit_list_dkdv()
+            dkdv = em.emit_dkdv()
+            if dkdv:
+                parts.append(dkdv)
+                if not tile:  # (its launch reads _tile_config)
+                    tile = True
+                    parts[1] += TILE_HELPER
             attends_bwd[id(st)] = em
         elif st.kind == "pool":
             parts.append(emit_pool_bwd(st))

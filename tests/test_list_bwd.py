@@ -1,6 +1,8 @@
 """The row layout's key-major dk/dv kernel for block-list keys (`attend_<stage>_bwd_dkdv<g>_kernel`):
 which groups get it, and its gradients against float64 autograd of the reference, with the
-per-query kernel's atomic adds (SPARSEDSL_LIST_BWD=query) as the other side of an A/B.
+per-query kernel's atomic adds (SPARSEDSL_LIST_BWD=query) as the other side of an A/B. A
+group of token ranges only (a window, sinks) beside the lists gets the tile layout's kernel
+by key tiles (`attend_<stage>_bwd_dkdv_kernel`).
 
 The kernel walks the rows listing its block (the lists inverted by the generated host helper
 `_list_index`) in runs of at most SPARSEDSL_LIST_CHUNK rows (32 in the interpreter: several
@@ -35,6 +37,16 @@ let b = blocks(8)
 let sel = topk(dot(q, pool(b, mean)), 2, force=current(b), forbid=future(b))
 let a = attend(tokens(sel) & causal)
 let w = attend(window(5) & causal)
+out = g * a + w
+"""
+# a window with sinks beside a list: a group of token ranges only (two sources), whose dk, dv
+# the row stage computes by key tiles (attend_<stage>_bwd_dkdv_kernel), not atomically
+ROW_TOKENS = """\
+input g
+let b = blocks(8)
+let sel = topk(dot(q, pool(b, mean)), 2, force=current(b), forbid=future(b))
+let a = attend(tokens(sel) & causal)
+let w = attend((sink(3) | window(6)) & causal)
 out = g * a + w
 """
 UNION = """\
@@ -74,7 +86,8 @@ def _check(spec, B, T, Hq, Hkv, D, monkeypatch, mode):
     (NSA_FLA, 1, 45, 4, 1),
     (NSA_FLA, 2, 29, 2, 2),
     (PER_HEAD, 1, 37, 4, 2),
-], ids=["nsa-fla-g4", "nsa-fla-g1-b2", "per-head-lists"])
+    (ROW_TOKENS, 2, 41, 4, 2),
+], ids=["nsa-fla-g4", "nsa-fla-g1-b2", "per-head-lists", "window-sinks-beside-a-list"])
 def test_list_keys_gradients(spec, B, T, Hq, Hkv, mode, monkeypatch):
     """dq, dk, dv and the gates' gradients equal the reference's with the key-major kernel
     and with the per-query kernel's atomic adds."""
@@ -122,6 +135,11 @@ def test_which_groups_are_key_major():
     assert "def attend_out_bwd_dkdv0_kernel(" not in src  # the compressed branch: pooled
     src = sparsedsl.compile(UNION, head_dim=8, q_heads=4).source
     assert "_bwd_dkdv" not in src
+    # a group of token ranges only beside the list (window, sinks): by key tiles
+    for spec in (PER_HEAD, ROW_TOKENS):
+        src = sparsedsl.compile(spec, head_dim=8, q_heads=4, d_model=8).source
+        assert "def attend_out_bwd_dkdv_kernel(" in src
+        assert "group 1's token keys: attend_out_bwd_dkdv_kernel" in src
 
 
 def test_list_bwd_knob(monkeypatch):
