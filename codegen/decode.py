@@ -26,8 +26,8 @@ import dataclasses
 
 from sparsedsl.ir.graph import IR
 
-from .emit import (TRITON_PRELUDE, AttendEmitter, Code, Exprs, HostEmitter, SelectEmitter,
-                   _launch_acc, _with_acc, emit_pool, header, pool_launch)
+from .emit import (L2E_DEF, TRITON_PRELUDE, AttendEmitter, Code, Exprs, HostEmitter,
+                   SelectEmitter, _launch_acc, _with_acc, emit_pool, header, pool_launch)
 from .plan import AttendStage, KernelPlan, PoolStage, SelectStage
 
 DECODE_QROW = "(i_b * TQ + {} - Q0)"  # query row of position {}: TQ new queries from Q0
@@ -111,8 +111,7 @@ def emit_combine(st: AttendStage) -> str:
     c("o_dv = tl.arange(0, BDV)")
     c("m_dv = o_dv < DV")
     c("b_o = tl.zeros([BDV], dtype=tl.float32)")
-    c("L2E = tl.full([], 1.4426950408889634, tl.float32)  # log2(e): the partials' maxima are "
-      "in base 2")
+    c(L2E_DEF)  # the partials' maxima are in base 2
     for gi in range(ng):
         c(f"# group {gi}")
         c(f"p_part = ({gi} * S + o_s).to(tl.int64) * n_rows + i_r  # [SP]")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from sparsedsl.ir.graph import IR
 
+from .emit import L2E_DEF
 from .plan import AttendStage, BlockList, KernelPlan
 
 
@@ -171,8 +172,7 @@ class GroupedEmitter:
             f"{ind}m_dv = o_dv < DV",
             f"{ind}b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None] & "
             f"m_d[None, :], other=0.)  # [BM, BD]",
-            f"{ind}L2E = tl.full([], 1.4426950408889634, tl.float32)  # log2(e): softmax in "
-            f"base 2",
+            f"{ind}{L2E_DEF}",
             f"{ind}b_m = tl.full([BM], float('-inf'), tl.float32)",
             f"{ind}b_l = tl.zeros([BM], dtype=tl.float32)",
             f"{ind}b_acc = tl.zeros([BM, BDV], dtype=tl.float32)",
@@ -272,8 +272,7 @@ class GroupedEmitter:
             f"m_d[None, :], other=0.)  # [BM, BD]",
         ]
         c += self._bwd_rows(ind)
-        c += [f"{ind}L2E = tl.full([], 1.4426950408889634, tl.float32)  # log2(e): softmax in "
-              f"base 2",
+        c += [f"{ind}{L2E_DEF}",
               f"{ind}b_dq = tl.zeros([BM, BD], dtype=tl.float32)",
               f"{ind}for j0 in range(j_lo, j_hi, BN):"]
         c += self._scores(ind2)
@@ -307,8 +306,7 @@ class GroupedEmitter:
             f"{ind}J = o_j[None, :]",
             f"{ind}m_k = (i_c * BN + tl.arange(0, BN) < {L}) & (o_j < T)",
             *self._load_kv(ind),
-            f"{ind}L2E = tl.full([], 1.4426950408889634, tl.float32)  # log2(e): softmax in "
-            f"base 2",
+            f"{ind}{L2E_DEF}",
             f"{ind}b_dk = tl.zeros([BN, BD], dtype=tl.float32)",
             f"{ind}b_dv = tl.zeros([BN, BDV], dtype=tl.float32)",
             f"{ind}e_lo = tl.load(goff + i_g)",
