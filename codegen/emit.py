@@ -321,6 +321,38 @@ class Exprs:
             return f"(~{self.blocks(ops['0'], I, N)})"
         raise AssertionError(op)  # pragma: no cover
 
+    def blocks_end(self, nid: int, I: str, negated: bool = False) -> str | None:
+        """An end for the block mask `nid` (or its negation) at query positions I: an
+        expression E with the mask false for every block N >= E, or None where no such
+        bound follows from the mask alone (future blocks, list membership). Lets a select
+        kernel stop its walk over the grid at the last block a query can force or pick."""
+        n = self.ir.node(nid)
+        op, a = n["op"], n["args"]
+        ops = self.ir.operands(nid)
+        if op == "not":
+            return self.blocks_end(ops["0"], I, not negated)
+        if op in ("and", "or"):
+            ends = [self.blocks_end(ops[k], I, negated) for k in ("0", "1")]
+            if (op == "and") != negated:  # both must hold: either end bounds it
+                known = [e for e in ends if e is not None]
+                if not known:
+                    return None
+                return known[0] if len(known) == 1 else f"tl.minimum({known[0]}, {known[1]})"
+            if None in ends:  # either may hold: both ends needed
+                return None
+            return f"tl.maximum({ends[0]}, {ends[1]})"
+        g = self.grid(nid)
+        L, S = g.length, g.stride
+        if negated:  # ~future: blocks that have started
+            return f"({I} // {S} + 1)" if op == "future" else None
+        if op == "past":  # N * S + L - 1 <= I
+            return f"(_fdiv({I} - {L - 1}, {S}) + 1)"
+        if op in ("current", "recent"):  # N * S <= I
+            return f"({I} // {S} + 1)"
+        if op == "first":
+            return f"{a['n']}"
+        return None  # future, list membership
+
     def lists(self, nid: int) -> set[int]:
         """Select stages a mask expression reads."""
         out, stack = set(), list(self.ir.operands(nid).values()) + [nid]
@@ -607,6 +639,15 @@ class SelectEmitter:
         c("b_val = tl.full([BQ, KB], float('-inf'), tl.float32)  # each row's best free blocks")
         c("b_idx = 2147483000 + tl.arange(0, KB)[None, :] + tl.zeros([BQ, KB], dtype=tl.int32)")
 
+    def _walk_rows(self, ops, step: str, note: str = "") -> None:
+        """The query-tiled kernels' loop over the grid's chunks, up to the last block a row
+        of the tile can force or pick (`_walk_end`)."""
+        end = self._walk_end(ops, "o_i")
+        if end is not None:
+            self.c(f"n_end = tl.minimum(NB, tl.max({end} + tl.zeros([BQ], dtype=tl.int32), 0))"
+                   "  # past the last block a row can force or pick")
+        self.c(f"for n0 in range(0, {'NB' if end is None else 'n_end'}, {step}):{note}")
+
     def _force_rows(self, ops, g) -> None:
         """The query-tiled kernels' forced and forbidden blocks of a chunk ([BQ, C]): forced
         ones stored at once, in order, the rest left as candidates (m_cand)."""
@@ -624,10 +665,15 @@ class SelectEmitter:
           "  # forced blocks that have started count against k")
 
     def _merge_rows(self) -> None:
-        """The query-tiled kernels' merge: each of the BQ rows takes its chunk's best
-        candidate into its best-K buffer, K steps (lowest index first among equals)."""
+        """The query-tiled kernels' merge of a chunk's candidates into each row's best-K
+        buffer: the best candidate a step (lowest index first among equals), as many steps
+        as the row with the most candidates above its buffer's worst has, at most K. (A
+        merge by rank, every block's place counted in [BQ, KB, C] and [BQ, C, C] comparisons,
+        ran NSA's forward at 64k 67.4 -> 103.5 ms on the H100: docs/perf-notes.md.)"""
         c = self.c
-        c("for _ in tl.static_range(K):  # merge the chunk's best candidates, row by row")
+        c("m_cand = m_cand & (b_score >= tl.min(b_val, 1)[:, None])  # (the worst only rises)")
+        c("for _ in range(tl.minimum(tl.max(tl.sum(m_cand.to(tl.int32), 1), 0), K)):"
+          "  # the chunk's best candidates, row by row")
         with c.indent():
             c("c_val = tl.max(tl.where(m_cand, b_score, float('-inf')), 1)  # [BQ]")
             c("c_idx = tl.min(tl.where(m_cand & (b_score == c_val[:, None]), N, 2147483647), 1)")
@@ -673,6 +719,18 @@ class SelectEmitter:
             c("b_idx = tl.where(m_slot, c_idx, b_idx)")
             c("m_cand = m_cand & (o_n != c_idx)")
 
+    def _walk_end(self, ops, I: str) -> str | None:
+        """Where a select kernel's walk over the grid may stop for queries I: past the last
+        block any of them can force or pick (`Exprs.blocks_end` of the forced blocks and of
+        the blocks not forbidden), or None: walk the whole grid."""
+        if "forbid" not in ops:
+            return None
+        end = self.ex.blocks_end(ops["forbid"], I, negated=True)
+        if end is not None and "force" in ops:
+            fe = self.ex.blocks_end(ops["force"], I)
+            end = None if fe is None else f"tl.maximum({fe}, {end})"
+        return end
+
     def emit(self) -> str:
         if self.tiled:
             return self.emit_tiled()
@@ -694,7 +752,7 @@ class SelectEmitter:
         c("m_d = o_d < D")
         row = self.QROW.format("i_t")
         c(f"p_q = q + ({row}.to(tl.int64) * H + o_h)[:, None] * D + o_d[None, :]")
-        c("b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.).to(tl.float32)  # [RP, BD]")
+        c("b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.)  # [RP, BD]")
         c(f"p_sel = sel + ({row}.to(tl.int64) * HS + i_hs) * KS")
         c("tl.store(p_sel + tl.arange(0, KSP), tl.full([KSP], -1, tl.int32), "
           "mask=tl.arange(0, KSP) < KS)")
@@ -709,7 +767,10 @@ class SelectEmitter:
         c("n_counted = 0")
         c("b_val = tl.full([KB], float('-inf'), tl.float32)  # the best free blocks so far")
         c("b_idx = 2147483000 + tl.arange(0, KB)  # (distinct sentinels: empty slots)")
-        c("for n0 in range(0, NB, C):")
+        end = self._walk_end(ops, "i_t") if st.op == "topk" else None
+        if end is not None:
+            c(f"n_end = tl.minimum(NB, {end})  # past the last block this query can force or pick")
+        c(f"for n0 in range(0, {'NB' if end is None else 'n_end'}, C):")
         with c.indent():
             c("o_n = n0 + tl.arange(0, C)")
             c("N = o_n[None, :]  # [1, C]")
@@ -787,9 +848,9 @@ class SelectEmitter:
         c("o_d = tl.arange(0, BD)")
         c("m_d = o_d < D")
         c("p_q = q + ((i_b * T + o_i).to(tl.int64) * H + i_h)[:, None] * D + o_d[None, :]")
-        c("b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.).to(tl.float32)  # [BQ, BD]")
+        c("b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.)  # [BQ, BD]")
         self._init_rows(g, "i_h")
-        c("for n0 in range(0, NB, C):")
+        self._walk_rows(ops, "C")
         with c.indent():
             c("o_n = n0 + tl.arange(0, C)")
             c("N = o_n[None, :]  # [1, C]")
@@ -830,6 +891,7 @@ class SelectEmitter:
         ops = ir.operands(st.node)
         g = st.grid
         remaps, sums, leaf = score_chain(ir, ops["score"])
+        remaps = [r for r in remaps if not self._identity(r)]
         c("i_tq, i_hs, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)")
         c("# rows: BQ consecutive queries (o_i); per-head values have BQ * RP rows (o_iq, o_h)")
         c("o_i = i_tq * BQ + tl.arange(0, BQ)  # [BQ]")
@@ -843,11 +905,15 @@ class SelectEmitter:
         c("o_d = tl.arange(0, BD)")
         c("m_d = o_d < D")
         c("p_q = q + ((i_b * T + o_iq).to(tl.int64) * H + o_h)[:, None] * D + o_d[None, :]")
-        c("b_q = tl.load(p_q, mask=m_rq[:, None] & m_d[None, :], other=0.).to(tl.float32)"
-          "  # [BR, BD]")
+        c("b_q = tl.load(p_q, mask=m_rq[:, None] & m_d[None, :], other=0.)  # [BR, BD]")
         self._init_rows(g, "i_hs")
+        lnode = ir.node(leaf)
+        if lnode["op"] == "probs":  # the rows' lse, for the leaf's probabilities
+            br = ir.operand(leaf, "branch")
+            c(f"b_lse = tl.load(lse{br} + (i_b * T + o_iq).to(tl.int64) * H + o_h, mask=m_rq, "
+              f"other=0.)  # [BR]")
         c("o_c = tl.arange(0, C)")
-        c("for n0 in range(0, NB, CV):  # chunks of CV blocks (C columns, the last C - CV unused)")
+        self._walk_rows(ops, "CV", "  # chunks of CV blocks (C columns, the last C - CV unused)")
         with c.indent():
             c("o_n = n0 + o_c")
             c("N = o_n[None, :]  # [1, C]")
@@ -879,6 +945,12 @@ class SelectEmitter:
                               self.ex.grid(ir.operand(r, "score")).stride,
                               self.ex.grid(ir.operand(r, "score")).length) for r in remaps]
         return f"\n@triton.jit\ndef select_{st.name}_fwd_kernel(\n    {sig},\n):\n{doc}\n{body}\n"
+
+    def _identity(self, remap: int) -> bool:
+        """A remap between two grids of equal blocks that do not overlap (NSA as fla: one
+        block size for compression and selection) moves every score onto itself."""
+        gs, gd = self.ex.grid(self.ir.operand(remap, "score")), self.ex.grid(remap)
+        return gs.length == gs.stride == gd.length == gd.stride
 
     def _tree_score(self, top: int, remaps: list[int], sums: int, leaf: int) -> None:
         """Lines computing b_score [BQ, C] for the chunk at n0 (see emit_tree)."""
@@ -924,8 +996,6 @@ class SelectEmitter:
           f"{scale}  # [BR, {W}]")
         if n["op"] == "probs":
             br = lops["branch"]
-            c(f"b_lse = tl.load(lse{br} + (i_b * T + o_iq).to(tl.int64) * H + o_h, mask=m_rq, "
-              f"other=0.)  # [BR]")
             vis = self.ex.blocks(ir.operand(br, "blocks"), "o_iq[:, None]", f"{o_s}[None, :]")
             c(f"b_x = tl.where(m_nb[None, :] & m_rq[:, None] & {vis}, tl.exp(b_x - "
               f"b_lse[:, None]), 0.)  # [BR, {W}] probabilities of "
@@ -1416,6 +1486,7 @@ class AttendBwdEmitter(AttendEmitter):
             self._arg("xlse")
             self._arg("xdelta")
             c(f"b_lse{gi} = tl.load(xlse + p_row, mask=m_r, other=float('-inf'))")
+            c(f"b_l2{gi} = b_lse{gi} * L2E  # in log2 units, once (the key loop's exp2)")
             if own_delta(self.plan, st):
                 self._own_delta(gi, grp, gate)
             else:
@@ -1426,6 +1497,7 @@ class AttendBwdEmitter(AttendEmitter):
             c(f"b_o{gi} = tl.load(osave{gi} + p_row[:, None] * DV + o_dv[None, :], "
               f"mask=m_r[:, None] & m_dv[None, :], other=0.).to(tl.float32)")
             c(f"b_lse{gi} = tl.load(lsave + {gi} * n_rows + p_row, mask=m_r, other=float('-inf'))")
+            c(f"b_l2{gi} = b_lse{gi} * L2E  # in log2 units, once (the key loop's exp2)")
             if gate is not None:
                 self._arg(f"dgate_{gate}")
                 c(f"b_od = tl.sum(b_dof * b_o{gi}, 1)  # rowsum(dO * o_g)")
@@ -1514,7 +1586,7 @@ class AttendBwdEmitter(AttendEmitter):
           f"({scale} * L2E)  # log2 units")
         c(f"m_a = m_s & {mask}")
         c(f"m_a = m_a & (b_lse{gi} > float('-inf'))[:, None]  # a row that saw no key has none")
-        c(f"b_p = tl.where(m_a, tl.exp2(b_s - b_lse{gi}[:, None] * L2E), 0.)  # [RP, BN]")
+        c(f"b_p = tl.where(m_a, tl.exp2(b_s - b_l2{gi}[:, None]), 0.)  # [RP, BN]")
         self._dq(gi, scale)
         if self._prepass or (pooled is None and gi in self.tok_keys):  # (dk, dv by key tiles)
             return
@@ -2047,7 +2119,7 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
         c(f"b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * "
           f"({scale} * L2E)  # log2 units")
         c(f"m_a = m_s & {mask} & (b_lse{gi} > float('-inf'))[:, None]")
-        c(f"b_p = tl.where(m_a, tl.exp2(b_s - b_lse{gi}[:, None] * L2E), 0.)  # [RP, BN]")
+        c(f"b_p = tl.where(m_a, tl.exp2(b_s - b_l2{gi}[:, None]), 0.)  # [RP, BN]")
         self._dq(gi, scale)
 
     def _update_full(self, gi, scale) -> None:
@@ -2057,7 +2129,7 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
         c("b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_dv[None, :], other=0.)")
         c(f"b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * "
           f"({scale} * L2E)  # log2 units")
-        c(f"b_p = tl.exp2(b_s - b_lse{gi}[:, None] * L2E)  # [RP, BN]")
+        c(f"b_p = tl.exp2(b_s - b_l2{gi}[:, None])  # [RP, BN]")
         self._dq(gi, scale)
 
     def delta_groups(self) -> list[int]:
@@ -2458,9 +2530,10 @@ class HostEmitter:
                 c("# selection block (16k: 12.0, 13.0, 12.9 ms; docs/perf-notes.md)")
                 c("tile = _select_tile(q, (max(1, 256 // RP), 16, 4), (max(2, 32 // RP), 16, 4))")
             else:
-                c("# on a GPU the per-query kernel by default: NSA as fla at 8k on the H100, "
-                  "forward 6.39 ms with it,")
-                c("# 6.47-8.08 ms with tiles of 1-2 queries x 16 heads (docs/perf-notes.md)")
+                c("# on a GPU the per-query kernel by default: NSA as fla on the H100, its "
+                  "select kernel at 64k 9.83 ms,")
+                c("# 9.78 with tiles of 8 queries x 16 heads; forward at 8k 3.06 ms, 3.10-3.22 "
+                  "with tiles (docs/perf-notes.md)")
                 c("tile = _select_tile(q, None, (max(2, 32 // RP), 16, 4))")
         else:
             c("tile = _select_tile(q, (16, 64, 2), (16, 32, 4))  # (H100: 16 rows of 64 spill "

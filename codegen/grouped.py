@@ -271,9 +271,9 @@ class GroupedEmitter:
             f"{ind}b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None] & "
             f"m_d[None, :], other=0.)  # [BM, BD]",
         ]
+        c += [f"{ind}{L2E_DEF}"]
         c += self._bwd_rows(ind)
-        c += [f"{ind}{L2E_DEF}",
-              f"{ind}b_dq = tl.zeros([BM, BD], dtype=tl.float32)",
+        c += [f"{ind}b_dq = tl.zeros([BM, BD], dtype=tl.float32)",
               f"{ind}for j0 in range(j_lo, j_hi, BN):"]
         c += self._scores(ind2)
         c += self._grads(ind2)
@@ -359,11 +359,13 @@ class GroupedEmitter:
         ]
 
     def _bwd_rows(self, ind: str) -> list:
-        """What the backward reads per query row: dO, the row's lse and delta = sum(dO * O)."""
+        """What the backward reads per query row: dO, the row's lse (and times log2 e) and
+        delta = sum(dO * O)."""
         return [
             f"{ind}b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & "
             f"m_dv[None, :], other=0.)  # [BM, BDV]",
             f"{ind}b_lse = tl.load(lse + p_row, mask=m_r, other=float('-inf'))",
+            f"{ind}b_l2 = b_lse * L2E  # in log2 units",
             f"{ind}b_delta = tl.load(delta + p_row, mask=m_r, other=0.)",
         ]
 
@@ -371,7 +373,7 @@ class GroupedEmitter:
         """p from the saved lse, dp = dO v^T, ds = p (dp - delta)."""
         return [
             f"{ind}m_a = m_a & (b_lse > float('-inf'))[:, None]",
-            f"{ind}b_p = tl.where(m_a, tl.exp2(b_s - (b_lse * L2E)[:, None]), 0.)  # [BM, BN]",
+            f"{ind}b_p = tl.where(m_a, tl.exp2(b_s - b_l2[:, None]), 0.)  # [BM, BN]",
             f"{ind}b_dp = tl.dot(b_do, tl.trans(b_v), input_precision='ieee' if IEEE else "
             f"'tf32')",
             f"{ind}b_ds = b_p * (b_dp - b_delta[:, None])",

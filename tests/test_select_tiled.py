@@ -8,6 +8,8 @@ the grids at odd places, and the reference's (up to near ties) in float32.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ import sparsedsl
 from sparsedsl.codegen.decode import generate_decode
 from sparsedsl.codegen.emit import Exprs, select_kernel
 from sparsedsl.testing import Shape, spec_inputs
-from sparsedsl.testing.oracle import check_layer
+from sparsedsl.testing.oracle import _as_sets, check_layer
 
 # per-head lists (no groupsum) over remapped compression probabilities
 HEAD_SPEC = """pattern tree_head "per-head lists over remapped probabilities"
@@ -131,3 +133,29 @@ def test_select_tile_environment(monkeypatch):
         monkeypatch.setenv("SPARSEDSL_SELECT_TILE", bad)
         with pytest.raises(ValueError, match="SPARSEDSL_SELECT_TILE"):
             layer(data.q.float(), data.k.float(), data.v.float())
+
+
+TIE_CASES = [  # (id, params, tiles): topn 3 takes the K-step merge, 6 the ranked one
+    ("k3", dict(NSA, topn=3, init_blocks=1, local_blocks=1), ("query", "2,4,1")),
+    ("k6", dict(NSA, topn=6, init_blocks=1, local_blocks=1),
+     ("query", "query,4,1", None, "4,16,2")),
+]
+
+
+@pytest.mark.parametrize("case", TIE_CASES, ids=[c[0] for c in TIE_CASES])
+def test_exact_ties_go_to_the_lowest_index(case, monkeypatch):
+    """Zero queries make every compressed block equally likely: the remapped scores tie in
+    runs, and each list must be the reference's (the lowest indices among equals), with
+    both merges (K steps, by rank), the per-query and the tiled kernel, at chunk sizes
+    that split the runs of ties."""
+    _, params, tiles = case
+    shape = Shape(batch=1, seq=100, kv_heads=1, group=4, head_dim=8, d_model=8)
+    layer, data = _layer("nsa", params, shape)
+    q = torch.zeros_like(data.q)
+    ref = layer.reference(q, data.k, data.v, return_details=True, **data.tensors)
+    zero = dataclasses.replace(data, q=q)
+    for tile in tiles:
+        got = _lists(layer, zero, torch.float64, tile, monkeypatch)["sel"]
+        want = ref.selections["sel"]
+        nb = int(max(got.max(), want.max())) + 1
+        assert torch.equal(_as_sets(got, nb), _as_sets(want, nb)), tile
