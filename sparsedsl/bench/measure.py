@@ -1,7 +1,7 @@
 """Timing and memory of one prepared implementation, with failures caught as reasons.
 
 Times are medians of `triton.testing.do_bench` (CUDA events, L2 cleared between
-runs, gradients reset to None outside the timed region). The forward is timed
+runs, gradients reset to None outside the timed region) over at least MIN_REPS calls. The forward is timed
 under `torch.no_grad()`; forward+backward times both passes together, with a
 fixed random dO. Peak memory is that of one forward+backward:
 `torch.cuda.max_memory_allocated()` after a reset, less what was allocated
@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from .options import MIN_REPS
 
 
 @dataclass
@@ -74,8 +76,18 @@ def release() -> None:
 
 def do_bench(fn: Callable[[], object], warmup_ms: float, rep_ms: float,
              grad_to_none=None) -> float:
+    """The median of `triton.testing.do_bench` over rep_ms of calls, stretched to at least
+    MIN_REPS calls (and one warm-up call) from a first timing of one call."""
     import triton.testing
-    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms,
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    one = start.elapsed_time(end)
+    return float(triton.testing.do_bench(fn, warmup=max(warmup_ms, one),
+                                         rep=max(rep_ms, (MIN_REPS + 1) * one),
                                          grad_to_none=grad_to_none, return_mode="median"))
 
 

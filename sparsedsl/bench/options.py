@@ -11,6 +11,9 @@ QUICK_SEQ = (8192,)
 DEFAULT_DECODE_SEQ = (8192, 16384, 32768, 65536, 131072)  # cache lengths with --decode
 NSA_Q_HEADS = 64  # both NSA cases: 64 query heads, kv heads = 64 / group
 DEFAULT_GROUPS = (16,)
+# the fewest timed calls a median is taken over (measure.do_bench): do_bench times as many
+# calls as fit in --rep ms, at least one, and at 64k one forward+backward can outlast it
+MIN_REPS = 10
 
 
 class UsageError(ValueError):
@@ -91,7 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=float, metavar="MS",
                         help="do_bench warm-up time in ms (default 25; 5 with --quick)")
     parser.add_argument("--rep", type=float, metavar="MS",
-                        help="do_bench repetition time in ms (default 100; 20 with --quick)")
+                        help=f"do_bench repetition time in ms (default 100; 20 with --quick), "
+                             f"stretched to at least {MIN_REPS} calls")
     parser.add_argument("--json", metavar="FILE",
                         help="write every result and the environment to FILE (rewritten after "
                              "each measurement, so an interrupted run keeps what it measured)")
