@@ -533,6 +533,7 @@ class SelectEmitter:
         self.pools: dict[int, str] = {}
         self.branches: dict[int, str] = {}
         self.grids: set[int] = set()  # grids whose block counts the scores read
+        self.lse_loaded = False  # b_lse holds the rows' lse of the score's `probs` branch
 
     def _pool(self, nid: int) -> str:
         if nid not in self.pools:
@@ -572,8 +573,8 @@ class SelectEmitter:
             c(f"m_nb = ({N} >= 0) & ({N} < NB{grid})  # [C]")
             c(f"b_kp = tl.load({kp} + ((i_b * NB{grid} + {N}).to(tl.int64) * HKV + i_hk)[:, None]"
               f" * D + o_d[None, :], mask=m_nb[:, None] & m_d[None, :], other=0.)  # [C, BD]")
-            c(f"b_lse = tl.load(lse{br} + {self.QROW.format('i_t')}.to(tl.int64) * H + o_h, mask=m_r, "
-              f"other=0.)  # [RP]")
+            if not self.lse_loaded:  # (the per-query kernel loads it before its walk)
+                self._load_lse(br)
             vis = self.ex.blocks(blocks, "o_i[:, None]", f"{N}[None, :]")
             c(f"{v} = tl.dot(b_q.to(b_kp.dtype), tl.trans(b_kp), input_precision='ieee' if IEEE else 'tf32') * "
               f"scale{br}")
@@ -582,6 +583,8 @@ class SelectEmitter:
             return v
         if op == "remap":
             src = ops["score"]
+            if self._identity(nid):
+                return self.score(src, N)
             gs, gd = self.ex.grid(src), self.ex.grid(nid)
             self.grids.add(gs.node)
             reach = remap_reach(gd.stride, gd.length, gs.stride, gs.length)
@@ -608,6 +611,10 @@ class SelectEmitter:
               f"tl.zeros([RP, C], dtype=tl.float32)  # [RP, C], equal rows: the group's sum")
             return v
         raise AssertionError(op)  # pragma: no cover
+
+    def _load_lse(self, br: int) -> None:
+        self.c(f"b_lse = tl.load(lse{br} + {self.QROW.format('i_t')}.to(tl.int64) * H + o_h, "
+               f"mask=m_r, other=0.)  # [RP] the rows' lse of `{self.ir.node(br)['name'] or br}`")
 
     def _pids(self) -> None:
         self.c("i_t, i_hs, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)")
@@ -770,6 +777,10 @@ class SelectEmitter:
         end = self._walk_end(ops, "i_t") if st.op == "topk" else None
         if end is not None:
             c(f"n_end = tl.minimum(NB, {end})  # past the last block this query can force or pick")
+        leaf = score_chain(ir, ops["score"])[2] if st.op == "topk" else None
+        if leaf is not None and ir.node(leaf)["op"] == "probs":
+            self._load_lse(ir.operand(leaf, "branch"))
+            self.lse_loaded = True
         c(f"for n0 in range(0, {'NB' if end is None else 'n_end'}, C):")
         with c.indent():
             c("o_n = n0 + tl.arange(0, C)")
@@ -794,7 +805,11 @@ class SelectEmitter:
             c("if tl.sum(m_cand.to(tl.int32), 0) > 0:  # score only chunks with candidates "
               "(not the future's)")
             with c.indent():
-                if st.op == "topk":
+                if st.op == "topk" and ir.node(ops["score"])["op"] == "groupsum":
+                    inner = self.score(ir.operand(ops["score"], "score"), "o_n")
+                    c(f"b_score = tl.sum(tl.where(m_r[:, None], {inner}, 0.), 0)  # [C] the "
+                      f"group's sum")
+                elif st.op == "topk":
                     score = self.score(ops["score"], "o_n")
                     c(f"b_score = tl.sum(tl.where(o_r[:, None] == 0, {score}, 0.), 0)  # [C] "
                       f"(row 0: the head, or the group once summed)")
