@@ -135,7 +135,7 @@ def test_select_tile_environment(monkeypatch):
             layer(data.q.float(), data.k.float(), data.v.float())
 
 
-TIE_CASES = [  # (id, params, tiles): topn 3 takes the K-step merge, 6 the ranked one
+TIE_CASES = [  # (id, params, tiles): one free slot after the forced blocks, four
     ("k3", dict(NSA, topn=3, init_blocks=1, local_blocks=1), ("query", "2,4,1")),
     ("k6", dict(NSA, topn=6, init_blocks=1, local_blocks=1),
      ("query", "query,4,1", None, "4,16,2")),
@@ -145,9 +145,8 @@ TIE_CASES = [  # (id, params, tiles): topn 3 takes the K-step merge, 6 the ranke
 @pytest.mark.parametrize("case", TIE_CASES, ids=[c[0] for c in TIE_CASES])
 def test_exact_ties_go_to_the_lowest_index(case, monkeypatch):
     """Zero queries make every compressed block equally likely: the remapped scores tie in
-    runs, and each list must be the reference's (the lowest indices among equals), with
-    both merges (K steps, by rank), the per-query and the tiled kernel, at chunk sizes
-    that split the runs of ties."""
+    runs, and each list must be the reference's (the lowest indices among equals), from
+    the per-query and the tiled kernel, at chunk sizes that split the runs of ties."""
     _, params, tiles = case
     shape = Shape(batch=1, seq=100, kv_heads=1, group=4, head_dim=8, d_model=8)
     layer, data = _layer("nsa", params, shape)
