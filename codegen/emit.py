@@ -533,7 +533,6 @@ class SelectEmitter:
         self.pools: dict[int, str] = {}
         self.branches: dict[int, str] = {}
         self.grids: set[int] = set()  # grids whose block counts the scores read
-        self.lse_loaded = False  # b_lse holds the rows' lse of the score's `probs` branch
 
     def _pool(self, nid: int) -> str:
         if nid not in self.pools:
@@ -543,7 +542,8 @@ class SelectEmitter:
 
     def score(self, nid: int, N: str) -> str:
         """Emit lines computing the score node at block indices N ([C]); return the name of
-        a [RP, C] float32 block (rows: query heads; equal rows once summed over a group)."""
+        a [RP, C] float32 block (rows: query heads; equal rows once summed over a group).
+        A `probs` leaf reads b_lse, the rows' lse that `emit` loads before its walk."""
         c, ir = self.c, self.ir
         n = ir.node(nid)
         op, a = n["op"], n["args"]
@@ -573,8 +573,6 @@ class SelectEmitter:
             c(f"m_nb = ({N} >= 0) & ({N} < NB{grid})  # [C]")
             c(f"b_kp = tl.load({kp} + ((i_b * NB{grid} + {N}).to(tl.int64) * HKV + i_hk)[:, None]"
               f" * D + o_d[None, :], mask=m_nb[:, None] & m_d[None, :], other=0.)  # [C, BD]")
-            if not self.lse_loaded:  # (the per-query kernel loads it before its walk)
-                self._load_lse(br)
             vis = self.ex.blocks(blocks, "o_i[:, None]", f"{N}[None, :]")
             c(f"{v} = tl.dot(b_q.to(b_kp.dtype), tl.trans(b_kp), input_precision='ieee' if IEEE else 'tf32') * "
               f"scale{br}")
@@ -611,10 +609,6 @@ class SelectEmitter:
               f"tl.zeros([RP, C], dtype=tl.float32)  # [RP, C], equal rows: the group's sum")
             return v
         raise AssertionError(op)  # pragma: no cover
-
-    def _load_lse(self, br: int) -> None:
-        self.c(f"b_lse = tl.load(lse{br} + {self.QROW.format('i_t')}.to(tl.int64) * H + o_h, "
-               f"mask=m_r, other=0.)  # [RP] the rows' lse of `{self.ir.node(br)['name'] or br}`")
 
     def _pids(self) -> None:
         self.c("i_t, i_hs, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)")
@@ -778,9 +772,10 @@ class SelectEmitter:
         if end is not None:
             c(f"n_end = tl.minimum(NB, {end})  # past the last block this query can force or pick")
         leaf = score_chain(ir, ops["score"])[2] if st.op == "topk" else None
-        if leaf is not None and ir.node(leaf)["op"] == "probs":
-            self._load_lse(ir.operand(leaf, "branch"))
-            self.lse_loaded = True
+        if leaf is not None and ir.node(leaf)["op"] == "probs":  # the rows' lse, for `score`
+            br = ir.operand(leaf, "branch")
+            c(f"b_lse = tl.load(lse{br} + {row}.to(tl.int64) * H + o_h, mask=m_r, other=0.)  "
+              f"# [RP] the rows' lse of `{ir.node(br)['name'] or br}`")
         c(f"for n0 in range(0, {'NB' if end is None else 'n_end'}, C):")
         with c.indent():
             c("o_n = n0 + tl.arange(0, C)")
