@@ -1345,7 +1345,12 @@ class AttendEmitter:
         if pooled is None:
             c(f"acc{gi} = acc{gi} * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, "
               "input_precision='ieee' if IEEE else 'tf32')")
-        else:  # pooled keys: the backward's delta = rowsum(dO * o) must match its sum over
+        elif own_delta(self.plan, self.st):  # pooled keys whose backward sums its own
+            # delta = rowsum(p * dp): p rounded to the values' dtype, as for token keys (NSA
+            # as fla on the H100 at 64k: compressed forward 4.77 -> 3.39 ms, docs/perf-notes.md)
+            c(f"acc{gi} = acc{gi} * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, "
+              "input_precision='ieee' if IEEE else 'tf32')")
+        else:  # pooled keys in a group whose delta = rowsum(dO * o) must match its sum over
             # them (their shared bias gets no gradient: rowsum(ds) = 0), so p is not rounded
             # to 16 bits: a pair hi + lo of the keys' dtype (about 16 bits of mantissa, at
             # the speed of 16-bit products; float32 products took 10 ms more for NSA at 64k)
