@@ -59,6 +59,7 @@ class DecodeAttendEmitter(AttendEmitter):
     """An attention stage for the new queries, its key tiles split S ways."""
 
     mode = "dec"
+    defer_outputs = False  # its partials keep every group's (m, l, acc) for the merge kernel
     head_args = "opart, mpart, lpart"
     extra_consts = ", S: tl.constexpr"
     QROW, SCALARS = DECODE_QROW, DECODE_SCALARS

@@ -1100,6 +1100,10 @@ class AttendEmitter:
         self.args: list[str] = []
         self.nbs: set[int] = set()
         self.lists: set[int] = set()
+        self.deferred: list = []  # (group, branch) whose output `_finish` reads
+
+    # a group that is one earlier stage's output is read at the end (`_deferred_group`)
+    defer_outputs = True
 
     def _doc(self, combine: str) -> str:
         st = self.st
@@ -1181,6 +1185,9 @@ class AttendEmitter:
         c, ir = self.c, self.ir
         c("")
         c(f"# ---- softmax group {gi}: {' + '.join(b.name for b in grp)}")
+        if self._defers(grp):
+            self._deferred_group(gi, grp[0])
+            return
         c(f"m{gi} = tl.full([RP], float('-inf'), tl.float32)")
         c(f"l{gi} = tl.zeros([RP], dtype=tl.float32)")
         c(f"acc{gi} = tl.zeros([RP, BDV], dtype=tl.float32)")
@@ -1222,6 +1229,36 @@ class AttendEmitter:
                 c(f"acc{gi} = acc{gi} * b_a[:, None] + b_pre * b_b[:, None]")
                 c(f"l{gi} = l{gi} * b_a + b_b")
                 c(f"m{gi} = m_new")
+
+    def _defers(self, grp) -> bool:
+        """Whether group `grp`, one earlier stage's branch, is read at the end: when at least
+        two other groups walk keys, its [RP, BDV] accumulator would be live across both walks
+        beside theirs. H100, 64k forward: the NSA paper defaults (two walks after it) 61.2 ->
+        58.5 ms; NSA as fla (one walk) 29.5 -> 31.1 ms if read at the end too (its load
+        then waits after the walk), so it is not (docs/perf-notes.md)."""
+        walks = sum(not (len(g) == 1 and g[0].precomputed) for g in self.st.groups)
+        return self.defer_outputs and len(grp) == 1 and grp[0].precomputed and walks >= 2
+
+    def _deferred_group(self, gi: int, b: BranchPlan) -> None:
+        """A group that is one earlier stage's branch (`_defers`): its normalised output is
+        that stage's output, read when the groups are combined (`_finish`)."""
+        c = self.c
+        self._arg(f"o{b.node}")
+        self._arg(f"lse{b.node}")
+        c(f"# `{b.name}` was computed by an earlier stage: its lse now, its output when the "
+          "groups are combined")
+        c(f"p_pre{gi} = ({self.QROW.format('o_i')}.to(tl.int64) * H + o_h)")
+        c(f"b_lse = tl.load(lse{b.node} + p_pre{gi}, mask=m_r, other=float('-inf'))")
+        self._merge_once("b_lse")
+        c(f"m{gi} = b_lse * L2E")
+        c(f"l{gi} = tl.where(b_lse > float('-inf'), 1., 0.).to(tl.float32)")
+        self.deferred.append((gi, b))
+
+    def _read_deferred(self) -> None:
+        for gi, b in self.deferred:
+            self.c(f"acc{gi} = tl.load(o{b.node} + p_pre{gi}[:, None] * DV + o_dv[None, :], "
+                   f"mask=m_r[:, None] & m_dv[None, :] & (l{gi} > 0)[:, None], other=0.)"
+                   ".to(tl.float32)  # `" + b.name + "`, normalised")
 
     def _walk(self, gi, sources, mask, scale, pooled, full=()) -> None:
         """Loops over each source's keys, each key visited once across sources (`full`, the
@@ -1369,6 +1406,7 @@ class AttendEmitter:
         st, c = self.st, self.c
         c("")
         c("# ---- combine and write")
+        self._read_deferred()
         c(f"p_o = ({self.QROW.format('o_i')}.to(tl.int64) * H + o_h)  # [RP]")
         if not st.writes_lse:
             self._arg("lsave")
@@ -1793,7 +1831,10 @@ class AttendBwdEmitter(AttendEmitter):
             if a not in args:
                 args.append(a)
 
-        c("i_n, i_hk, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)")
+        # kv heads vary fastest: every head's first key tile (the longest walk under causal
+        # or sink patterns) starts first, not the last head's at the end (window + sinks on
+        # the H100 at 64k: dk/dv 13.3-13.8 -> 12.3-12.4 ms, docs/perf-notes.md)
+        c("i_n, i_hk, i_b = tl.program_id(0) // HKV, tl.program_id(0) % HKV, tl.program_id(2)")
         c("# a tile of BN consecutive keys of one kv head; dk, dv accumulate in registers over")
         c("# the query tiles that can see it, for each of the kv head's G query heads")
         c("j0 = i_n * BN")
@@ -2778,7 +2819,7 @@ class HostBwdEmitter(HostEmitter):
             dargs, nbs = em.dkdv
             dargs = self._host_args(st, dargs)
             c("BM, BN, W, NS = _tile_config('dkdv', q)  # (SPARSEDSL_TILE_DKDV)")
-            c(f"attend_{st.name}_bwd_dkdv_kernel[(triton.cdiv(T, BN), HKV, B)](q, k, v, do, "
+            c(f"attend_{st.name}_bwd_dkdv_kernel[(triton.cdiv(T, BN) * HKV, 1, B)](q, k, v, do, "
               f"dk, dv, {''.join(x + ', ' for x in dargs)}T, {''.join(f'NB{x}, ' for x in nbs)}"
               "H=H, HKV=HKV, G=G, D=D, DV=DV, BD=BD, BDV=BDV, BM=BM, BN=BN, IEEE=IEEE, "
               "num_warps=W, num_stages=NS)")
