@@ -1,0 +1,72 @@
+"""Code the emitter writes differently by spec, for choices measured on the H100
+(docs/perf-notes.md, session 10). The numbers themselves are checked elsewhere (test_kernels,
+test_pooled_bwd, test_list_bwd); here: that each spec gets the code its choice says.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+import sparsedsl
+
+from .test_list_bwd import NSA_FLA, _check
+from .test_pooled_bwd import SPECS as POOLED
+
+
+def _kernel(source: str, name: str) -> str:
+    return source.split(f"def {name}(")[1].split("@triton.jit")[0]
+
+
+def _first_loop(kernel: str) -> int:
+    return re.search(r"\n\s+for \w+ in range\(", kernel).start()
+
+
+def test_pooled_pv_is_one_product_only_where_the_backward_sums_its_own_delta():
+    # NSA as fla: the compressed branch is its group alone, its backward sums delta = p . dp
+    own = sparsedsl.compile(NSA_FLA, head_dim=8, q_heads=4, d_model=8)
+    fwd = _kernel(own.source, "attend_cmp_out_fwd_kernel")
+    assert "tl.dot(b_p.to(b_v.dtype), b_v" in fwd and "b_ph" not in fwd
+    # one softmax over pooled blocks and tokens: delta comes from o, so p stays a hi + lo pair
+    union = sparsedsl.compile(POOLED["union-overlap"], head_dim=8, q_heads=4, d_model=8)
+    fwd = [k for k in union.source.split("@triton.jit") if "_fwd_kernel(" in k and "kp" in k]
+    assert fwd and all("b_ph = b_p.to(b_v.dtype)" in k for k in fwd)
+
+
+def _row_forward(spec, **kw) -> str:
+    layer = sparsedsl.compile(spec, head_dim=8, q_heads=4, d_model=8, **kw)
+    return _kernel(layer.source, "attend_out_fwd_kernel")
+
+
+def test_an_earlier_stage_output_is_read_after_two_walks_not_one():
+    # NSA's paper defaults: selected blocks and a window walk after the compressed branch
+    paper = _row_forward("nsa")
+    assert _first_loop(paper) < paper.index("acc0 = tl.load(o") and "b_pre" not in paper
+    # NSA as fla: one walk; the compressed output is merged before it
+    fla = _row_forward(NSA_FLA)
+    assert "b_pre = tl.load(o" in fla and fla.index("b_pre = tl.load(o") < _first_loop(fla)
+
+
+def test_deferred_output_gradients_match_the_reference(monkeypatch):
+    # the paper's layout (cmp, selected, window) with small blocks, float64 against autograd
+    spec = """\
+input g_cmp
+input g_slc
+input g_win
+let cblk = blocks(4, stride=2)
+let cmp_out = attend(pool(cblk, mean), past(cblk))
+let sblk = blocks(4)
+let sel = topk(groupsum(remap(probs(cmp_out), sblk)), 2, force=recent(sblk, 1), forbid=~past(sblk))
+out = g_cmp * cmp_out + g_slc * attend(tokens(sel) & causal) + g_win * attend(window(5) & causal)
+"""
+    layer = _check(spec, 1, 37, 4, 1, 8, monkeypatch, "keys")  # dq, dk, dv, d(gates)
+    assert "acc0 = tl.load(o" in _kernel(layer.source, "attend_out_fwd_kernel")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 37, h, 8, generator=g, dtype=torch.float64) for h in (4, 1, 1))
+    gates = {n: torch.rand(2, 37, 4, generator=g, dtype=torch.float64)
+             for n in ("g_cmp", "g_slc", "g_win")}
+    gates["g_cmp"][:, :5] = 0.  # (rows whose compressed branch sees no block: lse = -inf)
+    out = layer(q, k, v, **gates)
+    want = sparsedsl.reference(layer.ir, q, k, v, **gates)
+    assert torch.isfinite(out).all()
+    assert (out - want).abs().max().item() < 1e-10
