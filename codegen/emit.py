@@ -173,7 +173,8 @@ def _tile_config(kernel, q, pooled=False):
         # H100, NSA as fla at 64k with pooled keys in bf16 (docs/perf-notes.md): forward 44.8 ms
         # with 64x32/4 warps/3 stages, 45.8 with 128x64/8/2; fwd+bwd 141.4 with a 64x32 dq
         # tile (141.2 with 64x64, 145.5 with 128x32) and 64x32 pooled dk/dv tiles (146.3
-        # with 64x64, 153.6 with 64x128/8)
+        # with 64x64, 153.6 with 64x128/8); with p.v as one product (session 10) the forward
+        # tile still wins: 29.24 ms forward, 64x16/4/3 29.66, 128x32/8/3 30.25, 32x32/4/3 33.79
         return {'fwd': (64, 32, 4, 3), 'dq': (64, 32, 4, 2), 'dkdv': (32, 32, 4, 3),
                 'dkdvp': (64, 32, 4, 2)}[kernel]
     if q.element_size() <= 2:  # bf16 / fp16: tensor-core tiles, fp32 accumulation
