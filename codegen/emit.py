@@ -1186,7 +1186,7 @@ class AttendEmitter:
         c, ir = self.c, self.ir
         c("")
         c(f"# ---- softmax group {gi}: {' + '.join(b.name for b in grp)}")
-        if self._defers(grp):
+        if self._defers(gi):
             self._deferred_group(gi, grp[0])
             return
         c(f"m{gi} = tl.full([RP], float('-inf'), tl.float32)")
@@ -1218,9 +1218,7 @@ class AttendEmitter:
                 self._arg(f"o{b.node}")
                 self._arg(f"lse{b.node}")
                 c(f"# `{b.name}` was computed by an earlier stage: merge its (output, lse)")
-                c(f"p_pre = ({self.QROW.format('o_i')}.to(tl.int64) * H + o_h)")
-                c(f"b_lse = tl.load(lse{b.node} + p_pre, mask=m_r, other=float('-inf'))")
-                self._merge_once("b_lse")
+                self._pre_lse(b, "p_pre")
                 c(f"b_pre = tl.load(o{b.node} + p_pre[:, None] * DV + o_dv[None, :], "
                   f"mask=m_r[:, None] & m_dv[None, :], other=0.)")
                 c(f"m_new = tl.maximum(m{gi}, b_lse * L2E)")
@@ -1231,26 +1229,32 @@ class AttendEmitter:
                 c(f"l{gi} = l{gi} * b_a + b_b")
                 c(f"m{gi} = m_new")
 
-    def _defers(self, grp) -> bool:
-        """Whether group `grp`, one earlier stage's branch, is read at the end: when at least
-        two other groups walk keys, its [RP, BDV] accumulator would be live across both walks
-        beside theirs. H100, 64k forward: the NSA paper defaults (two walks after it) 61.2 ->
-        58.5 ms; NSA as fla (one walk) 29.5 -> 31.1 ms if read at the end too (its load
-        then waits after the walk), so it is not (docs/perf-notes.md)."""
-        walks = sum(not (len(g) == 1 and g[0].precomputed) for g in self.st.groups)
-        return self.defer_outputs and len(grp) == 1 and grp[0].precomputed and walks >= 2
+    def _defers(self, gi: int) -> bool:
+        """Whether group gi, one earlier stage's branch alone (saved_outputs: "stage"), is
+        read at the end: when at least two other groups walk keys, its [RP, BDV] accumulator
+        would be live across both walks beside theirs. H100, 64k forward: the NSA paper
+        defaults (two walks after it) 61.2 -> 58.5 ms; NSA as fla (one walk) 29.5 -> 31.1 ms
+        if read at the end too (its load then waits after the walk), so it is not
+        (docs/perf-notes.md)."""
+        kinds = [how[0] for how in saved_outputs(self.st)]
+        walks = len(kinds) - kinds.count("stage")
+        return self.defer_outputs and kinds[gi] == "stage" and walks >= 2
+
+    def _pre_lse(self, b: BranchPlan, ptr: str) -> None:
+        """`ptr`, the rows of earlier stage b's output and lse, and b_lse, its lse."""
+        self._arg(f"o{b.node}")
+        self._arg(f"lse{b.node}")
+        self.c(f"{ptr} = ({self.QROW.format('o_i')}.to(tl.int64) * H + o_h)")
+        self.c(f"b_lse = tl.load(lse{b.node} + {ptr}, mask=m_r, other=float('-inf'))")
+        self._merge_once("b_lse")
 
     def _deferred_group(self, gi: int, b: BranchPlan) -> None:
         """A group that is one earlier stage's branch (`_defers`): its normalised output is
         that stage's output, read when the groups are combined (`_finish`)."""
         c = self.c
-        self._arg(f"o{b.node}")
-        self._arg(f"lse{b.node}")
         c(f"# `{b.name}` was computed by an earlier stage: its lse now, its output when the "
           "groups are combined")
-        c(f"p_pre{gi} = ({self.QROW.format('o_i')}.to(tl.int64) * H + o_h)")
-        c(f"b_lse = tl.load(lse{b.node} + p_pre{gi}, mask=m_r, other=float('-inf'))")
-        self._merge_once("b_lse")
+        self._pre_lse(b, f"p_pre{gi}")
         c(f"m{gi} = b_lse * L2E")
         c(f"l{gi} = tl.where(b_lse > float('-inf'), 1., 0.).to(tl.float32)")
         self.deferred.append((gi, b))
@@ -1380,12 +1384,10 @@ class AttendEmitter:
         c(f"b_alpha = tl.exp2(m{gi} - m_use)")
         c("b_p = tl.exp2(b_s - m_use[:, None])  # [RP, BN]")
         c(f"l{gi} = l{gi} * b_alpha + tl.sum(b_p, 1)")
-        if pooled is None:
-            c(f"acc{gi} = acc{gi} * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, "
-              "input_precision='ieee' if IEEE else 'tf32')")
-        elif own_delta(self.plan, self.st):  # pooled keys whose backward sums its own
-            # delta = rowsum(p * dp): p rounded to the values' dtype, as for token keys (NSA
-            # as fla on the H100 at 64k: compressed forward 4.77 -> 3.39 ms, docs/perf-notes.md)
+        # p rounded to the values' dtype: token keys, and pooled keys whose backward sums its
+        # own delta = rowsum(p * dp) (NSA as fla on the H100 at 64k: compressed forward 4.77
+        # -> 3.39 ms, docs/perf-notes.md)
+        if pooled is None or own_delta(self.plan, self.st):
             c(f"acc{gi} = acc{gi} * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, "
               "input_precision='ieee' if IEEE else 'tf32')")
         else:  # pooled keys in a group whose delta = rowsum(dO * o) must match its sum over
