@@ -179,8 +179,12 @@ def _tile_config(kernel, q, pooled=False):
                 'dkdvp': (64, 32, 4, 2)}[kernel]
     if q.element_size() <= 2:  # bf16 / fp16: tensor-core tiles, fp32 accumulation
         # H100, window 4096 + 64 sinks at 64k (docs/perf-notes.md): forward 64x64/4 warps
-        # 6.08 ms, 128x64/8 6.97, 128x128/8 8.05; the dq and dk/dv defaults were fastest
-        return {'fwd': (64, 64, 4, 3), 'dq': (64, 64, 4, 2), 'dkdv': (64, 64, 4, 2)}[kernel]
+        # 6.08 ms, 128x64/8 6.97, 128x128/8 8.05; dk/dv 64x64/4/2 fastest. dq 128 queries x
+        # 64 keys / 8 warps / 3 stages (FlexAttention's dq tile): fwd+bwd lower than 64x64/4/2
+        # in 6 of 6 back-to-back pairs (window+sinks 0.05-1.4 ms, NSA paper 2.7-3.4 ms);
+        # kept to head dims up to 128, where q, dO and dq fit beside 3 stages of k and v
+        dq = (128, 64, 8, 3) if q.shape[-1] <= 128 else (64, 64, 4, 2)
+        return {'fwd': (64, 64, 4, 3), 'dq': dq, 'dkdv': (64, 64, 4, 2)}[kernel]
     if q.element_size() == 4:  # fp32 ('ieee' products): half the tile, twice the bytes
         return {'fwd': (64, 32, 4, 2), 'dq': (32, 32, 4, 2), 'dkdv': (32, 32, 4, 2)}[kernel]
     return 32, 32, 4, 1
@@ -526,6 +530,7 @@ class SelectEmitter:
     QROW = "(i_b * T + {})"
     SCALARS = ""  # extra scalar arguments after T ("TQ, Q0, " when decoding)
     WHY = None  # why the per-query kernel, for its docstring (None: from `select_kernel`)
+    SCORED = False  # the top-k half of a split select: scores read from `scores` (ScoredSelectEmitter)
 
     def __init__(self, ir: IR, plan: KernelPlan, ex: Exprs, st: SelectStage):
         self.ir, self.plan, self.ex, self.st = ir, plan, ex, st
@@ -743,6 +748,8 @@ class SelectEmitter:
         ops = ir.operands(st.node)
         g = st.grid
         kname = f"select_{st.name}_fwd_kernel"
+        if self.SCORED:
+            self.args.append("scores")
         self._pids()
         c("# rows: the query heads this list serves (one head, or the GQA group)")
         c("o_r = tl.arange(0, RP)")
@@ -753,8 +760,9 @@ class SelectEmitter:
         c("o_d = tl.arange(0, BD)")
         c("m_d = o_d < D")
         row = self.QROW.format("i_t")
-        c(f"p_q = q + ({row}.to(tl.int64) * H + o_h)[:, None] * D + o_d[None, :]")
-        c("b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.)  # [RP, BD]")
+        if not self.SCORED:
+            c(f"p_q = q + ({row}.to(tl.int64) * H + o_h)[:, None] * D + o_d[None, :]")
+            c("b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.)  # [RP, BD]")
         c(f"p_sel = sel + ({row}.to(tl.int64) * HS + i_hs) * KS")
         c("tl.store(p_sel + tl.arange(0, KSP), tl.full([KSP], -1, tl.int32), "
           "mask=tl.arange(0, KSP) < KS)")
@@ -765,6 +773,9 @@ class SelectEmitter:
               f"mask=tl.arange(0, KSP{dep}) < KS{dep}, other=-1)")
             self.args += [f"sel{dep}"]
         c(f"NB = NB{g.node}")
+        if self.SCORED:
+            c("p_s = scores + ((i_b * TS + i_t - Q0).to(tl.int64) * HS + i_hs) * NB  # this "
+              "row's scores")
         c("n_forced = 0")
         c("n_counted = 0")
         c("b_val = tl.full([KB], float('-inf'), tl.float32)  # the best free blocks so far")
@@ -772,7 +783,7 @@ class SelectEmitter:
         end = self._walk_end(ops, "i_t") if st.op == "topk" else None
         if end is not None:
             c(f"n_end = tl.minimum(NB, {end})  # past the last block this query can force or pick")
-        leaf = score_chain(ir, ops["score"])[2] if st.op == "topk" else None
+        leaf = score_chain(ir, ops["score"])[2] if st.op == "topk" and not self.SCORED else None
         if leaf is not None and ir.node(leaf)["op"] == "probs":  # the rows' lse, for `score`
             br = ir.operand(leaf, "branch")
             c(f"b_lse = tl.load(lse{br} + {row}.to(tl.int64) * H + o_h, mask=m_r, other=0.)  "
@@ -801,7 +812,9 @@ class SelectEmitter:
             c("if tl.sum(m_cand.to(tl.int32), 0) > 0:  # score only chunks with candidates "
               "(not the future's)")
             with c.indent():
-                if st.op == "topk" and ir.node(ops["score"])["op"] == "groupsum":
+                if self.SCORED:
+                    c("b_score = tl.load(p_s + o_n, mask=m_cand, other=float('-inf'))  # [C]")
+                elif st.op == "topk" and ir.node(ops["score"])["op"] == "groupsum":
                     inner = self.score(ir.operand(ops["score"], "score"), "o_n")
                     c(f"b_score = tl.sum(tl.where(m_r[:, None], {inner}, 0.), 0)  # [C] the "
                       f"group's sum")
@@ -903,32 +916,10 @@ class SelectEmitter:
         g = st.grid
         remaps, sums, leaf = score_chain(ir, ops["score"])
         remaps = [r for r in remaps if not self._identity(r)]
-        c("i_tq, i_hs, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)")
-        c("# rows: BQ consecutive queries (o_i); per-head values have BQ * RP rows (o_iq, o_h)")
-        c("o_i = i_tq * BQ + tl.arange(0, BQ)  # [BQ]")
-        c("m_r = o_i < T")
-        c("I = o_i[:, None]  # [BQ, 1]")
-        c("o_row = tl.arange(0, BQ * RP)")
-        c("o_iq = i_tq * BQ + o_row // RP  # [BR] the query of each row")
-        c("o_h = i_hs * R + o_row % RP  # [BR] its head")
-        c("m_rq = (o_row % RP < R) & (o_iq < T)")
-        c("i_hk = (i_hs * R) // G")
-        c("o_d = tl.arange(0, BD)")
-        c("m_d = o_d < D")
-        c("p_q = q + ((i_b * T + o_iq).to(tl.int64) * H + o_h)[:, None] * D + o_d[None, :]")
-        c("b_q = tl.load(p_q, mask=m_rq[:, None] & m_d[None, :], other=0.)  # [BR, BD]")
+        self._tree_rows(leaf, "i_tq * BQ", "T")
         self._init_rows(g, "i_hs")
-        lnode = ir.node(leaf)
-        if lnode["op"] == "probs":  # the rows' lse, for the leaf's probabilities
-            br = ir.operand(leaf, "branch")
-            c(f"b_lse = tl.load(lse{br} + (i_b * T + o_iq).to(tl.int64) * H + o_h, mask=m_rq, "
-              f"other=0.)  # [BR]")
-        c("o_c = tl.arange(0, C)")
-        self._walk_rows(ops, "CV", "  # chunks of CV blocks (C columns, the last C - CV unused)")
+        self._tree_walk(ops)
         with c.indent():
-            c("o_n = n0 + o_c")
-            c("N = o_n[None, :]  # [1, C]")
-            c("m_n = (o_c < CV) & (o_n < NB)")
             self._force_rows(ops, g)
             c("if tl.max(tl.sum(m_cand.to(tl.int32), 1), 0) > 0:  # score chunks with candidates")
             with c.indent():
@@ -956,6 +947,76 @@ class SelectEmitter:
                               self.ex.grid(ir.operand(r, "score")).stride,
                               self.ex.grid(ir.operand(r, "score")).length) for r in remaps]
         return f"\n@triton.jit\ndef select_{st.name}_fwd_kernel(\n    {sig},\n):\n{doc}\n{body}\n"
+
+    def _tree_rows(self, leaf: int, first: str, end: str) -> None:
+        """The query-tiled tree kernels' rows: BQ consecutive queries from `first` (those
+        before `end` real), their q rows and, for a `probs` leaf, their lse."""
+        c, ir = self.c, self.ir
+        c("i_tq, i_hs, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)")
+        c("# rows: BQ consecutive queries (o_i); per-head values have BQ * RP rows (o_iq, o_h)")
+        c(f"o_i = {first} + tl.arange(0, BQ)  # [BQ]")
+        c(f"m_r = o_i < {end}")
+        c("I = o_i[:, None]  # [BQ, 1]")
+        c("o_row = tl.arange(0, BQ * RP)")
+        c(f"o_iq = {first} + o_row // RP  # [BR] the query of each row")
+        c("o_h = i_hs * R + o_row % RP  # [BR] its head")
+        c(f"m_rq = (o_row % RP < R) & (o_iq < {end})")
+        c("i_hk = (i_hs * R) // G")
+        c("o_d = tl.arange(0, BD)")
+        c("m_d = o_d < D")
+        c("p_q = q + ((i_b * T + o_iq).to(tl.int64) * H + o_h)[:, None] * D + o_d[None, :]")
+        c("b_q = tl.load(p_q, mask=m_rq[:, None] & m_d[None, :], other=0.)  # [BR, BD]")
+        if ir.node(leaf)["op"] == "probs":  # the rows' lse, for the leaf's probabilities
+            br = ir.operand(leaf, "branch")
+            c(f"b_lse = tl.load(lse{br} + (i_b * T + o_iq).to(tl.int64) * H + o_h, mask=m_rq, "
+              f"other=0.)  # [BR]")
+
+    def _tree_walk(self, ops) -> None:
+        """The query-tiled tree kernels' loop over chunks of CV blocks (o_n, m_n)."""
+        c = self.c
+        c("o_c = tl.arange(0, C)")
+        self._walk_rows(ops, "CV", "  # chunks of CV blocks (C columns, the last C - CV unused)")
+        with c.indent():
+            c("o_n = n0 + o_c")
+            c("N = o_n[None, :]  # [1, C]")
+            c("m_n = (o_c < CV) & (o_n < NB)")
+
+    def emit_scores(self) -> str:
+        """The scoring half of a split select (a tree score): BQ queries x the head set's
+        heads per program, as `emit_tree` scores them, every block a row can force or pick
+        written to `scores` [B, TS, HS, NB] (float32) for the queries [Q0, Q0 + TQ); the
+        per-query top-k kernel (ScoredSelectEmitter) reads them. Split so that the products
+        run on query tiles while the top-k's dependent steps run one query a program."""
+        st, ir, c = self.st, self.ir, self.c
+        ops = ir.operands(st.node)
+        g = st.grid
+        remaps, sums, leaf = score_chain(ir, ops["score"])
+        remaps = [r for r in remaps if not self._identity(r)]
+        self._tree_rows(leaf, "Q0 + i_tq * BQ", "Q0 + TQ")
+        c(f"NB = NB{g.node}")
+        c("p_s = scores + ((i_b * TS + o_i - Q0).to(tl.int64) * HS + i_hs) * NB  # [BQ] rows")
+        self._tree_walk(ops)
+        with c.indent():
+            self._tree_score(ops["score"], remaps, sums, leaf)
+            c("tl.store(p_s[:, None] + N, b_score, mask=m_r[:, None] & m_n[None, :])")
+        body = c.text()
+        extra = "".join(f"{x}, " for x in self.args)
+        nbs = sorted({g.node} | set(self._tree_nbs))
+        widths = "".join(f"CW{i + 1}: tl.constexpr, " for i in range(len(remaps)))
+        sig = (f"q, scores, {extra}T, Q0, TQ, TS, {''.join(f'NB{x}, ' for x in nbs)}"
+               f"H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, HS: tl.constexpr, "
+               f"R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, "
+               f"BQ: tl.constexpr, C: tl.constexpr, CV: tl.constexpr, {widths}"
+               f"IEEE: tl.constexpr")
+        doc = (f'    """Gate scores of `{st.name}` (one list per {st.heads}) for queries [Q0, '
+               f'Q0 + TQ): BQ queries x {"the group" if sums else "one head"} per program, '
+               f'written to scores[b, t - Q0, h, n] for the blocks n of blocks(len={g.length}, '
+               f'stride={g.stride}) a query can force or pick; the top-k kernel reads them."""')
+        self.nbs = nbs
+        self.remap_shapes = [(self.ex.grid(r).stride, self.ex.grid(r).length,
+                              self.ex.grid(ir.operand(r, "score")).stride,
+                              self.ex.grid(ir.operand(r, "score")).length) for r in remaps]
+        return f"\n@triton.jit\ndef select_{st.name}_score_kernel(\n    {sig},\n):\n{doc}\n{body}\n"
 
     def _identity(self, remap: int) -> bool:
         """A remap between two grids of equal blocks that do not overlap (NSA as fla: one
@@ -1037,6 +1098,18 @@ class QuerySelectEmitter(SelectEmitter):
     with SPARSEDSL_SELECT_TILE=query."""
     tiled = tree_tiled = False
     WHY = ": the query-tiled kernel's fallback, run with SPARSEDSL_SELECT_TILE=query"
+
+
+class ScoredSelectEmitter(SelectEmitter):
+    """The top-k half of a split select: the per-query kernel for queries Q0 + program 0,
+    its scores read from the scratch that the score kernel (`emit_scores`) wrote."""
+    tiled = tree_tiled = False
+    SCORED = True
+    SCALARS = "Q0, TS, "
+    WHY = ": scores read from `scores`, written by the score kernel for queries Q0.. (row t - Q0)"
+
+    def _pids(self) -> None:
+        self.c("i_t, i_hs, i_b = Q0 + tl.program_id(0), tl.program_id(1), tl.program_id(2)")
 
 
 # ------------------------------------------------------------------------ attend
@@ -2429,19 +2502,55 @@ def pool_launch(st: PoolStage, side: str, x: str, out: str, nb: str) -> str:
 SELECT_HOST = '''
 
 
-def _select_ints(env, text, usage, names):
-    """The integers of SPARSEDSL_SELECT_TILE's `text` (of the setting `env`), as many as
-    `names` lists, each a power of two; `usage` says what was expected."""
+def _select_ints(env, text, usage, names, cuda, var="SPARSEDSL_SELECT_TILE"):
+    """The integers of `text` (of the setting `env` of the environment variable `var`), as
+    many as `names` lists, each a power of two, and on a GPU (`cuda`) a block chunk (a name
+    ending in C) at least 16, a tl.dot operand; `usage` says what was expected."""
     try:
         vals = tuple(int(x) for x in text.split(","))
     except ValueError:
         vals = ()
     if len(vals) != len(names):
-        raise ValueError(f"SPARSEDSL_SELECT_TILE={env!r}: expected {usage}")
+        raise ValueError(f"{var}={env!r}: expected {usage}")
     if min(vals) < 1 or any(x & (x - 1) for x in vals):
-        raise ValueError(f"SPARSEDSL_SELECT_TILE={env!r}: {', '.join(names[:-1])} and "
+        raise ValueError(f"{var}={env!r}: {', '.join(names[:-1])} and "
                          f"{names[-1]} must be powers of two")
+    small = [n for n, x in zip(names, vals) if n.endswith("C") and x < 16]
+    if small and cuda:
+        raise ValueError(f"{var}={env!r}: {small[0]} must be at least 16 on a GPU")
     return vals
+
+
+def _select_split(q, cuda):
+    """(BQ, C, WARPS, QC, QWARPS) of a split select: the score kernel's BQ queries by C
+    blocks and warps, the top-k kernel's blocks a step and warps. SPARSEDSL_SELECT_SPLIT=
+    "BQ,C,WARPS,QC,QWARPS" (read at every call, for sweeps), else `cuda` on a GPU and small
+    tiles in the interpreter. None (the query-tiled or per-query kernel instead) with
+    SPARSEDSL_SELECT_SPLIT=off or when SPARSEDSL_SELECT_TILE names a kernel."""
+    import os
+    env = os.environ.get("SPARSEDSL_SELECT_SPLIT", "").strip()
+    if env == "off" or os.environ.get("SPARSEDSL_SELECT_TILE", "").strip():
+        return None
+    if not env:
+        return cuda if q.is_cuda else (2, 16, 4, 32, 4)
+    return _select_ints(env, env, "off or five integers BQ,C,WARPS,QC,QWARPS",
+                        ("BQ", "C", "WARPS", "QC", "QWARPS"), q.is_cuda, "SPARSEDSL_SELECT_SPLIT")
+
+
+def _score_rows(T, BQ, row_bytes):
+    """Queries one scores buffer of a split select holds (row_bytes each): all T when they
+    fit SPARSEDSL_SELECT_SCRATCH MiB (read at every call; default 256), else the most
+    multiples of BQ that do (at least BQ); the select then runs query chunks in turn."""
+    import os
+    env = os.environ.get("SPARSEDSL_SELECT_SCRATCH", "").strip()
+    try:
+        mib = float(env) if env else 256.
+    except ValueError:
+        mib = -1.
+    if not mib > 0:
+        raise ValueError(f"SPARSEDSL_SELECT_SCRATCH={env!r}: expected a positive size in MiB")
+    rows = int(mib * 2 ** 20) // max(1, row_bytes)
+    return max(1, min(T, max(BQ, rows // BQ * BQ)))
 
 
 def _select_tile(q, cuda, cpu):
@@ -2455,7 +2564,7 @@ def _select_tile(q, cuda, cpu):
         return cuda if q.is_cuda else cpu
     if env == "query" or env.startswith("query,"):  # the per-query kernel (_select_query_cfg)
         return None
-    return _select_ints(env, env, "three integers BQ,C,WARPS", ("BQ", "C", "WARPS"))
+    return _select_ints(env, env, "three integers BQ,C,WARPS", ("BQ", "C", "WARPS"), q.is_cuda)
 
 
 def _select_query_cfg(q):
@@ -2467,7 +2576,7 @@ def _select_query_cfg(q):
     env = os.environ.get("SPARSEDSL_SELECT_TILE", "").strip()
     if not env.startswith("query,"):
         return (16, 1) if q.is_cuda else (32, 4)
-    return _select_ints(env, env[len("query,"):], "query,C,WARPS", ("C", "WARPS"))
+    return _select_ints(env, env[len("query,"):], "query,C,WARPS", ("C", "WARPS"), q.is_cuda)
 
 
 def _select_widths(C, remaps):
@@ -2581,6 +2690,62 @@ class HostEmitter:
             return
         if em.tree_tiled:
             c("RP = triton.next_power_of_2(R)")
+            self._select_split(st, em, extra)
+            c("else:")
+            with c.indent():
+                self._select_tiles(st, em, extra)
+        else:
+            self._select_tiles(st, em, extra)
+        c(f"lists[{st.name!r}] = sel{st.node}")
+
+    def _select_split(self, st: SelectStage, em: SelectEmitter, extra) -> None:
+        """The launches of a split select (tree scores): for each chunk of queries the
+        score kernel writes their scores, then the per-query top-k kernel reads them."""
+        c, n = self.c, st.node
+        sc = em.scorer
+        overlap = any(remap_reach(*r) > 1 for r in sc.remap_shapes)
+        if overlap:
+            c("# on a GPU 128 rows (queries x the group's heads) by 16 blocks, 4 warps, then the "
+              "top-k 64 blocks a step:")
+            c("# NSA's defaults on the H100, forward at 64k 58.0 ms with the query-tiled kernel, "
+              "51.3-52.5 (docs/perf-notes.md)")
+            c("split = _select_split(q, (max(1, 128 // RP), 16, 4, 64, 1))")
+        else:
+            c("# on a GPU 128 rows (queries x the group's heads) by 64 blocks, 8 warps, then the "
+              "top-k 64 blocks a step:")
+            c("# NSA as fla on the H100, select at 64k 8.4 ms with the per-query kernel, 3.6 split "
+              "(docs/perf-notes.md)")
+            c("split = _select_split(q, (max(1, 128 // RP), 64, 8, 64, 1))")
+        c("if split is not None:  # scores by query tiles into `scores`, then the top-k per query")
+        with c.indent():
+            c("SBQ, SC, SW, QC, QW = split")
+            c(f"CV, CW = _select_widths(SC, {tuple(sc.remap_shapes)!r})")
+            c(f"TS = _score_rows(T, SBQ, B * HS{n} * NB * (8 if f32 == torch.float64 else 4))")
+            c(f"scores = torch.empty(B, TS, HS{n}, NB, device=dev, dtype=f32)")
+            c("for Q0 in range(0, T, TS):")
+            with c.indent():
+                c("TQ = min(TS, T - Q0)")
+                sextra = [self._scale(int(a[5:])) if a.startswith("scale") else a
+                          for a in sc.args]
+                widths = "".join(f"CW{i + 1}=CW[{i}], " for i in range(len(sc.remap_shapes)))
+                c(f"select_{st.name}_score_kernel[(triton.cdiv(TQ, SBQ), HS{n}, B)](q, scores, "
+                  f"{''.join(x + ', ' for x in sextra)}T, Q0, TQ, TS, "
+                  f"{''.join(f'NB{x}, ' for x in sc.nbs)}H=H, HKV=HKV, G=G, HS=HS{n}, R=R, "
+                  f"RP=RP, D=D, BD=BD, BQ=SBQ, C=SC, CV=CV, {widths}IEEE=IEEE, num_warps=SW, "
+                  f"num_stages=1)")
+                tk = em.scored
+                c(f"select_{st.name}_topk_kernel[(TQ, HS{n}, B)](q, sel{n}, scores, T, Q0, TS, "
+                  f"{''.join(f'NB{x}, ' for x in tk.nbs)}H=H, HKV=HKV, G=G, HS=HS{n}, R=R, "
+                  f"RP=_p2(R), SHARED={st.heads == 'group'}, D=D, BD=BD, K={st.k}, "
+                  f"KB=max(2, triton.next_power_of_2({st.k})), KS=KS{n}, "
+                  f"KSP=triton.next_power_of_2(KS{n}), C=QC, IEEE=IEEE, num_warps=QW, "
+                  f"num_stages=1)")
+            c("del scores")
+
+    def _select_tiles(self, st: SelectStage, em: SelectEmitter, extra) -> None:
+        """The launch of a query-tiled select kernel, or of its per-query fallback."""
+        c = self.c
+        if em.tree_tiled:
             if any(remap_reach(*r) > 1 for r in em.remap_shapes):
                 c("# on a GPU 256 rows a program: NSA's defaults on the H100, forward at 64k "
                   "77.9 ms with 16 queries x 16 heads,")
@@ -2617,7 +2782,6 @@ class HostEmitter:
                   f"num_stages=1)")
             else:
                 c(f"{head}D=D, BD=BD, {tail}num_warps=W)")
-        c(f"lists[{st.name!r}] = sel{st.node}")
 
     def _select_query(self, st: SelectStage, em: SelectEmitter, kname: str, extra, deps) -> None:
         """The launch of the per-query select kernel: one program per (query, list)."""
@@ -2882,6 +3046,12 @@ def generate(ir: IR, plan: KernelPlan | None = None) -> tuple[str, KernelPlan]:
                 parts.append(em.fallback.emit().replace(
                     f"def select_{st.name}_fwd_kernel(", f"def select_{st.name}_query_fwd_kernel(",
                     1))
+            if em.tree_tiled:  # the split select: a score kernel, then a top-k kernel
+                em.scorer = SelectEmitter(ir, plan, ex, st)
+                parts.append(em.scorer.emit_scores())
+                em.scored = ScoredSelectEmitter(ir, plan, ex, st)
+                parts.append(em.scored.emit().replace(
+                    f"def select_{st.name}_fwd_kernel(", f"def select_{st.name}_topk_kernel(", 1))
         elif st.layout == "grouped":
             em = GroupedEmitter(ir, plan, ex, st, st.groups[0][0].sources[0])
             parts += em.emit_fwd()

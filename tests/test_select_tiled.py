@@ -4,7 +4,10 @@
 
 Its block lists must equal the per-query kernel's (the same module's fallback, run with
 SPARSEDSL_SELECT_TILE=query) exactly in float64, for tile sizes that cut the sequence and
-the grids at odd places, and the reference's (up to near ties) in float32.
+the grids at odd places, and the reference's (up to near ties) in float32. So must the
+split select's, the default (a score kernel by query tiles writing a scratch buffer, then
+the per-query top-k reading it: `emit_scores`, `ScoredSelectEmitter`), for its tile sizes
+and for scratch buffers small enough that the queries run in several chunks.
 """
 from __future__ import annotations
 
@@ -47,15 +50,18 @@ out = attend(tokens(sel) & causal)
 
 NSA = dict(cmp="mean", cmp_len=8, cmp_stride=4, sel_len=12, topn=3, init_blocks=1,
            local_blocks=2, window=8)
-CASES = [  # (id, spec, params, B, T, Hkv, G, D, tiles): BQ,C,WARPS, None: the default,
-    # query,C,WARPS: the per-query kernel with other chunks (the GPU's default: 16 blocks)
-    ("nsa-g4", "nsa", NSA, 1, 45, 1, 4, 16, (None, "2,4,1", "1,2,1", "query,16,1", "query,4,1")),
+CASES = [  # (id, spec, params, B, T, Hkv, G, D, tiles): BQ,C,WARPS (the query-tiled kernel),
+    # query,C,WARPS: the per-query kernel with other chunks (the GPU's default was 16 blocks);
+    # None: the default (split), split:BQ,C,WARPS,QC,QWARPS its tiles, scratch:MiB its buffer
+    ("nsa-g4", "nsa", NSA, 1, 45, 1, 4, 16, (None, "2,4,1", "1,2,1", "query,16,1", "query,4,1",
+                                             "split:1,4,1,4,1", "scratch:0.0002")),
     ("nsa-g16", "nsa", dict(NSA, cmp_len=16, cmp_stride=8, sel_len=8, topn=4), 1, 37, 1, 16, 8,
-     (None, "4,8,2")),
-    ("nsa-g1-mlp", "nsa", dict(NSA, cmp="mlp", sel_len=16), 1, 35, 2, 1, 8, (None, "2,4,1")),
-    ("head-g2", HEAD_SPEC, {}, 1, 30, 1, 2, 8, (None, "2,4,1")),
-    ("nested-g4", NESTED_SPEC, {}, 1, 41, 1, 4, 8, (None, "2,4,1")),
-    ("dot-g4", DOT_SPEC, {}, 2, 27, 1, 4, 8, (None, "2,4,1")),
+     (None, "4,8,2", "split:2,8,2,2,1")),
+    ("nsa-g1-mlp", "nsa", dict(NSA, cmp="mlp", sel_len=16), 1, 35, 2, 1, 8,
+     (None, "2,4,1", "scratch:0.0003")),
+    ("head-g2", HEAD_SPEC, {}, 1, 30, 1, 2, 8, (None, "2,4,1", "split:4,4,1,2,1")),
+    ("nested-g4", NESTED_SPEC, {}, 1, 41, 1, 4, 8, (None, "2,4,1", "split:2,8,1,4,1")),
+    ("dot-g4", DOT_SPEC, {}, 2, 27, 1, 4, 8, (None, "2,4,1", "scratch:0.0002")),
 ]
 
 
@@ -81,9 +87,12 @@ def _lists(layer, data, dtype, tile, monkeypatch):
     for name in dir(mod):  # the final stage's kernels (row or grouped layout)
         if name.startswith("attend_out_") and name.endswith("_kernel"):
             monkeypatch.setattr(mod, name, _Skip())
-    if tile is None:
-        monkeypatch.delenv("SPARSEDSL_SELECT_TILE", raising=False)
-    else:
+    for var in ("SPARSEDSL_SELECT_TILE", "SPARSEDSL_SELECT_SPLIT", "SPARSEDSL_SELECT_SCRATCH"):
+        monkeypatch.delenv(var, raising=False)
+    if tile is not None and tile.startswith(("split:", "scratch:")):
+        kind, value = tile.split(":")
+        monkeypatch.setenv("SPARSEDSL_SELECT_" + kind.upper(), value)
+    elif tile is not None:
         monkeypatch.setenv("SPARSEDSL_SELECT_TILE", tile)
     to = lambda t: t.to(dtype)  # noqa: E731
     with torch.no_grad():
@@ -102,6 +111,11 @@ def test_nsa_gets_the_tiled_kernel():
     kernel = src.split("def select_sel_fwd_kernel(")[1].split("@triton.jit")[0]
     assert "query-tiled" in kernel and "tl.dot(b_x, b_w" in kernel
     assert "def select_sel_query_fwd_kernel(" in src  # the fallback
+    # the default: the split select, scores by query tiles then the per-query top-k
+    score = src.split("def select_sel_score_kernel(")[1].split("@triton.jit")[0]
+    assert "tl.dot(b_x, b_w" in score and "tl.store(p_s[:, None] + N, b_score" in score
+    topk = src.split("def select_sel_topk_kernel(")[1].split("@triton.jit")[0]
+    assert "b_score = tl.load(p_s + o_n" in topk and "tl.dot" not in topk
     # decoding keeps one program per query
     dec = generate_decode(layer.ir, layer.plan)
     assert "one query per program" in dec.split("def select_sel_dec_kernel(")[1]
@@ -133,12 +147,36 @@ def test_select_tile_environment(monkeypatch):
         monkeypatch.setenv("SPARSEDSL_SELECT_TILE", bad)
         with pytest.raises(ValueError, match="SPARSEDSL_SELECT_TILE"):
             layer(data.q.float(), data.k.float(), data.v.float())
+    monkeypatch.delenv("SPARSEDSL_SELECT_TILE")
+    for var, bad in (("SPLIT", "2,16,4,16"), ("SPLIT", "2,16,3,16,1"), ("SPLIT", "on"),
+                     ("SCRATCH", "0"), ("SCRATCH", "lots")):
+        monkeypatch.setenv("SPARSEDSL_SELECT_" + var, bad)
+        with pytest.raises(ValueError, match="SPARSEDSL_SELECT_" + var):
+            layer(data.q.float(), data.k.float(), data.v.float())
+        monkeypatch.delenv("SPARSEDSL_SELECT_" + var)
+
+
+def test_select_ints_need_dot_sized_chunks_on_a_gpu():
+    """On a GPU a chunk of blocks is a tl.dot operand (at least 16); the interpreter takes
+    smaller ones (the tests above cut the grids with them)."""
+    ns = {}
+    exec(layer_source_helpers(), ns)
+    assert ns["_select_ints"]("2,4,1", "2,4,1", "", ("BQ", "C", "WARPS"), False) == (2, 4, 1)
+    with pytest.raises(ValueError, match="C must be at least 16 on a GPU"):
+        ns["_select_ints"]("2,4,1", "2,4,1", "", ("BQ", "C", "WARPS"), True)
+    with pytest.raises(ValueError, match="QC must be at least 16 on a GPU"):
+        ns["_select_ints"]("x", "2,16,4,8,1", "", ("BQ", "C", "WARPS", "QC", "QWARPS"), True)
+
+
+def layer_source_helpers() -> str:
+    from sparsedsl.codegen.emit import SELECT_HOST
+    return SELECT_HOST
 
 
 TIE_CASES = [  # (id, params, tiles): one free slot after the forced blocks, four
     ("k3", dict(NSA, topn=3, init_blocks=1, local_blocks=1), ("query", "2,4,1")),
     ("k6", dict(NSA, topn=6, init_blocks=1, local_blocks=1),
-     ("query", "query,4,1", None, "4,16,2")),
+     ("query", "query,4,1", None, "4,16,2", "split:4,4,1,4,1")),
 ]
 
 
