@@ -179,12 +179,15 @@ def _tile_config(kernel, q, pooled=False):
                 'dkdvp': (64, 32, 4, 2)}[kernel]
     if q.element_size() <= 2:  # bf16 / fp16: tensor-core tiles, fp32 accumulation
         # H100, window 4096 + 64 sinks at 64k (docs/perf-notes.md): forward 64x64/4 warps
-        # 6.08 ms, 128x64/8 6.97, 128x128/8 8.05; dk/dv 64x64/4/2 fastest. dq 128 queries x
-        # 64 keys / 8 warps / 3 stages (FlexAttention's dq tile): fwd+bwd lower than 64x64/4/2
-        # in 6 of 6 back-to-back pairs (window+sinks 0.05-1.4 ms, NSA paper 2.7-3.4 ms);
-        # kept to head dims up to 128, where q, dO and dq fit beside 3 stages of k and v
-        dq = (128, 64, 8, 3) if q.shape[-1] <= 128 else (64, 64, 4, 2)
-        return {'fwd': (64, 64, 4, 3), 'dq': dq, 'dkdv': (64, 64, 4, 2)}[kernel]
+        # 6.08 ms, 128x64/8 6.97, 128x128/8 8.05. dq 128 queries x 64 keys / 8 warps / 3
+        # stages (FlexAttention's dq tile): fwd+bwd lower than 64x64/4/2 in 6 of 6 back-to-back
+        # pairs (window+sinks 0.05-1.4 ms, NSA paper 2.7-3.4 ms). dk/dv 32 queries x 128 keys
+        # / 8 warps / 3 stages: window+sinks fwd+bwd 22.2-24.7 ms against 24.4-25.9 with
+        # 64x64/4/2 in the same runs (32x128/4 warps 52.3, 64x128/8/3 25.8, 128x128/8/2 30.9),
+        # NSA paper 214.7 / 216.8 against 218.2 / 219.1. Both kept to head dims up to 128.
+        if q.shape[-1] <= 128:
+            return {'fwd': (64, 64, 4, 3), 'dq': (128, 64, 8, 3), 'dkdv': (32, 128, 8, 3)}[kernel]
+        return {'fwd': (64, 64, 4, 3), 'dq': (64, 64, 4, 2), 'dkdv': (64, 64, 4, 2)}[kernel]
     if q.element_size() == 4:  # fp32 ('ieee' products): half the tile, twice the bytes
         return {'fwd': (64, 32, 4, 2), 'dq': (32, 32, 4, 2), 'dkdv': (32, 32, 4, 2)}[kernel]
     return 32, 32, 4, 1
