@@ -120,12 +120,16 @@ def _backward_source(spec, **kw):
     return src[src.index("\ndef backward("):]
 
 
-def _buffers(src):
-    """{gradient: dtype expression} of the backward's dq, dk, dv buffers."""
+def _buffers(src, fills=None):
+    """{gradient: dtype expression} of the backward's dq, dk, dv buffers; `fills` gets
+    {gradient: "zeros" or "empty"} (empty: its kernel is the only writer and stores)."""
     out = {}
     for g in ("dq", "dk", "dv"):
-        line = next(x for x in src.splitlines() if x.strip().startswith(f"{g} = torch.zeros("))
+        line = next(x for x in src.splitlines()
+                    if x.strip().startswith((f"{g} = torch.zeros(", f"{g} = torch.empty(")))
         out[g] = line.split("dtype=", 1)[1].rstrip(")")
+        if fills is not None:
+            fills[g] = line.split("torch.", 1)[1].split("(", 1)[0]
     return out
 
 
@@ -135,17 +139,29 @@ def test_single_owner_gradients_skip_float32_buffers():
     adding atomically), a static pattern's dq, dk and dv, a block-list pattern's dq. Gradients
     added by several programs (MoBA's dq, the keys of row-layout and NSA stages) keep
     float32 buffers. A mean pool that only feeds a router gets no backward (its gradient is
-    zero: the selection is not differentiated)."""
+    zero: the selection is not differentiated). Where the one program writing an element is
+    the only kernel writing that gradient (`sole_writer`), the buffer is left unfilled
+    (torch.empty, NaN in tests: an element no kernel writes fails) and the kernel stores
+    without reading it back."""
+    fills = {}
     moba = _backward_source("moba")
-    assert _buffers(moba) == {"dq": "f32", "dk": "q.dtype if G == 1 else f32",
-                              "dv": "q.dtype if G == 1 else f32"}
+    assert _buffers(moba, fills) == {"dq": "f32", "dk": "q.dtype if G == 1 else f32",
+                                     "dv": "q.dtype if G == 1 else f32"}
+    assert fills == {"dq": "zeros", "dk": "zeros", "dv": "zeros"}
     assert "STORE=G == 1" in moba and "pool_" not in moba
-    static = _backward_source("out = attend((sink(4) | window(32)) & causal)")
-    assert _buffers(static) == {"dq": "q.dtype", "dk": "q.dtype", "dv": "q.dtype"}
+    static = sparsedsl.compile("out = attend((sink(4) | window(32)) & causal)", head_dim=16,
+                               q_heads=4).source
+    assert _buffers(static[static.index("\ndef backward("):], fills) == {
+        "dq": "q.dtype", "dk": "q.dtype", "dv": "q.dtype"}
+    assert fills == {"dq": "empty", "dk": "empty", "dv": "empty"}
+    assert "tl.store(p_dq, b_dq, mask=m_dq)" in static
+    assert "tl.store(p_dk, b_dk, mask=m_dk)" in static and "tl.load(p_dk" not in static
     rows = _backward_source("let b = blocks(16, stride=8)\n"
                             "let s = topk(dot(q, pool(b, mean)), 2, force=current(b), "
                             "forbid=future(b))\n"
                             "out = attend(tokens(s) & causal)")
-    assert _buffers(rows) == {"dq": "q.dtype", "dk": "f32", "dv": "f32"}
+    assert _buffers(rows, fills) == {"dq": "q.dtype", "dk": "f32", "dv": "f32"}
+    assert fills == {"dq": "empty", "dk": "zeros", "dv": "zeros"}
     nsa = _backward_source("nsa", d_model=32)
-    assert _buffers(nsa) == {"dq": "f32", "dk": "f32", "dv": "f32"}
+    assert _buffers(nsa, fills) == {"dq": "f32", "dk": "f32", "dv": "f32"}
+    assert fills == {"dq": "zeros", "dk": "zeros", "dv": "zeros"}
