@@ -502,9 +502,11 @@ def score_chain(ir: IR, nid: int) -> tuple[list[int], int, int]:
 def select_kernel(ir: IR, ex: "Exprs", st: SelectStage) -> str:
     """Which select kernel a stage gets:
       tile   BQ queries of one head per program, a plain `dot(q, pool)` score (MoBA's router)
-      tree   BQ queries x the head set's heads per program, any other top-k score (`probs`,
-             `remap`, `groupsum` over `dot`/`probs`: NSA's), each score node evaluated once
-             over a chunk of its own grid
+      tree   any other top-k score (`probs`, `remap`, `groupsum` over `dot`/`probs`: NSA's),
+             each score node evaluated once over a chunk of its own grid, BQ queries x the
+             head set's heads per program: by default split (`emit_scores` writes the scores,
+             the per-query `ScoredSelectEmitter` kernel picks the top-k), else in one kernel
+             (`emit_tree`)
       deps   one query per program: the score or masks read other block lists
       random one query per program: `random`"""
     if st.op != "topk":

@@ -383,8 +383,9 @@ class Planner:
         from .emit import Exprs, select_kernel
         ex = Exprs(self.ir, plan)
         words = {"tile": "query-tiled (BQ queries of one head per program)",
-                 "tree": "query-tiled (BQ queries x the head set per program, the score tree "
-                         "evaluated once per chunk of each grid)",
+                 "tree": "split: the score tree evaluated by query tiles (BQ queries x the "
+                         "head set per program, once per chunk of each grid) into a scratch "
+                         "buffer, then the top-k one query per program",
                  "deps": "one query per program (it reads other lists)",
                  "random": "one query per program"}
         return "".join(f"; select `{st.name}`: {words[select_kernel(self.ir, ex, st)]}"
