@@ -916,11 +916,8 @@ class SelectEmitter:
         remaps need ([BR, CW] from one product of the pooled keys), summed over the group's
         heads ([BQ, CW]: groupsum commutes with remap, so the remaps run on query rows), then
         each remap is one product with its [CW_src, CW_dst] overlap weights."""
-        st, ir, c = self.st, self.ir, self.c
-        ops = ir.operands(st.node)
-        g = st.grid
-        remaps, sums, leaf = score_chain(ir, ops["score"])
-        remaps = [r for r in remaps if not self._identity(r)]
+        st, c = self.st, self.c
+        ops, g, remaps, sums, leaf = self._tree_chain()
         self._tree_rows(leaf, "i_tq * BQ", "T")
         self._init_rows(g, "i_hs")
         self._tree_walk(ops)
@@ -931,27 +928,42 @@ class SelectEmitter:
                 self._tree_score(ops["score"], remaps, sums, leaf)
                 self._merge_rows()
         self._store_rows()
-        body = c.text()
-        extra = "".join(f"{x}, " for x in self.args)
-        nbs = sorted({g.node} | set(self._tree_nbs))
-        widths = "".join(f"CW{i + 1}: tl.constexpr, " for i in range(len(remaps)))
-        sig = (f"q, sel, {extra}T, {''.join(f'NB{x}, ' for x in nbs)}"
-               f"H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, HS: tl.constexpr, "
-               f"R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, "
-               f"K: tl.constexpr, KB: tl.constexpr, KS, KSP: tl.constexpr, BQ: tl.constexpr, "
-               f"C: tl.constexpr, CV: tl.constexpr, {widths}IEEE: tl.constexpr")
+        body, sig = self._tree_kernel(g, remaps, "q, sel, ", "",
+                                      "K: tl.constexpr, KB: tl.constexpr, KS, KSP: tl.constexpr, ")
         doc = (f'    """Gate scores and top-k for `{st.name}` (topk, k={st.k}, one list per '
                f'{st.heads}; query-tiled: BQ queries x {"the group" if sums else "one head"} '
                f'per program, the score tree evaluated once per chunk of each grid, remaps as '
                f'products with overlap weights): writes the selected block indices of '
                f'blocks(len={g.length}, stride={g.stride}) to sel[b, t, h, :KS], -1 padded."""')
         self.signature = sig
-        self.nbs = nbs
         self.list_deps = []
+        return f"\n@triton.jit\ndef select_{st.name}_fwd_kernel(\n    {sig},\n):\n{doc}\n{body}\n"
+
+    def _tree_chain(self):
+        """The stage's operands, grid, and its score as a chain: the remaps that move scores
+        (identities dropped), the number of group sums, the leaf."""
+        ops = self.ir.operands(self.st.node)
+        remaps, sums, leaf = score_chain(self.ir, ops["score"])
+        return ops, self.st.grid, [r for r in remaps if not self._identity(r)], sums, leaf
+
+    def _tree_kernel(self, g, remaps: list[int], ptrs: str, scalars: str,
+                     topk: str) -> tuple[str, str]:
+        """The body and signature of a tree kernel (`emit_tree`, `emit_scores`): pointers
+        `ptrs`, the score's own arguments, T, `scalars`, the grids' block counts, the sizes
+        (`topk`: the top-k's) and chunk widths; sets `nbs` and `remap_shapes` for the host."""
+        ir = self.ir
+        extra = "".join(f"{x}, " for x in self.args)
+        self.nbs = sorted({g.node} | set(self._tree_nbs))
+        widths = "".join(f"CW{i + 1}: tl.constexpr, " for i in range(len(remaps)))
+        sig = (f"{ptrs}{extra}T, {scalars}{''.join(f'NB{x}, ' for x in self.nbs)}"
+               f"H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, HS: tl.constexpr, "
+               f"R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, "
+               f"{topk}BQ: tl.constexpr, C: tl.constexpr, CV: tl.constexpr, {widths}"
+               f"IEEE: tl.constexpr")
         self.remap_shapes = [(self.ex.grid(r).stride, self.ex.grid(r).length,
                               self.ex.grid(ir.operand(r, "score")).stride,
                               self.ex.grid(ir.operand(r, "score")).length) for r in remaps]
-        return f"\n@triton.jit\ndef select_{st.name}_fwd_kernel(\n    {sig},\n):\n{doc}\n{body}\n"
+        return self.c.text(), sig
 
     def _tree_rows(self, leaf: int, first: str, end: str) -> None:
         """The query-tiled tree kernels' rows: BQ consecutive queries from `first` (those
@@ -992,11 +1004,8 @@ class SelectEmitter:
         written to `scores` [B, TS, HS, NB] (float32) for the queries [Q0, Q0 + TQ); the
         per-query top-k kernel (ScoredSelectEmitter) reads them. Split so that the products
         run on query tiles while the top-k's dependent steps run one query a program."""
-        st, ir, c = self.st, self.ir, self.c
-        ops = ir.operands(st.node)
-        g = st.grid
-        remaps, sums, leaf = score_chain(ir, ops["score"])
-        remaps = [r for r in remaps if not self._identity(r)]
+        st, c = self.st, self.c
+        ops, g, remaps, sums, leaf = self._tree_chain()
         self._tree_rows(leaf, "Q0 + i_tq * BQ", "Q0 + TQ")
         c(f"NB = NB{g.node}")
         c("p_s = scores + ((i_b * TS + o_i - Q0).to(tl.int64) * HS + i_hs) * NB  # [BQ] rows")
@@ -1004,23 +1013,11 @@ class SelectEmitter:
         with c.indent():
             self._tree_score(ops["score"], remaps, sums, leaf)
             c("tl.store(p_s[:, None] + N, b_score, mask=m_r[:, None] & m_n[None, :])")
-        body = c.text()
-        extra = "".join(f"{x}, " for x in self.args)
-        nbs = sorted({g.node} | set(self._tree_nbs))
-        widths = "".join(f"CW{i + 1}: tl.constexpr, " for i in range(len(remaps)))
-        sig = (f"q, scores, {extra}T, Q0, TQ, TS, {''.join(f'NB{x}, ' for x in nbs)}"
-               f"H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, HS: tl.constexpr, "
-               f"R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, "
-               f"BQ: tl.constexpr, C: tl.constexpr, CV: tl.constexpr, {widths}"
-               f"IEEE: tl.constexpr")
+        body, sig = self._tree_kernel(g, remaps, "q, scores, ", "Q0, TQ, TS, ", "")
         doc = (f'    """Gate scores of `{st.name}` (one list per {st.heads}) for queries [Q0, '
                f'Q0 + TQ): BQ queries x {"the group" if sums else "one head"} per program, '
                f'written to scores[b, t - Q0, h, n] for the blocks n of blocks(len={g.length}, '
                f'stride={g.stride}) a query can force or pick; the top-k kernel reads them."""')
-        self.nbs = nbs
-        self.remap_shapes = [(self.ex.grid(r).stride, self.ex.grid(r).length,
-                              self.ex.grid(ir.operand(r, "score")).stride,
-                              self.ex.grid(ir.operand(r, "score")).length) for r in remaps]
         return f"\n@triton.jit\ndef select_{st.name}_score_kernel(\n    {sig},\n):\n{doc}\n{body}\n"
 
     def _identity(self, remap: int) -> bool:
