@@ -2634,7 +2634,8 @@ class HostEmitter:
             else:
                 self._attend(st, attend_emitters[id(st)])
         saved = [f"kp{st.node}" for st in plan.stages if st.kind == "pool"]
-        saved += [f"vp{st.node}" for st in plan.stages if st.kind == "pool"]
+        saved += [f"vp{st.node}" for st in plan.stages
+                  if st.kind == "pool" and values_pooled(self.ir, plan, st)]
         saved += [f"sel{st.node}" for st in plan.stages if st.kind == "select"]
         saved += [f"osave{gi}" for gi, how in enumerate(saved_outputs(plan.final))
                   if how[0] != "stage"] + ["lsave"]
@@ -2667,8 +2668,11 @@ class HostEmitter:
     def _pool(self, st: PoolStage) -> None:
         c = self.c
         g = st.grid
-        c(f"# pool `{st.name}`: {st.method} over blocks(len={g.length}, stride={g.stride})")
-        for side, x, d, bd in (("k", "k", "D", "BD"), ("v", "v", "DV", "BDV")):
+        c(f"# pool `{st.name}`: {st.method} over blocks(len={g.length}, stride={g.stride})"
+          + ("" if values_pooled(self.ir, self.plan, st) else
+             "; keys only: no branch attends it (a router's scores read the keys)"))
+        sides = (("k", "k", "D", "BD"), ("v", "v", "DV", "BDV"))
+        for side, x, d, bd in sides[:2 if values_pooled(self.ir, self.plan, st) else 1]:
             c(f"{side}p{st.node} = torch.empty(B, NB{g.node}, HKV, {d}, device=dev, dtype=q.dtype)")
             c(pool_launch(st, side, x, f"{side}p{st.node}", f"NB{g.node}"))
 
@@ -2883,6 +2887,15 @@ def backward_stages(ir: IR, plan: KernelPlan) -> tuple[list, list]:
     pools = [x for x in reversed(plan.stages)
              if x.kind == "pool" and (x.method != "mean" or x.node in read)]
     return runs, pools
+
+
+def values_pooled(ir: IR, plan: KernelPlan, st: PoolStage) -> bool:
+    """Whether the forward pools the values too: some branch attends the pooled keys, or the
+    pool runs a backward (which reads them). A mean pool that only feeds a router's scores
+    (MoBA's) needs its keys alone."""
+    return st in backward_stages(ir, plan)[1] or any(
+        b.pooled and ir.operand(b.node, "keys") == st.node
+        for a in plan.stages if a.kind == "attend" for grp in a.groups for b in grp)
 
 
 def sole_writer(ir: IR, plan: KernelPlan, st: AttendStage, grad: str) -> bool:

@@ -70,3 +70,21 @@ out = g_cmp * cmp_out + g_slc * attend(tokens(sel) & causal) + g_win * attend(wi
     want = sparsedsl.reference(layer.ir, q, k, v, **gates)
     assert torch.isfinite(out).all()
     assert (out - want).abs().max().item() < 1e-10
+
+
+def test_values_are_pooled_only_where_something_reads_them():
+    """MoBA's mean pool feeds only the router's scores: its forward pools the keys alone (no
+    values pooled, none saved). NSA's compressed branch attends its pools: keys and values.
+    An MLP pool that feeds a router runs a backward, which reads the pooled values."""
+    moba = sparsedsl.compile("moba", head_dim=8, q_heads=4).source
+    fwd = moba[moba.index("\ndef forward("):moba.index("\ndef backward(")]
+    assert fwd.count("pool_n2_fwd_kernel[") == 1 and "vp2" not in fwd
+    assert "keys only: no branch attends it" in fwd
+    nsa = sparsedsl.compile(NSA_FLA, head_dim=8, q_heads=4, d_model=8).source
+    fwd = nsa[nsa.index("\ndef forward("):nsa.index("\ndef backward(")]
+    assert "vp3 = torch.empty(" in fwd and "vp3=vp3" in fwd
+    mlp = sparsedsl.compile("let b = blocks(4)\nlet s = topk(dot(q, pool(b, mlp)), 1, "
+                            "force=current(b), forbid=future(b))\n"
+                            "out = attend(tokens(s) & causal)", head_dim=8, q_heads=2,
+                            d_model=8).source
+    assert "vp2=vp2" in mlp and "saved['vp2']" in mlp
