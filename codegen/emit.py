@@ -535,7 +535,8 @@ class SelectEmitter:
     QROW = "(i_b * T + {})"
     SCALARS = ""  # extra scalar arguments after T ("TQ, Q0, " when decoding)
     WHY = None  # why the per-query kernel, for its docstring (None: from `select_kernel`)
-    SCORED = False  # the top-k half of a split select: scores read from `scores` (ScoredSelectEmitter)
+    SCORED = False  # the top-k half of a split select: scores read from `scores`
+    #                 (ScoredSelectEmitter)
 
     def __init__(self, ir: IR, plan: KernelPlan, ex: Exprs, st: SelectStage):
         self.ir, self.plan, self.ex, self.st = ir, plan, ex, st
@@ -936,7 +937,6 @@ class SelectEmitter:
                f'products with overlap weights): writes the selected block indices of '
                f'blocks(len={g.length}, stride={g.stride}) to sel[b, t, h, :KS], -1 padded."""')
         self.signature = sig
-        self.list_deps = []
         return f"\n@triton.jit\ndef select_{st.name}_fwd_kernel(\n    {sig},\n):\n{doc}\n{body}\n"
 
     def _tree_chain(self):
@@ -950,8 +950,10 @@ class SelectEmitter:
                      topk: str) -> tuple[str, str]:
         """The body and signature of a tree kernel (`emit_tree`, `emit_scores`): pointers
         `ptrs`, the score's own arguments, T, `scalars`, the grids' block counts, the sizes
-        (`topk`: the top-k's) and chunk widths; sets `nbs` and `remap_shapes` for the host."""
+        (`topk`: the top-k's) and chunk widths; sets `nbs`, `list_deps` (none: a tree reads
+        no other lists) and `remap_shapes` for the host."""
         ir = self.ir
+        self.list_deps = []
         extra = "".join(f"{x}, " for x in self.args)
         self.nbs = sorted({g.node} | set(self._tree_nbs))
         widths = "".join(f"CW{i + 1}: tl.constexpr, " for i in range(len(remaps)))
@@ -2668,13 +2670,14 @@ class HostEmitter:
     def _pool(self, st: PoolStage) -> None:
         c = self.c
         g = st.grid
+        values = values_pooled(self.ir, self.plan, st)
         c(f"# pool `{st.name}`: {st.method} over blocks(len={g.length}, stride={g.stride})"
-          + ("" if values_pooled(self.ir, self.plan, st) else
+          + ("" if values else
              "; keys only: no branch attends it (a router's scores read the keys)"))
-        sides = (("k", "k", "D", "BD"), ("v", "v", "DV", "BDV"))
-        for side, x, d, bd in sides[:2 if values_pooled(self.ir, self.plan, st) else 1]:
+        sides = (("k", "D"), ("v", "DV")) if values else (("k", "D"),)
+        for side, d in sides:
             c(f"{side}p{st.node} = torch.empty(B, NB{g.node}, HKV, {d}, device=dev, dtype=q.dtype)")
-            c(pool_launch(st, side, x, f"{side}p{st.node}", f"NB{g.node}"))
+            c(pool_launch(st, side, side, f"{side}p{st.node}", f"NB{g.node}"))
 
     def _select_setup(self, st: SelectStage, em: SelectEmitter, rows: str,
                       quiet: bool = False) -> tuple[list, str]:
@@ -2740,21 +2743,16 @@ class HostEmitter:
             c("for Q0 in range(0, T, TS):")
             with c.indent():
                 c("TQ = min(TS, T - Q0)")
-                sextra = [self._scale(int(a[5:])) if a.startswith("scale") else a
-                          for a in sc.args]
+                sextra = self._select_setup(st, sc, "T", quiet=True)[0]
                 widths = "".join(f"CW{i + 1}=CW[{i}], " for i in range(len(sc.remap_shapes)))
                 c(f"select_{st.name}_score_kernel[(triton.cdiv(TQ, SBQ), HS{n}, B)](q, scores, "
                   f"{''.join(x + ', ' for x in sextra)}T, Q0, TQ, TS, "
                   f"{''.join(f'NB{x}, ' for x in sc.nbs)}H=H, HKV=HKV, G=G, HS=HS{n}, R=R, "
                   f"RP=RP, D=D, BD=BD, BQ=SBQ, C=SC, CV=CV, {widths}IEEE=IEEE, num_warps=SW, "
                   f"num_stages=1)")
-                tk = em.scored
-                c(f"select_{st.name}_topk_kernel[(TQ, HS{n}, B)](q, sel{n}, scores, T, Q0, TS, "
-                  f"{''.join(f'NB{x}, ' for x in tk.nbs)}H=H, HKV=HKV, G=G, HS=HS{n}, R=R, "
-                  f"RP=_p2(R), SHARED={st.heads == 'group'}, D=D, BD=BD, K={st.k}, "
-                  f"KB=max(2, triton.next_power_of_2({st.k})), KS=KS{n}, "
-                  f"KSP=triton.next_power_of_2(KS{n}), C=QC, IEEE=IEEE, num_warps=QW, "
-                  f"num_stages=1)")
+                textra, tdeps = self._select_setup(st, em.scored, "T", quiet=True)
+                self._select_query(st, em.scored, f"select_{st.name}_topk_kernel", textra, tdeps,
+                                   rows="TQ")
             c("del scores")
 
     def _select_tiles(self, st: SelectStage, em: SelectEmitter, extra) -> None:
@@ -2798,11 +2796,15 @@ class HostEmitter:
             else:
                 c(f"{head}D=D, BD=BD, {tail}num_warps=W)")
 
-    def _select_query(self, st: SelectStage, em: SelectEmitter, kname: str, extra, deps) -> None:
-        """The launch of the per-query select kernel: one program per (query, list)."""
-        self.c("QC, QW = _select_query_cfg(q)  # (SPARSEDSL_SELECT_TILE=query,C,WARPS)")
-        self.c(f"{kname}[(T, HS{st.node}, B)](q, sel{st.node}, "
-               f"{''.join(x + ', ' for x in extra)}T, {''.join(f'NB{x}, ' for x in em.nbs)}{deps}"
+    def _select_query(self, st: SelectStage, em: SelectEmitter, kname: str, extra, deps,
+                      rows: str = "T") -> None:
+        """The launch of the per-query select kernel: one program per (query, list), for
+        `rows` queries (the split select's top-k: TQ from Q0, QC and QW set by its caller)."""
+        if rows == "T":
+            self.c("QC, QW = _select_query_cfg(q)  # (SPARSEDSL_SELECT_TILE=query,C,WARPS)")
+        self.c(f"{kname}[({rows}, HS{st.node}, B)](q, sel{st.node}, "
+               f"{''.join(x + ', ' for x in extra)}T, {em.SCALARS}"
+               f"{''.join(f'NB{x}, ' for x in em.nbs)}{deps}"
                f"H=H, HKV=HKV, G=G, HS=HS{st.node}, R=R, RP=_p2(R), "
                f"SHARED={st.heads == 'group'}, D=D, BD=BD, K={st.k}, "
                f"KB=max(2, triton.next_power_of_2({st.k})), KS=KS{st.node}, "

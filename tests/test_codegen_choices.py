@@ -1,6 +1,7 @@
 """Code the emitter writes differently by spec, for choices measured on the H100
-(docs/perf-notes.md, session 10). The numbers themselves are checked elsewhere (test_kernels,
-test_pooled_bwd, test_list_bwd); here: that each spec gets the code its choice says.
+(docs/perf-notes.md, sessions 10 and 11). The numbers themselves are checked elsewhere
+(test_kernels, test_pooled_bwd, test_list_bwd); here: that each spec gets the code its
+choice says.
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Timing and memory of one prepared implementation, with failures caught as reasons.
 
 Times are medians of `triton.testing.do_bench` (CUDA events, L2 cleared between
-runs, gradients reset to None outside the timed region) over at least MIN_REPS calls. The forward is timed
-under `torch.no_grad()`; forward+backward times both passes together, with a
-fixed random dO. Peak memory is that of one forward+backward:
+runs, gradients reset to None outside the timed region) over at least MIN_REPS calls.
+The forward is timed under `torch.no_grad()`; forward+backward times both passes together,
+with a fixed random dO. Peak memory is that of one forward+backward:
 `torch.cuda.max_memory_allocated()` after a reset, less what was allocated
 before, plus the bytes of the implementation's own inputs.
 

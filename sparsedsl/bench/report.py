@@ -233,11 +233,11 @@ def _decode_cases(res: Results) -> set:
 def format_table(res: Results) -> str:
     head = ["impl", "fwd ms", "fwd+bwd ms", "peak GiB", "x dense", "/floor", "x peer", "notes"]
     lines = [f"Times: medians of triton.testing.do_bench (ms) over at least {MIN_REPS} calls; "
-             "fwd+bwd: one forward and backward together; peak: one fwd+bwd, own inputs included; x dense: fastest SDPA backend / "
-             "this (fwd/fwd+bwd); /floor: time / the pattern's floor; x peer: the peer's time / "
-             "sparsedsl's (above 1: sparsedsl faster). flex: the mask given (its routing and "
-             "mask build timed apart); flex+routing: routing, mask build and attention timed "
-             "together."]
+             "fwd+bwd: one forward and backward together; peak: one fwd+bwd, own inputs "
+             "included; x dense: fastest SDPA backend / this (fwd/fwd+bwd); /floor: time / "
+             "the pattern's floor; x peer: the peer's time / sparsedsl's (above 1: sparsedsl "
+             "faster). flex: the mask given (its routing and mask build timed apart); "
+             "flex+routing: routing, mask build and attention timed together."]
     titles = {c["label"]: c for c in res.cases}
     decoding = _decode_cases(res)
     seen = []
