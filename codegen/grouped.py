@@ -12,19 +12,25 @@ that block as one [BM, BN] tile per step, as dense attention does:
               fwd     per tile of BM entries of one group: o and lse of the block  [E, DV]
               combine per (query, head): merge its KS partial (o, lse) by their lse
     backward  dq      per tile: dq of the block's keys, atomically added (KS adds a row)
-              dkdv    per (group, key chunk of BNK): walks the group's queries, accumulates
+              dkdv    per (group, key chunk of BNK), a group's chunks side by side (they read
+                      the same query rows, from L2): walks the group's queries, accumulates
                       dk, dv in registers, adds them once (GQA heads share kv: atomic)
 
 Keys inside a block are masked by the branch's own key expression with the grouped list's
 membership known to hold (the tile's queries chose the block), so any extra mask term of the
 spec (causal in the query's own block, a window, ...) still applies. The causality pass has
-proved j <= i for every attended key, so a tile walks keys only up to its last query.
+proved j <= i for every attended key, so a tile walks keys only up to its last query, and a
+key chunk's dk/dv skips the group's queries before its first key. Key chunks that every query
+of the tile attends (the branch's inner ranges, `BranchPlan.full`, given the list) run
+without masks: for MoBA every chunk of a past block, and the own block's below the diagonal.
 """
 from __future__ import annotations
 
+import re
+
 from sparsedsl.ir.graph import IR
 
-from .emit import L2E_DEF
+from .emit import L2E_DEF, _nbs_in, _tl
 from .plan import AttendStage, BlockList, KernelPlan
 
 
@@ -62,7 +68,8 @@ def _group_by_block(sel, H, NB, BM):
     b = torch.arange(B, device=dev).view(B, 1, 1, 1)
     h = torch.arange(H, device=dev).view(1, 1, H, 1)
     gid = torch.where(s >= 0, (b * H + h) * NB + s.long(), NG).flatten()
-    order = torch.sort(gid, stable=True).indices
+    order = torch.sort(gid.int() if NG < 2 ** 31 else gid, stable=True).indices  # 32-bit keys:
+    # half the radix passes
     gcnt = torch.zeros(NG + 1, dtype=torch.int64, device=dev).scatter_add_(
         0, gid, torch.ones_like(gid))[:NG]  # (bincount's size would depend on the data)
     goff = torch.cumsum(gcnt, 0) - gcnt
@@ -102,8 +109,8 @@ def _grouped_config(q, kernel):
                       'dkdv': 'SPARSEDSL_GROUPED_DKDV'}[kernel], "grouped tile sizes")
     if env:
         return env
-    if q.is_cuda:
-        return (64, 64, 4, 2) if q.shape[-1] > 64 else (64, 64, 4, 3)
+    if q.is_cuda:  # H100, bf16, D = 128: a third stage helps the forward, not dq or dk/dv
+        return (64, 64, 4, 2) if q.shape[-1] > 64 and kernel != 'fwd' else (64, 64, 4, 3)
     return 16, 16, 1, 1  # Triton's interpreter: small tiles run fastest
 '''
 
@@ -122,6 +129,13 @@ class GroupedEmitter:
         self.scale = br.node
         self.lists = {self.sel}
         self.nbs = {src.grid}
+        # inner ranges in the kernels' names (NB: this grid's block count); a range that
+        # reads another grid's count is not used (it is an under-approximation anyway)
+        self.full = [(self._nb(f.lo), self._nb(f.hi)) for f in br.full
+                     if _nbs_in(f.lo, f.hi) <= {src.grid}]
+
+    def _nb(self, expr: str) -> str:
+        return re.sub(rf"\bNB{self.grid.node}\b", "NB", _tl(expr))
 
     # ------------------------------------------------------------------ kernels
     def _rows(self, c: list, ind: str) -> None:
@@ -143,11 +157,44 @@ class GroupedEmitter:
             f"{ind}o_i = ((o_ent // (H * KS)) % T).to(tl.int32)  # [BM] query positions",
             f"{ind}I = o_i[:, None]",
             f"{ind}p_row = (i_b * T + o_i).to(tl.int64) * H + i_h  # [BM] rows of q, o",
+            f"{ind}i_lo = tl.min(tl.where(m_r, o_i, T), 0)  # the tile's first query",
+            f"{ind}i_hi = tl.max(tl.where(m_r, o_i, -1), 0) + 1  # past its last",
             f"{ind}j_lo = i_n * {S}",
             f"{ind}# keys of the block up to the tile's last query (causality is proved)",
-            f"{ind}j_hi = tl.minimum(tl.minimum(j_lo + {L}, T), "
-            f"tl.max(tl.where(m_r, o_i, -1), 0) + 1)",
+            f"{ind}j_hi = tl.minimum(tl.minimum(j_lo + {L}, T), i_hi)",
         ]
+        self._full_chunks(c, ind)
+
+    def _full_chunks(self, c: list, ind: str) -> None:
+        """fa, fb: the run of key chunks from j_lo that every query of the tile attends (the
+        widest inner range within [j_lo, j_hi), rounded inward to whole chunks); empty at j_lo
+        when there is none."""
+        c.append(f"{ind}# the block's keys every query of the tile attends: no masks there")
+        if not self.full:
+            c += [f"{ind}fa = j_lo", f"{ind}fb = j_lo"]
+            return
+        for fi, (lo, hi) in enumerate(self.full):
+            a, b = ("fl", "fh") if fi == 0 else ("f_a", "f_b")
+            c += [f"{ind}{a} = tl.maximum({lo}, j_lo)", f"{ind}{b} = tl.minimum({hi}, j_hi)"]
+            if fi:
+                c += [f"{ind}f_w = f_b - f_a > fh - fl", f"{ind}fl = tl.where(f_w, f_a, fl)",
+                      f"{ind}fh = tl.where(f_w, f_b, fh)"]
+        c += [
+            f"{ind}fl = j_lo + (tl.maximum(fl, j_lo) - j_lo + BN - 1) // BN * BN",
+            f"{ind}fh = j_lo + (tl.maximum(fh, j_lo) - j_lo) // BN * BN",
+            f"{ind}fa = tl.where(fh > fl, fl, j_lo)",
+            f"{ind}fb = tl.where(fh > fl, fh, j_lo)",
+        ]
+
+    @staticmethod
+    def _runs(c: list, ind: str, var: str, lo: str, fa: str, fb: str, hi: str, step: str,
+              body) -> None:
+        """The loops over [lo, hi) in steps: masked edge runs around the unmasked [fa, fb);
+        body(indent, unmasked) gives each loop's lines."""
+        for a, b, unmasked in ((lo, fa, False), (fa, fb, True), (fb, hi, False)):
+            c.append(f"{ind}for {var} in range({a}, {b}, {step}):"
+                     + ("  # full: no masks" if unmasked else "  # edge: masked"))
+            c += body(ind + "    ", unmasked)
 
     def _head(self, name: str, args: str, doc: str) -> list:
         return ["", "@triton.jit", f"def attend_{self.st.name}_{name}_kernel(",
@@ -176,20 +223,24 @@ class GroupedEmitter:
             f"{ind}b_m = tl.full([BM], float('-inf'), tl.float32)",
             f"{ind}b_l = tl.zeros([BM], dtype=tl.float32)",
             f"{ind}b_acc = tl.zeros([BM, BDV], dtype=tl.float32)",
-            f"{ind}for j0 in range(j_lo, j_hi, BN):",
         ]
-        ind2 = ind * 2
-        c += self._scores(ind2)
+
+        def step(ind2, unmasked):
+            m_use = "m_new" if unmasked else "m_use"
+            return self._scores(ind2, unmasked) + ([] if unmasked else [
+                f"{ind2}b_s = tl.where(m_a, b_s, float('-inf'))"]) + [
+                f"{ind2}m_new = tl.maximum(b_m, tl.max(b_s, 1))",
+                *([] if unmasked else [
+                    f"{ind2}m_use = tl.where(m_new == float('-inf'), 0., m_new)"]),
+                f"{ind2}b_alpha = tl.exp2(b_m - {m_use})",
+                f"{ind2}b_p = tl.exp2(b_s - {m_use}[:, None])  # [BM, BN]",
+                f"{ind2}b_l = b_l * b_alpha + tl.sum(b_p, 1)",
+                f"{ind2}b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, "
+                f"input_precision='ieee' if IEEE else 'tf32')",
+                f"{ind2}b_m = m_new",
+            ]
+        self._runs(c, ind, "j0", "j_lo", "fa", "fb", "j_hi", "BN", step)
         c += [
-            f"{ind2}b_s = tl.where(m_a, b_s, float('-inf'))",
-            f"{ind2}m_new = tl.maximum(b_m, tl.max(b_s, 1))",
-            f"{ind2}m_use = tl.where(m_new == float('-inf'), 0., m_new)",
-            f"{ind2}b_alpha = tl.exp2(b_m - m_use)",
-            f"{ind2}b_p = tl.exp2(b_s - m_use[:, None])  # [BM, BN]",
-            f"{ind2}b_l = b_l * b_alpha + tl.sum(b_p, 1)",
-            f"{ind2}b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, "
-            f"input_precision='ieee' if IEEE else 'tf32')",
-            f"{ind2}b_m = m_new",
             f"{ind}b_o = tl.where(b_l[:, None] > 0, b_acc / tl.where(b_l > 0, b_l, 1.)[:, None], 0.)",
             f"{ind}tl.store(po + o_ent.to(tl.int64)[:, None] * DV + o_dv[None, :], "
             f"b_o.to(po.dtype.element_ty), mask=m_r[:, None] & m_dv[None, :])",
@@ -239,16 +290,17 @@ class GroupedEmitter:
         ]
         return [fwd, "\n".join(c) + "\n"]
 
-    def _scores(self, ind: str) -> list:
-        """One key chunk [j0, j0 + BN) of the block: k, v and the masked scores."""
+    def _scores(self, ind: str, unmasked: bool) -> list:
+        """One key chunk [j0, j0 + BN) of the block: k, v and the scores; with their mask m_a
+        unless the chunk is full (every key valid and attended by every row: a padded row
+        reads q = 0 and is never stored)."""
         return [
             f"{ind}o_j = j0 + tl.arange(0, BN)",
-            f"{ind}J = o_j[None, :]  # [1, BN]",
-            f"{ind}m_k = o_j < j_hi",
-            *self._load_kv(ind),
+            *([] if unmasked else [f"{ind}J = o_j[None, :]  # [1, BN]", f"{ind}m_k = o_j < j_hi"]),
+            *self._load_kv(ind, unmasked),
             f"{ind}b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else "
             f"'tf32') * (scale * L2E)  # [BM, BN] log2 units",
-            f"{ind}m_a = m_r[:, None] & m_k[None, :] & {self.mask}",
+            *([] if unmasked else [f"{ind}m_a = m_r[:, None] & m_k[None, :] & {self.mask}"]),
         ]
 
     def emit_bwd(self) -> list[str]:
@@ -273,13 +325,12 @@ class GroupedEmitter:
         ]
         c += [f"{ind}{L2E_DEF}"]
         c += self._bwd_rows(ind)
-        c += [f"{ind}b_dq = tl.zeros([BM, BD], dtype=tl.float32)",
-              f"{ind}for j0 in range(j_lo, j_hi, BN):"]
-        c += self._scores(ind2)
-        c += self._grads(ind2)
-        c += [
+        c += [f"{ind}b_dq = tl.zeros([BM, BD], dtype=tl.float32)"]
+        self._runs(c, ind, "j0", "j_lo", "fa", "fb", "j_hi", "BN", lambda ind2, unmasked: [
+            *self._scores(ind2, unmasked), *self._grads(ind2, unmasked),
             f"{ind2}b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision='ieee' if IEEE "
-            f"else 'tf32') * scale",
+            f"else 'tf32') * scale"])
+        c += [
             f"{ind}tl.atomic_add(dq + p_row[:, None] * D + o_d[None, :], b_dq, "
             f"mask=m_r[:, None] & m_d[None, :])",
         ]
@@ -293,7 +344,10 @@ class GroupedEmitter:
                         f"stored in dk's dtype when STORE (this program is the keys' only "
                         f"writer: one head per kv head, blocks that do not overlap).")
         c += [
-            f"{ind}i_g, i_c = tl.program_id(0), tl.program_id(1)",
+            f"{ind}# a group's key chunks are neighbouring programs: they read its query rows",
+            f"{ind}# together (from L2)",
+            f"{ind}i_g = tl.program_id(0) // (({L} + BN - 1) // BN)",
+            f"{ind}i_c = tl.program_id(0) % (({L} + BN - 1) // BN)",
             f"{ind}i_n = i_g % NB  # the key block",
             f"{ind}i_h = (i_g // NB) % H",
             f"{ind}i_b = i_g // (NB * H)",
@@ -311,28 +365,41 @@ class GroupedEmitter:
             f"{ind}b_dv = tl.zeros([BN, BDV], dtype=tl.float32)",
             f"{ind}e_lo = tl.load(goff + i_g)",
             f"{ind}e_hi = e_lo + tl.load(gcnt + i_g)",
-            f"{ind}for e0 in range(e_lo, e_hi, BM):",
-            f"{ind2}o_e = e0 + tl.arange(0, BM)",
-            f"{ind2}m_r = o_e < e_hi",
-            f"{ind2}o_ent = tl.load(order + o_e, mask=m_r, other=0)",
-            f"{ind2}o_i = ((o_ent // (H * KS)) % T).to(tl.int32)",
-            f"{ind2}I = o_i[:, None]",
-            f"{ind2}p_row = (i_b * T + o_i).to(tl.int64) * H + i_h",
-            f"{ind2}b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None] & "
-            f"m_d[None, :], other=0.)  # [BM, BD]",
+            f"{ind}# the group's queries (in order) before the chunk's first key see none of its",
+            f"{ind}# keys (causality is proved): the walk starts at the first one past it, e_a",
+            f"{ind}j_c = i_n * {S} + i_c * BN",
+            f"{ind}e_a = e_lo",
+            f"{ind}e_b = e_hi",
+            f"{ind}while e_a < e_b:",
+            f"{ind2}e_m = (e_a + e_b) // 2",
+            f"{ind2}e_ok = ((tl.load(order + e_m) // (H * KS)) % T).to(tl.int32) >= j_c",
+            f"{ind2}e_b = tl.where(e_ok, e_m, e_b)",
+            f"{ind2}e_a = tl.where(e_ok, e_a, e_m + 1)",
         ]
-        c += self._bwd_rows(ind2)
+        self._full_tiles(c, ind, f"(i_c * BN + BN <= {L}) & (j_c + BN <= T)")
+
+        def step(ind2, unmasked):
+            return [
+                f"{ind2}o_e = e0 + tl.arange(0, BM)",
+                f"{ind2}m_r = o_e < e_hi",
+                f"{ind2}o_ent = tl.load(order + o_e, mask=m_r, other=0)",
+                f"{ind2}o_i = ((o_ent // (H * KS)) % T).to(tl.int32)",
+                *([] if unmasked else [f"{ind2}I = o_i[:, None]"]),
+                f"{ind2}p_row = (i_b * T + o_i).to(tl.int64) * H + i_h",
+                f"{ind2}b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None] & "
+                f"m_d[None, :], other=0.)  # [BM, BD]",
+                *self._bwd_rows(ind2),
+                f"{ind2}b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else "
+                f"'tf32') * (scale * L2E)  # [BM, BN] log2 units",
+                *([] if unmasked else [f"{ind2}m_a = m_r[:, None] & m_k[None, :] & {self.mask}"]),
+                *self._grads(ind2, unmasked),
+                f"{ind2}b_dv += tl.dot(tl.trans(b_p).to(b_do.dtype), b_do, input_precision="
+                f"'ieee' if IEEE else 'tf32')",
+                f"{ind2}b_dk += tl.dot(tl.trans(b_ds).to(b_q.dtype), b_q, input_precision="
+                f"'ieee' if IEEE else 'tf32') * scale",
+            ]
+        self._runs(c, ind, "e0", "e_a", "ea", "eb", "e_hi", "BM", step)
         c += [
-            f"{ind2}b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else "
-            f"'tf32') * (scale * L2E)  # [BM, BN] log2 units",
-            f"{ind2}m_a = m_r[:, None] & m_k[None, :] & {self.mask}",
-        ]
-        c += self._grads(ind2)
-        c += [
-            f"{ind2}b_dv += tl.dot(tl.trans(b_p).to(b_do.dtype), b_do, input_precision='ieee' "
-            f"if IEEE else 'tf32')",
-            f"{ind2}b_dk += tl.dot(tl.trans(b_ds).to(b_q.dtype), b_q, input_precision='ieee' "
-            f"if IEEE else 'tf32') * scale",
             f"{ind}m_w = m_k & (e_hi > e_lo)",
             f"{ind}if STORE:",
             f"{ind2}tl.store(dk + p_kv[:, None] * D + o_d[None, :], "
@@ -347,14 +414,48 @@ class GroupedEmitter:
         ]
         return [dq, "\n".join(c) + "\n"]
 
+    def _full_tiles(self, c: list, ind: str, keys_ok: str) -> None:
+        """ea, eb: the run of entry tiles (BM entries from e_a) whose queries all attend every
+        key of the chunk j_c + [0, BN), found by bisection on the inner ranges' bounds (the
+        tiles' queries grow along the group, and the bounds with them); none unless
+        `keys_ok` (the chunk's keys are all valid)."""
+        ind2 = ind + "    "
+        c.append(f"{ind}# the entry tiles from e_a whose queries attend every key of the chunk: "
+                 f"no masks")
+        if not self.full:
+            c += [f"{ind}ea = e_a", f"{ind}eb = e_a"]
+            return
+        c.append(f"{ind}n_t = (e_hi - e_a + BM - 1) // BM")
+        for fi, (lo, hi) in enumerate(self.full):
+            for var, pred in (("t_lo", f"{hi} >= j_c + BN"), ("t_hi", f"{lo} > j_c")):
+                c += [f"{ind}{var} = n_t * 0", f"{ind}t_b = n_t", f"{ind}while {var} < t_b:",
+                      f"{ind2}t_m = ({var} + t_b) // 2",
+                      f"{ind2}t_e = e_a + t_m * BM",
+                      f"{ind2}i_lo = ((tl.load(order + t_e) // (H * KS)) % T).to(tl.int32)",
+                      f"{ind2}i_hi = ((tl.load(order + tl.minimum(t_e + BM, e_hi) - 1) // "
+                      f"(H * KS)) % T).to(tl.int32) + 1",
+                      f"{ind2}t_ok = {pred}",
+                      f"{ind2}t_b = tl.where(t_ok, t_m, t_b)",
+                      f"{ind2}{var} = tl.where(t_ok, {var}, t_m + 1)"]
+            if fi == 0:
+                c += [f"{ind}f_lo = t_lo", f"{ind}f_hi = t_hi"]
+            else:
+                c += [f"{ind}f_w = t_hi - t_lo > f_hi - f_lo",
+                      f"{ind}f_lo = tl.where(f_w, t_lo, f_lo)",
+                      f"{ind}f_hi = tl.where(f_w, t_hi, f_hi)"]
+        c += [f"{ind}f_ok = (f_hi > f_lo) & {keys_ok}",
+              f"{ind}ea = tl.where(f_ok, e_a + f_lo * BM, e_a)",
+              f"{ind}eb = tl.where(f_ok, e_a + f_hi * BM, e_a)"]
+
     @staticmethod
-    def _load_kv(ind: str) -> list:
-        """The keys o_j (mask m_k) of the kv head: their k and v rows."""
+    def _load_kv(ind: str, unmasked: bool = False) -> list:
+        """The keys o_j (mask m_k, none in a full chunk) of the kv head: their k and v rows."""
+        m_k = "" if unmasked else "m_k[:, None] & "
         return [
             f"{ind}p_kv = (i_b * T + o_j).to(tl.int64) * HKV + i_hk  # [BN]",
-            f"{ind}b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask=m_k[:, None] & "
+            f"{ind}b_k = tl.load(k + p_kv[:, None] * D + o_d[None, :], mask={m_k}"
             f"m_d[None, :], other=0.)  # [BN, BD]",
-            f"{ind}b_v = tl.load(v + p_kv[:, None] * DV + o_dv[None, :], mask=m_k[:, None] & "
+            f"{ind}b_v = tl.load(v + p_kv[:, None] * DV + o_dv[None, :], mask={m_k}"
             f"m_dv[None, :], other=0.)  # [BN, BDV]",
         ]
 
@@ -364,16 +465,19 @@ class GroupedEmitter:
         return [
             f"{ind}b_do = tl.load(do + p_row[:, None] * DV + o_dv[None, :], mask=m_r[:, None] & "
             f"m_dv[None, :], other=0.)  # [BM, BDV]",
-            f"{ind}b_lse = tl.load(lse + p_row, mask=m_r, other=float('-inf'))",
+            f"{ind}b_lse = tl.load(lse + p_row, mask=m_r, other=float('inf'))  # a padded row: "
+            f"p = 0",
             f"{ind}b_l2 = b_lse * L2E  # in log2 units",
             f"{ind}b_delta = tl.load(delta + p_row, mask=m_r, other=0.)",
         ]
 
-    def _grads(self, ind: str) -> list:
-        """p from the saved lse, dp = dO v^T, ds = p (dp - delta)."""
+    def _grads(self, ind: str, unmasked: bool) -> list:
+        """p from the saved lse (masked by m_a unless the chunk is full), dp = dO v^T,
+        ds = p (dp - delta)."""
         return [
-            f"{ind}m_a = m_a & (b_lse > float('-inf'))[:, None]",
-            f"{ind}b_p = tl.where(m_a, tl.exp2(b_s - b_l2[:, None]), 0.)  # [BM, BN]",
+            *([f"{ind}b_p = tl.exp2(b_s - b_l2[:, None])  # [BM, BN]"] if unmasked else [
+                f"{ind}m_a = m_a & (b_lse > float('-inf'))[:, None]",
+                f"{ind}b_p = tl.where(m_a, tl.exp2(b_s - b_l2[:, None]), 0.)  # [BM, BN]"]),
             f"{ind}b_dp = tl.dot(b_do, tl.trans(b_v), input_precision='ieee' if IEEE else "
             f"'tf32')",
             f"{ind}b_ds = b_p * (b_dp - b_delta[:, None])",
@@ -430,7 +534,7 @@ class GroupedEmitter:
           f"gdelta, gorder, ggoff, ggcnt, gtoff, gtgroup, {self._common(scale)}, BM=GBM, BN=GBN, "
           f"IEEE=IEEE, num_warps=GW, num_stages=GS)")
         c("GBM, GBN, GW, GS = _grouped_config(q, 'dkdv')  # (SPARSEDSL_GROUPED_DKDV)")
-        c(f"attend_{self.st.name}_bwd_dkdv_kernel[(NG, triton.cdiv({self.grid.length}, GBN))]("
+        c(f"attend_{self.st.name}_bwd_dkdv_kernel[(NG * triton.cdiv({self.grid.length}, GBN),)]("
           f"q, k, v, do, dk, dv, glse, gdelta, gorder, ggoff, ggcnt, {self._common(scale)}, "
           f"BM=GBM, BN=GBN, IEEE=IEEE, STORE={store}, "
           f"num_warps=GW, num_stages=GS)")

@@ -16,11 +16,15 @@
       row      one query position and the query heads that share its block
                lists: the whole GQA group when selections are per group (NSA's
                kernel design), one head when selections are per head
+      grouped  the entries of one top-k list sorted by the block they name: a
+               tile is up to BM queries that chose one block (MoBA's design,
+               codegen/grouped.py)
   * where keys come from (`sources` of each branch): token ranges with bounds
     that are affine in the query position, block ranges, or block index lists;
     and, for a token branch, which keys every query of a tile attends (`full`:
-    token ranges inside the mask for every row of the tile), so the tile kernels
-    can run the key tiles inside them without masks.
+    token ranges inside the mask for every row of the tile; in a grouped stage,
+    given that the tile's queries chose the block), so the kernels can run the key
+    tiles inside them without masks.
 
 Every bound is written in the tile's first query `i_lo` and its end `i_hi` (and
 `T`, the block counts `NB<g>`) and is nondecreasing as the tile moves right (each
@@ -111,7 +115,8 @@ class BranchPlan:
     scale: float  # 0: 1/sqrt(head_dim)
     grid: Grid | None = None  # pooled branches
     precomputed: bool = False  # computed by an earlier attend stage (its probs feed a gate)
-    full: tuple[TokenRange, ...] = ()  # keys every query of a tile attends (token branches)
+    # keys every query of a tile attends (token branches; grouped: given the list's block)
+    full: tuple[TokenRange, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -156,8 +161,8 @@ class KernelPlan:
                 br = " + ".join(
                     (f"{gate} * " if gate else "") + "union(" * (len(grp) > 1) + ", ".join(
                         f"{b.name}{'*' if b.precomputed else ''}[{_fmt_sources(b.sources)}]"
-                        + (f" full[{_fmt_sources(b.full)}]" if s.layout == "tile" and b.full
-                           else "")
+                        + (f" full[{_fmt_sources(b.full)}]"
+                           if s.layout in ("tile", "grouped") and b.full else "")
                         for b in grp) + ")" * (len(grp) > 1)
                     for grp, gate in zip(s.groups, s.gates))
                 lines.append(f"  attend {s.name}: layout={s.layout}"
@@ -257,9 +262,10 @@ class Planner:
         raise AssertionError(op)  # pragma: no cover
 
     # ---- keys (blocks) that every query of the tile [i_lo, i_hi) has: inner bounds
-    def full_ranges(self, nid: int) -> list[TokenRange]:
+    def full_ranges(self, nid: int, given: frozenset = frozenset()) -> list[TokenRange]:
         """Token ranges inside the key set for every query of the tile (an under-approximation:
-        a rule without a simple inner bound gives none)."""
+        a rule without a simple inner bound gives none). `given`: lists whose membership is
+        known to hold (a grouped tile's queries all chose the block it attends)."""
         n = self.ir.node(nid)
         op, a = n["op"], n["args"]
         ops = self.ir.operands(nid)
@@ -274,14 +280,15 @@ class Planner:
             if g.stride != g.length:  # overlapping or gapped blocks: no simple inner bound
                 return []
             return [TokenRange(f"({r.lo}) * {g.stride}", f"({r.hi}) * {g.stride}")
-                    for r in self.block_full(ops["blocks"])]
+                    for r in self.block_full(ops["blocks"], given)]
         if op == "or":
-            return _dedup(self.full_ranges(ops["0"]) + self.full_ranges(ops["1"]))
+            return _dedup(self.full_ranges(ops["0"], given) + self.full_ranges(ops["1"], given))
         if op == "and":
-            return _intersect(self.full_ranges(ops["0"]), self.full_ranges(ops["1"]))
+            return _intersect(self.full_ranges(ops["0"], given),
+                              self.full_ranges(ops["1"], given))
         return []  # strided, summary, not
 
-    def block_full(self, nid: int) -> list[BlockRange]:
+    def block_full(self, nid: int, given: frozenset = frozenset()) -> list[BlockRange]:
         """Block ranges in the block set for every query of the tile."""
         n = self.ir.node(nid)
         op, a = n["op"], n["args"]
@@ -299,11 +306,13 @@ class Planner:
         if op == "recent":
             return [BlockRange(g.node, f"_fdiv(i_hi - 1, {S}) - {a['n'] - 1}",
                                f"_fdiv(i_lo, {S}) + 1")]
+        if op in ("topk", "random") and nid in given:
+            return [BlockRange(g.node, "0", f"NB{g.node}")]
         if op == "or":
-            return _dedup(self.block_full(ops["0"]) + self.block_full(ops["1"]))
+            return _dedup(self.block_full(ops["0"], given) + self.block_full(ops["1"], given))
         if op == "and":
-            return _intersect(self.block_full(ops["0"]), self.block_full(ops["1"]))
-        return []  # lists, not
+            return _intersect(self.block_full(ops["0"], given), self.block_full(ops["1"], given))
+        return []  # other lists, not
 
     # ---- the count bound of a block set (list slots for forced blocks)
     def max_count(self, nid: int) -> str:
@@ -434,8 +443,12 @@ class Planner:
         name = self.name(node) if writes_lse else "out"
         stage = AttendStage(name, layout, rows, combine, plans, tuple(gates), writes_lse, node)
         from .grouped import grouped_list
-        if lists and grouped_list(self.ir, self.grids, stage, lists):
-            stage = dataclasses.replace(stage, layout="grouped")
+        src = grouped_list(self.ir, self.grids, stage, lists) if lists else None
+        if src:
+            br = stage.groups[0][0]  # keys that every query of a tile (all chose the block) has
+            full = self.full_ranges(self.ir.operand(br.node, "keys"), frozenset({src.select}))
+            stage = dataclasses.replace(stage, layout="grouped", groups=(
+                (dataclasses.replace(br, full=tuple(full)),),))
         return stage
 
     def _describe(self, plan: KernelPlan) -> str:

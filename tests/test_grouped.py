@@ -79,6 +79,30 @@ def test_grouped_outputs_and_gradients(spec, params, B, T, Hq, Hkv):
     _check_grouped(spec, params, B, T, Hq, Hkv)
 
 
+WIDE_WINDOW = WINDOWED.replace("window(13)", "window(window)").replace(
+    "param topk = 2", "param topk = 2\nparam window = 40")
+
+
+@pytest.mark.parametrize("spec, params, B, T, Hq, Hkv", [
+    ("moba", dict(block=64, topk=3), 1, 211, 2, 1),
+    ("moba", dict(block=40, topk=2), 2, 150, 2, 2),
+    (WIDE_WINDOW, dict(block=64), 1, 190, 2, 1),
+], ids=["moba-block64", "moba-block40-gqa", "window40"])
+def test_grouped_full_chunks(monkeypatch, spec, params, B, T, Hq, Hkv):
+    """Blocks of several 16-key chunks: the kernels run the chunks every query of a tile
+    attends without masks (a past block's, the own block's below the diagonal, a window's
+    inside), dk/dv skips the queries before a chunk, a block of 40 ends in a partial chunk.
+    Tiles of 16 entries by 16 keys, so the runs start and end inside the blocks."""
+    for var in ("SPARSEDSL_GROUPED", "SPARSEDSL_GROUPED_DQ", "SPARSEDSL_GROUPED_DKDV"):
+        monkeypatch.setenv(var, "16,16,1,1")
+    layer = sparsedsl.compile(spec, **params)
+    assert layer.plan.stages[-1].groups[0][0].full  # inner ranges, given the list
+    for kernel in ("fwd", "bwd_dq", "bwd_dkdv"):
+        body = layer.source.split(f"def attend_out_{kernel}_kernel(")[1].split("@triton.jit")[0]
+        assert body.count("# full: no masks") == 1 and body.count("# edge: masked") == 2
+    _check_grouped(spec, params, B, T, Hq, Hkv)
+
+
 def test_grouped_tile_sizes_from_the_environment(monkeypatch):
     """SPARSEDSL_GROUPED / _DQ / _DKDV are read at each call: a dq tile other than the
     forward's (its own tile table) and unequal BM and BN give the same results; a bad value
