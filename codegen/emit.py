@@ -13,6 +13,11 @@ The generated module holds, in pipeline order:
 Naming follows flash-linear-attention: `i_` program ids, `o_` offsets, `m_` masks,
 `p_` pointers, `b_` blocks, with `# [rows, cols]` shape comments. Masks are
 written out from the IR by `Exprs`; everything else is a fixed skeleton.
+
+Gradients that several programs add to use `tl.atomic_add(..., sem='relaxed')`: the adds
+only accumulate and nothing reads the sums before the kernel ends, so they need no
+ordering (Triton's default, acq_rel, made MoBA's grouped dq 7.2 ms instead of 4.6 at 64k
+on the H100).
 """
 from __future__ import annotations
 
@@ -1759,9 +1764,10 @@ class AttendBwdEmitter(AttendEmitter):
         c(f"b_dk = tl.dot(tl.trans({ds}), {q}, input_precision='ieee' if IEEE else 'tf32') * {scale}")
         c(f"b_dv = tl.dot(tl.trans({p}), {do}, input_precision='ieee' if IEEE else 'tf32')")
         c(f"m_w = m_k & (tl.sum(m_a.to(tl.int32), 0) > 0)[:, None]  # keys some row attended")
-        c(f"tl.atomic_add({dkptr} + o_kv[:, None] * D + o_d[None, :], b_dk, mask=m_w & m_d[None, :])")
+        c(f"tl.atomic_add({dkptr} + o_kv[:, None] * D + o_d[None, :], b_dk, "
+          f"mask=m_w & m_d[None, :], sem='relaxed')")
         c(f"tl.atomic_add({dvptr} + o_kv[:, None] * DV + o_dv[None, :], b_dv, "
-          f"mask=m_w & m_dv[None, :])")
+          f"mask=m_w & m_dv[None, :], sem='relaxed')")
 
     def emit_list_dkdv(self) -> list[str]:
         """For each group in `by_keys`, a kernel computing its dk, dv by key blocks: one
@@ -1862,9 +1868,9 @@ class AttendBwdEmitter(AttendEmitter):
             c("if e_hi > e_lo:  # other runs and branches may add to the same keys")
             with c.indent():
                 c("tl.atomic_add(dk + p_kv[:, None] * D + o_d[None, :], b_dk, mask=m_k[:, None] "
-                  "& m_d[None, :])")
+                  "& m_d[None, :], sem='relaxed')")
                 c("tl.atomic_add(dv + p_kv[:, None] * DV + o_dv[None, :], b_dv, mask=m_k[:, None] "
-                  "& m_dv[None, :])")
+                  "& m_dv[None, :], sem='relaxed')")
             self.list_dkdv_args[gi] = args
             sig = (f"q, k, v, dk, dv, loff, lent, work, {''.join(a + ', ' for a in args)}{scale}, "
                    f"T, NB{g.node}, B, E, H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, "
@@ -2369,9 +2375,9 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
               "the same blocks")
             c("m_w = m_j & (tb > ta)")
             c(f"tl.atomic_add(dkp{pool} + p_kv[:, None] * D + o_d[None, :], b_dk, "
-              "mask=m_w[:, None] & m_d[None, :])")
+              "mask=m_w[:, None] & m_d[None, :], sem='relaxed')")
             c(f"tl.atomic_add(dvp{pool} + p_kv[:, None] * DV + o_dv[None, :], b_dv, "
-              "mask=m_w[:, None] & m_dv[None, :])")
+              "mask=m_w[:, None] & m_dv[None, :], sem='relaxed')")
             name = f"attend_{st.name}_bwd_dkdvp{b.node}_kernel"
             sig = (f"q, do, kp{pool}, vp{pool}, dkp{pool}, dvp{pool}, "
                    f"{''.join(a + ', ' for a in args)}T, "
@@ -2433,7 +2439,7 @@ def pool_{st.name}_bwd_kernel(
     o_row = ((i_b * NB + o_n).to(tl.int64) * HKV + i_h)  # [BNB]
     b_dy = tl.load(dxp + o_row[:, None] * D + o_d[None, :], mask=m_n[:, None] & m_d[None, :],
                    other=0.)  # [BNB, BD]
-    tl.atomic_add(db2 + o_d, tl.sum(b_dy, 0), mask=m_d)
+    tl.atomic_add(db2 + o_d, tl.sum(b_dy, 0), mask=m_d, sem="relaxed")
     # pass 1: per hidden chunk, recompute h, then dW2, db1 and dh (kept in a scratch buffer)
     for h0 in range(0, HID, BH):
         o_hid = h0 + tl.arange(0, BH)
@@ -2459,10 +2465,10 @@ def pool_{st.name}_bwd_kernel(
                        other=0.)  # [BH, BD]
         tl.atomic_add(dw2 + o_hid[:, None] * D + o_d[None, :],
                       tl.dot(tl.trans(b_a), b_dy, input_precision="ieee"),
-                      mask=m_hid[:, None] & m_d[None, :])
+                      mask=m_hid[:, None] & m_d[None, :], sem="relaxed")
         b_dh = tl.dot(b_dy, tl.trans(b_w2), input_precision="ieee") * b_gelu1
         b_dh = tl.where(m_n[:, None], b_dh, 0.)
-        tl.atomic_add(db1 + o_hid, tl.sum(b_dh, 0), mask=m_hid)
+        tl.atomic_add(db1 + o_hid, tl.sum(b_dh, 0), mask=m_hid, sem="relaxed")
         tl.store(dh + o_row[:, None] * HID + o_hid[None, :], b_dh, mask=m_n[:, None] & m_hid[None, :])
     # pass 2: per input chunk, dW1 += x^T dh, dx = dh W1^T -> dpe and the tokens
     for f0 in range(0, {g.length} * D, BK):
@@ -2484,11 +2490,11 @@ def pool_{st.name}_bwd_kernel(
                            mask=m_f[:, None] & m_hid[None, :], other=0.)
             tl.atomic_add(dw1 + o_f[:, None] * HID + o_hid[None, :],
                           tl.dot(tl.trans(b_x), b_dh, input_precision="ieee"),
-                          mask=m_f[:, None] & m_hid[None, :])
+                          mask=m_f[:, None] & m_hid[None, :], sem="relaxed")
             b_dx += tl.dot(b_dh, tl.trans(b_w1), input_precision="ieee")
         b_dx = tl.where(m_x, b_dx, 0.)
-        tl.atomic_add(dpe + o_f, tl.sum(b_dx, 0), mask=m_f)
-        tl.atomic_add(dx + p_x, b_dx, mask=m_x)
+        tl.atomic_add(dpe + o_f, tl.sum(b_dx, 0), mask=m_f, sem="relaxed")
+        tl.atomic_add(dx + p_x, b_dx, mask=m_x, sem="relaxed")
 '''
 
 

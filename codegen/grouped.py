@@ -332,7 +332,7 @@ class GroupedEmitter:
             f"else 'tf32') * scale"])
         c += [
             f"{ind}tl.atomic_add(dq + p_row[:, None] * D + o_d[None, :], b_dq, "
-            f"mask=m_r[:, None] & m_d[None, :])",
+            f"mask=m_r[:, None] & m_d[None, :], sem='relaxed')",
         ]
         dq = "\n".join(c) + "\n"
         L, S = self.grid.length, self.grid.stride
@@ -408,9 +408,9 @@ class GroupedEmitter:
             f"b_dv.to(dv.dtype.element_ty), mask=m_w[:, None] & m_dv[None, :])",
             f"{ind}else:",
             f"{ind2}tl.atomic_add(dk + p_kv[:, None] * D + o_d[None, :], b_dk, "
-            f"mask=m_w[:, None] & m_d[None, :])",
+            f"mask=m_w[:, None] & m_d[None, :], sem='relaxed')",
             f"{ind2}tl.atomic_add(dv + p_kv[:, None] * DV + o_dv[None, :], b_dv, "
-            f"mask=m_w[:, None] & m_dv[None, :])",
+            f"mask=m_w[:, None] & m_dv[None, :], sem='relaxed')",
         ]
         return [dq, "\n".join(c) + "\n"]
 
