@@ -365,16 +365,19 @@ class GroupedEmitter:
             f"{ind}b_dv = tl.zeros([BN, BDV], dtype=tl.float32)",
             f"{ind}e_lo = tl.load(goff + i_g)",
             f"{ind}e_hi = e_lo + tl.load(gcnt + i_g)",
-            f"{ind}# the group's queries (in order) before the chunk's first key see none of its",
-            f"{ind}# keys (causality is proved): the walk starts at the first one past it, e_a",
+            f"{ind}# the group's tiles of BM entries (queries ascending) that end before the chunk's",
+            f"{ind}# first key see none of its keys (causality is proved): the walk starts at the",
+            f"{ind}# first other tile, e_a (a bisection over tiles: few dependent loads)",
             f"{ind}j_c = i_n * {S} + i_c * BN",
-            f"{ind}e_a = e_lo",
-            f"{ind}e_b = e_hi",
-            f"{ind}while e_a < e_b:",
-            f"{ind2}e_m = (e_a + e_b) // 2",
-            f"{ind2}e_ok = ((tl.load(order + e_m) // (H * KS)) % T).to(tl.int32) >= j_c",
-            f"{ind2}e_b = tl.where(e_ok, e_m, e_b)",
-            f"{ind2}e_a = tl.where(e_ok, e_a, e_m + 1)",
+            f"{ind}t_b = (e_hi - e_lo + BM - 1) // BM",
+            f"{ind}t_a = t_b * 0",
+            f"{ind}while t_a < t_b:",
+            f"{ind2}t_m = (t_a + t_b) // 2",
+            f"{ind2}t_ok = ((tl.load(order + tl.minimum(e_lo + t_m * BM + BM, e_hi) - 1) // "
+            f"(H * KS)) % T).to(tl.int32) >= j_c",
+            f"{ind2}t_b = tl.where(t_ok, t_m, t_b)",
+            f"{ind2}t_a = tl.where(t_ok, t_a, t_m + 1)",
+            f"{ind}e_a = e_lo + t_a * BM",
         ]
         self._full_tiles(c, ind, f"(i_c * BN + BN <= {L}) & (j_c + BN <= T)")
 
@@ -428,6 +431,9 @@ class GroupedEmitter:
         c.append(f"{ind}n_t = (e_hi - e_a + BM - 1) // BM")
         for fi, (lo, hi) in enumerate(self.full):
             for var, pred in (("t_lo", f"{hi} >= j_c + BN"), ("t_hi", f"{lo} > j_c")):
+                if not re.search(r"\bi_(lo|hi)\b", pred):  # the same for every tile
+                    c.append(f"{ind}{var} = tl.where({pred}, n_t * 0, n_t)")
+                    continue
                 c += [f"{ind}{var} = n_t * 0", f"{ind}t_b = n_t", f"{ind}while {var} < t_b:",
                       f"{ind2}t_m = ({var} + t_b) // 2",
                       f"{ind2}t_e = e_a + t_m * BM",
