@@ -109,8 +109,10 @@ def _grouped_config(q, kernel):
                       'dkdv': 'SPARSEDSL_GROUPED_DKDV'}[kernel], "grouped tile sizes")
     if env:
         return env
-    if q.is_cuda:  # H100, bf16, D = 128: a third stage helps the forward, not dq or dk/dv
-        return (64, 64, 4, 2) if q.shape[-1] > 64 and kernel != 'fwd' else (64, 64, 4, 3)
+    if q.is_cuda and q.shape[-1] > 64:  # H100, bf16, D = 128, MoBA at 64k (docs/perf-notes.md)
+        return {'fwd': (64, 64, 4, 3), 'dq': (64, 64, 4, 2), 'dkdv': (128, 32, 4, 2)}[kernel]
+    if q.is_cuda:
+        return 64, 64, 4, 3
     return 16, 16, 1, 1  # Triton's interpreter: small tiles run fastest
 '''
 
@@ -403,13 +405,13 @@ class GroupedEmitter:
             ]
         self._runs(c, ind, "e0", "e_a", "ea", "eb", "e_hi", "BM", step)
         c += [
-            f"{ind}m_w = m_k & (e_hi > e_lo)",
-            f"{ind}if STORE:",
+            f"{ind}if STORE:  # every key of the chunk (zeros if no query chose the block)",
             f"{ind2}tl.store(dk + p_kv[:, None] * D + o_d[None, :], "
-            f"b_dk.to(dk.dtype.element_ty), mask=m_w[:, None] & m_d[None, :])",
+            f"b_dk.to(dk.dtype.element_ty), mask=m_k[:, None] & m_d[None, :])",
             f"{ind2}tl.store(dv + p_kv[:, None] * DV + o_dv[None, :], "
-            f"b_dv.to(dv.dtype.element_ty), mask=m_w[:, None] & m_dv[None, :])",
+            f"b_dv.to(dv.dtype.element_ty), mask=m_k[:, None] & m_dv[None, :])",
             f"{ind}else:",
+            f"{ind2}m_w = m_k & (e_hi > e_lo)",
             f"{ind2}tl.atomic_add(dk + p_kv[:, None] * D + o_d[None, :], b_dk, "
             f"mask=m_w[:, None] & m_d[None, :], sem='relaxed')",
             f"{ind2}tl.atomic_add(dv + p_kv[:, None] * DV + o_dv[None, :], b_dv, "
@@ -519,8 +521,9 @@ class GroupedEmitter:
 
     @property
     def disjoint_blocks(self) -> bool:
-        """Whether each key lies in one block of the grid (then, with one head per kv head,
-        one dk/dv program writes it)."""
+        """Whether each key lies in one block of the grid (the language refuses gaps between
+        blocks, so then in exactly one): with one head per kv head, one dk/dv program writes
+        it, zeros where no query chose its block."""
         return self.grid.stride >= self.grid.length
 
     def host_bwd(self, c, scale: str, store: str = "False") -> None:

@@ -70,11 +70,18 @@ def test_group_by_block_invariants():
     assert int((tgroup < B * H * NB).sum()) == int((-(-gcnt // BM)).sum())
 
 
+UNFORCED = """pattern one_block "each query attends the past block it scores best (block 0: none)"
+let blk = blocks(8)
+out = attend(tokens(topk(dot(q, pool(blk, mean)), 1, forbid=~past(blk))) & causal)
+"""
+
+
 @pytest.mark.parametrize("spec, params, B, T, Hq, Hkv", [
     ("moba", dict(block=8, topk=2), 2, 37, 4, 2),
     ("moba", dict(block=7, topk=3), 1, 30, 2, 2),
     (WINDOWED, {}, 1, 33, 2, 1),
-], ids=["moba-gqa", "moba-odd-block", "windowed"])
+    (UNFORCED, {}, 1, 45, 2, 2),  # blocks no query chose: their dk, dv are stored zeros
+], ids=["moba-gqa", "moba-odd-block", "windowed", "unforced"])
 def test_grouped_outputs_and_gradients(spec, params, B, T, Hq, Hkv):
     _check_grouped(spec, params, B, T, Hq, Hkv)
 
@@ -146,21 +153,28 @@ def _backward_source(spec, **kw):
 
 def _buffers(src, fills=None):
     """{gradient: dtype expression} of the backward's dq, dk, dv buffers; `fills` gets
-    {gradient: "zeros" or "empty"} (empty: its kernel is the only writer and stores)."""
+    {gradient: "zeros" or "empty"} (empty: its kernel is the only writer and stores), or
+    the host's choice (`new_kv = torch.empty if G == 1 else torch.zeros`) as its condition."""
     out = {}
+    lines = [x.strip() for x in src.splitlines()]
+    choice = next((x.split("#")[0].split("=", 1)[1].strip() for x in lines
+                   if x.startswith("new_kv = ")), None)
     for g in ("dq", "dk", "dv"):
-        line = next(x for x in src.splitlines()
-                    if x.strip().startswith((f"{g} = torch.zeros(", f"{g} = torch.empty(")))
+        line = next(x for x in lines
+                    if x.startswith((f"{g} = torch.zeros(", f"{g} = torch.empty(",
+                                     f"{g} = new_kv(")))
         out[g] = line.split("dtype=", 1)[1].rstrip(")")
         if fills is not None:
-            fills[g] = line.split("torch.", 1)[1].split("(", 1)[0]
+            fills[g] = (choice if line.startswith(f"{g} = new_kv(")
+                        else line.split("torch.", 1)[1].split("(", 1)[0])
     return out
 
 
 def test_single_owner_gradients_skip_float32_buffers():
     """Gradients that one program writes once go straight into the inputs' dtype: MoBA's dk
-    and dv when each kv head has one query head (the dk/dv kernel then stores instead of
-    adding atomically), a static pattern's dq, dk and dv, a block-list pattern's dq. Gradients
+    and dv when each kv head has one query head (the dk/dv kernel then stores every key
+    instead of adding atomically, zeros for blocks no query chose, so the buffers are left
+    unfilled), a static pattern's dq, dk and dv, a block-list pattern's dq. Gradients
     added by several programs (MoBA's dq, the keys of row-layout and NSA stages) keep
     float32 buffers. A mean pool that only feeds a router gets no backward (its gradient is
     zero: the selection is not differentiated). Where the one program writing an element is
@@ -171,7 +185,8 @@ def test_single_owner_gradients_skip_float32_buffers():
     moba = _backward_source("moba")
     assert _buffers(moba, fills) == {"dq": "f32", "dk": "q.dtype if G == 1 else f32",
                                      "dv": "q.dtype if G == 1 else f32"}
-    assert fills == {"dq": "zeros", "dk": "zeros", "dv": "zeros"}
+    both = "torch.empty if G == 1 else torch.zeros"
+    assert fills == {"dq": "zeros", "dk": both, "dv": both}
     assert "STORE=G == 1" in moba and "pool_" not in moba
     static = sparsedsl.compile("out = attend((sink(4) | window(32)) & causal)", head_dim=16,
                                q_heads=4).source
