@@ -68,8 +68,8 @@ def _group_by_block(sel, H, NB, BM):
     b = torch.arange(B, device=dev).view(B, 1, 1, 1)
     h = torch.arange(H, device=dev).view(1, 1, H, 1)
     gid = torch.where(s >= 0, (b * H + h) * NB + s.long(), NG).flatten()
-    order = torch.sort(gid.int() if NG < 2 ** 31 else gid, stable=True).indices  # 32-bit keys:
-    # half the radix passes
+    # 32-bit sort keys where they fit: half the radix passes
+    order = torch.sort(gid.int() if NG < 2 ** 31 else gid, stable=True).indices
     gcnt = torch.zeros(NG + 1, dtype=torch.int64, device=dev).scatter_add_(
         0, gid, torch.ones_like(gid))[:NG]  # (bincount's size would depend on the data)
     goff = torch.cumsum(gcnt, 0) - gcnt
@@ -367,9 +367,9 @@ class GroupedEmitter:
             f"{ind}b_dv = tl.zeros([BN, BDV], dtype=tl.float32)",
             f"{ind}e_lo = tl.load(goff + i_g)",
             f"{ind}e_hi = e_lo + tl.load(gcnt + i_g)",
-            f"{ind}# the group's tiles of BM entries (queries ascending) that end before the chunk's",
-            f"{ind}# first key see none of its keys (causality is proved): the walk starts at the",
-            f"{ind}# first other tile, e_a (a bisection over tiles: few dependent loads)",
+            f"{ind}# the group's tiles of BM entries (queries ascending) that end before the",
+            f"{ind}# chunk's first key see none of its keys (causality is proved): the walk",
+            f"{ind}# starts at the first other tile, e_a (a bisection over tiles: few loads)",
             f"{ind}j_c = i_n * {S} + i_c * BN",
             f"{ind}t_b = (e_hi - e_lo + BM - 1) // BM",
             f"{ind}t_a = t_b * 0",
