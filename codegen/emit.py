@@ -1297,8 +1297,6 @@ class AttendEmitter:
                 self._walk(gi, list(b.sources), mask, f"scale{b.node}", pooled=(pool, b.grid))
         for b in grp:
             if b.precomputed:
-                self._arg(f"o{b.node}")
-                self._arg(f"lse{b.node}")
                 c(f"# `{b.name}` was computed by an earlier stage: merge its (output, lse)")
                 self._pre_lse(b, "p_pre")
                 c(f"b_pre = tl.load(o{b.node} + p_pre[:, None] * DV + o_dv[None, :], "
@@ -2951,11 +2949,11 @@ class HostBwdEmitter(HostEmitter):
             kv_store = "G == 1"
             dkv_dt = "q.dtype if G == 1 else f32"
         q_new = "empty" if one is not None and sole_writer(self.ir, plan, one, "dq") else "zeros"
-        kv_new = "empty" if one is not None and sole_writer(self.ir, plan, one, "dkdv") else "zeros"
+        kv_new = ("torch.empty" if one is not None and sole_writer(self.ir, plan, one, "dkdv")
+                  else "torch.zeros")
         c("do = do.contiguous()")
         c(f"dq = torch.{q_new}(B, T, H, D, device=dev, dtype={dq_dt})")
-        kv_new = f"torch.{kv_new}"
-        if kv_store != "False":
+        if kv_store != "False":  # the grouped dk/dv kernel: it stores every key when kv_store
             c(f"new_kv = torch.empty if {kv_store} else torch.zeros  # {kv_store}: the dk/dv "
               "kernel stores every key once")
             kv_new = "new_kv"
