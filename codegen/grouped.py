@@ -182,7 +182,7 @@ class GroupedEmitter:
                 c += [f"{ind}f_w = f_b - f_a > fh - fl", f"{ind}fl = tl.where(f_w, f_a, fl)",
                       f"{ind}fh = tl.where(f_w, f_b, fh)"]
         c += [
-            f"{ind}fl = j_lo + (tl.maximum(fl, j_lo) - j_lo + BN - 1) // BN * BN",
+            f"{ind}fl = j_lo + (fl - j_lo + BN - 1) // BN * BN  # (fl >= j_lo already)",
             f"{ind}fh = j_lo + (tl.maximum(fh, j_lo) - j_lo) // BN * BN",
             f"{ind}fa = tl.where(fh > fl, fl, j_lo)",
             f"{ind}fb = tl.where(fh > fl, fh, j_lo)",
@@ -436,12 +436,15 @@ class GroupedEmitter:
                 if not re.search(r"\bi_(lo|hi)\b", pred):  # the same for every tile
                     c.append(f"{ind}{var} = tl.where({pred}, n_t * 0, n_t)")
                     continue
+                bounds = {  # the tile's first query and its end, loaded where pred reads them
+                    "i_lo": "((tl.load(order + t_e) // (H * KS)) % T).to(tl.int32)",
+                    "i_hi": "((tl.load(order + tl.minimum(t_e + BM, e_hi) - 1) // (H * KS)) % T)"
+                            ".to(tl.int32) + 1"}
                 c += [f"{ind}{var} = n_t * 0", f"{ind}t_b = n_t", f"{ind}while {var} < t_b:",
                       f"{ind2}t_m = ({var} + t_b) // 2",
                       f"{ind2}t_e = e_a + t_m * BM",
-                      f"{ind2}i_lo = ((tl.load(order + t_e) // (H * KS)) % T).to(tl.int32)",
-                      f"{ind2}i_hi = ((tl.load(order + tl.minimum(t_e + BM, e_hi) - 1) // "
-                      f"(H * KS)) % T).to(tl.int32) + 1",
+                      *(f"{ind2}{x} = {e}" for x, e in bounds.items()
+                        if re.search(rf"\b{x}\b", pred)),
                       f"{ind2}t_ok = {pred}",
                       f"{ind2}t_b = tl.where(t_ok, t_m, t_b)",
                       f"{ind2}{var} = tl.where(t_ok, {var}, t_m + 1)"]
