@@ -1743,8 +1743,25 @@ class AttendBwdEmitter(AttendEmitter):
         if dout_gate(self.plan, self.st, gi) is not None:
             c(f"b_dp = b_dp * b_g{gi}[:, None]  # do_g . v")
         c(f"b_ds = b_p * (b_dp - b_delta{gi}[:, None])")
-        c(f"b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision='ieee' if IEEE else 'tf32') "
-          f"* {scale}")
+        if self._dq_scale() is not None:  # one scale: applied once, in _finish
+            c("b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision='ieee' if IEEE else "
+              "'tf32')")
+            return
+        c(f"b_dq += tl.dot((b_ds * {scale}).to(b_k.dtype), b_k, input_precision='ieee' if IEEE "
+          "else 'tf32')  # several scales: ds scaled, the product adds in place")
+
+    def _dq_scale(self) -> str | None:
+        """The scale every key this kernel walks shares, or None when its branches have
+        several. With one, dq accumulates ds . k and is scaled once at the end: the product
+        then adds into the accumulator in place (a scaled product needs a second [RP, BD]
+        float32 tile, a multiply and an add a step)."""
+        scales = set()
+        for grp in self.st.groups:
+            tokens = [b for b in grp if not b.pooled and not b.precomputed]
+            if tokens:
+                scales.add(f"scale{tokens[0].node}")
+            scales |= {f"scale{b.node}" for b in grp if b.pooled and not b.precomputed}
+        return scales.pop() if len(scales) == 1 else None
 
     def _kv_atomics(self, gi, scale, dkptr, dvptr, pooled=False) -> None:
         """dk, dv of this tile's keys, added atomically. Pooled keys take ds, p and the rows
@@ -2105,6 +2122,9 @@ class AttendBwdEmitter(AttendEmitter):
         c("")
         c("p_dq = dq + p_row[:, None] * D + o_d[None, :]")
         c("m_dq = m_r[:, None] & m_d[None, :]")
+        scale = self._dq_scale()
+        if scale is not None:
+            c(f"b_dq = b_dq * {scale}  # dq = scale ds . k")
         if sole_writer(self.ir, self.plan, self.st, "dq"):
             c("tl.store(p_dq, b_dq, mask=m_dq)  # the only writer of these rows")
         else:

@@ -331,9 +331,9 @@ class GroupedEmitter:
         self._runs(c, ind, "j0", "j_lo", "fa", "fb", "j_hi", "BN", lambda ind2, unmasked: [
             *self._scores(ind2, unmasked), *self._grads(ind2, unmasked),
             f"{ind2}b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision='ieee' if IEEE "
-            f"else 'tf32') * scale"])
-        c += [
-            f"{ind}tl.atomic_add(dq + p_row[:, None] * D + o_d[None, :], b_dq, "
+            f"else 'tf32')"])
+        c += [  # scaled once (the product adds into the accumulator in place)
+            f"{ind}tl.atomic_add(dq + p_row[:, None] * D + o_d[None, :], b_dq * scale, "
             f"mask=m_r[:, None] & m_d[None, :], sem='relaxed')",
         ]
         dq = "\n".join(c) + "\n"
@@ -401,10 +401,11 @@ class GroupedEmitter:
                 f"{ind2}b_dv += tl.dot(tl.trans(b_p).to(b_do.dtype), b_do, input_precision="
                 f"'ieee' if IEEE else 'tf32')",
                 f"{ind2}b_dk += tl.dot(tl.trans(b_ds).to(b_q.dtype), b_q, input_precision="
-                f"'ieee' if IEEE else 'tf32') * scale",
+                f"'ieee' if IEEE else 'tf32')",
             ]
         self._runs(c, ind, "e0", "e_a", "ea", "eb", "e_hi", "BM", step)
         c += [
+            f"{ind}b_dk = b_dk * scale  # dk = scale ds^T q, once",
             f"{ind}if STORE:  # every key of the chunk (zeros if no query chose the block)",
             f"{ind2}tl.store(dk + p_kv[:, None] * D + o_d[None, :], "
             f"b_dk.to(dk.dtype.element_ty), mask=m_k[:, None] & m_d[None, :])",
