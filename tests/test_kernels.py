@@ -159,6 +159,11 @@ GRAD_CASES = {
     "nsa-mlp": ("nsa", (1, 40, 4, 2, 16), dict(cmp_len=8, cmp_stride=4, sel_len=8, topn=3,
                                                 window=8)),
     "static-sink-window": ("out = attend((sink(3) & causal) | window(6))", (2, 33, 2, 1, 16), {}),
+    # long enough for the GPU's default tiles (64-128 keys or queries) to run whole tiles
+    # and key chunks without masks, with partial ones at the edges and a partial last block
+    "moba-full-chunks": ("moba", (1, 300, 2, 1, 16), dict(block=128, topk=2)),
+    "static-full-tiles": ("out = attend((sink(8) | window(300)) & causal)", (1, 700, 2, 1, 16),
+                          {}),
 }
 
 
