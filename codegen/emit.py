@@ -93,17 +93,23 @@ def _list_index(sel, NB, HKV, G, shared):
     return off, ent.to(torch.int32)
 
 
-def _env_tiles(var, what):
+def _env_tiles(var, what, regs=False):
     """The override "BM,BN,WARPS,STAGES" in environment variable `var` (None when unset),
-    BM and BN powers of two >= 16; `what` names the sizes in the error."""
+    BM and BN powers of two >= 16; `what` names the sizes in the error. With `regs`, a fifth
+    value may cap the registers a thread uses (`maxnreg`; 0 or absent: Triton's choice), and
+    the result has five entries."""
     import os
     env = os.environ.get(var)
     if not env:
         return None
-    bm, bn, w, s = (int(x) for x in env.split(","))
+    vals = [int(x) for x in env.split(",")]
+    if len(vals) not in ((4, 5) if regs else (4,)):
+        raise ValueError(f"{var} takes BM,BN,WARPS,STAGES{'[,MAXNREG]' if regs else ''}, "
+                         f"got {env!r}")
+    bm, bn = vals[:2]
     if min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1):
         raise ValueError(f"{what} must be powers of two >= 16, got {env!r}")
-    return bm, bn, w, s
+    return tuple(vals) + (0,) * (regs and len(vals) == 4)
 
 
 def _row_config(kernel, q):

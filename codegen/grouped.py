@@ -102,18 +102,27 @@ def _rowdot_kernel(a, b, out, N, DV: tl.constexpr, BDV: tl.constexpr, BR: tl.con
 
 
 def _grouped_config(q, kernel):
-    """Tile sizes (entries BM, keys BN), warps and pipeline stages of a grouped kernel
-    ('fwd', 'dq' or 'dkdv'), read at each call: SPARSEDSL_GROUPED (forward),
-    SPARSEDSL_GROUPED_DQ, SPARSEDSL_GROUPED_DKDV = "BM,BN,WARPS,STAGES" override."""
+    """Tile sizes (entries BM, keys BN), warps, pipeline stages and a register cap (maxnreg, 0:
+    none) of a grouped kernel ('fwd', 'dq' or 'dkdv'), read at each call: SPARSEDSL_GROUPED
+    (forward), SPARSEDSL_GROUPED_DQ, SPARSEDSL_GROUPED_DKDV = "BM,BN,WARPS,STAGES[,MAXNREG]"
+    override."""
     env = _env_tiles({'fwd': 'SPARSEDSL_GROUPED', 'dq': 'SPARSEDSL_GROUPED_DQ',
-                      'dkdv': 'SPARSEDSL_GROUPED_DKDV'}[kernel], "grouped tile sizes")
+                      'dkdv': 'SPARSEDSL_GROUPED_DKDV'}[kernel], "grouped tile sizes", regs=True)
     if env:
         return env
     if q.is_cuda and q.shape[-1] > 64:  # H100, bf16, D = 128, MoBA at 64k (docs/perf-notes.md)
-        return {'fwd': (64, 64, 4, 3), 'dq': (64, 64, 4, 2), 'dkdv': (128, 32, 4, 2)}[kernel]
+        # forward and dq capped at 168 registers with one or two stages (48-64 KB of shared
+        # memory): three programs an SM instead of two (forward 3.12-3.18 -> 2.59 ms)
+        return {'fwd': (64, 64, 4, 1, 168), 'dq': (64, 32, 4, 2, 168),
+                'dkdv': (128, 32, 4, 2, 0)}[kernel]
     if q.is_cuda:
-        return 64, 64, 4, 3
-    return 16, 16, 1, 1  # Triton's interpreter: small tiles run fastest
+        return 64, 64, 4, 3, 0
+    return 16, 16, 1, 1, 0  # Triton's interpreter: small tiles run fastest
+
+
+def _launch(W, S, R):
+    """num_warps, num_stages and, when R, maxnreg (a register cap) as launch options."""
+    return dict(num_warps=W, num_stages=S, **({'maxnreg': R} if R else {}))
 '''
 
 
@@ -503,7 +512,7 @@ class GroupedEmitter:
     def host_fwd(self, c, scale: str) -> None:
         s = self.sel
         c(f"# attend `{self.st.name}`: grouped by selected block")
-        c("GBM, GBN, GW, GS = _grouped_config(q, 'fwd')  # (SPARSEDSL_GROUPED)")
+        c("GBM, GBN, GW, GS, GR = _grouped_config(q, 'fwd')  # (SPARSEDSL_GROUPED)")
         c(f"NG = B * H * NB{self.grid.node}")
         c(f"gorder, ggoff, ggcnt, gtoff, gtgroup = _group_by_block(sel{s}, H, "
           f"NB{self.grid.node}, GBM)")
@@ -511,7 +520,7 @@ class GroupedEmitter:
         c(f"pl = torch.empty(B * T * H * KS{s}, device=dev, dtype=f32)")
         c(f"attend_{self.st.name}_fwd_kernel[(gtgroup.numel(),)](q, k, v, po, pl, gorder, ggoff, "
           f"ggcnt, gtoff, gtgroup, {self._common(scale)}, BM=GBM, BN=GBN, IEEE=IEEE, "
-          f"num_warps=GW, num_stages=GS)")
+          f"**_launch(GW, GS, GR))")
         c("o = torch.empty(B, T, H, DV, device=dev, dtype=q.dtype)")
         c("osave0 = o  # the backward's delta reads the output itself, as FlashAttention's does")
         c("lsave = torch.empty(1, B, T, H, device=dev, dtype=f32) if save else o")
@@ -541,13 +550,13 @@ class GroupedEmitter:
         c("gdelta = torch.empty(B, T, H, device=dev, dtype=f32)")
         c("_rowdot_kernel[(triton.cdiv(B * T * H, 16),)](do, osave0, gdelta, B * T * H, DV=DV, "
           "BDV=BDV, BR=16)  # delta = rowsum(dO * o), accumulated in f32, no temporaries")
-        c("GBM, GBN, GW, GS = _grouped_config(q, 'dq')  # (SPARSEDSL_GROUPED_DQ)")
+        c("GBM, GBN, GW, GS, GR = _grouped_config(q, 'dq')  # (SPARSEDSL_GROUPED_DQ)")
         c("gtoff, gtgroup = _group_tiles(ggcnt, GBM, gorder.numel())  # tiles of GBM entries")
         c(f"attend_{self.st.name}_bwd_dq_kernel[(gtgroup.numel(),)](q, k, v, do, dq, glse, "
           f"gdelta, gorder, ggoff, ggcnt, gtoff, gtgroup, {self._common(scale)}, BM=GBM, BN=GBN, "
-          f"IEEE=IEEE, num_warps=GW, num_stages=GS)")
-        c("GBM, GBN, GW, GS = _grouped_config(q, 'dkdv')  # (SPARSEDSL_GROUPED_DKDV)")
+          f"IEEE=IEEE, **_launch(GW, GS, GR))")
+        c("GBM, GBN, GW, GS, GR = _grouped_config(q, 'dkdv')  # (SPARSEDSL_GROUPED_DKDV)")
         c(f"attend_{self.st.name}_bwd_dkdv_kernel[(NG * triton.cdiv({self.grid.length}, GBN),)]("
           f"q, k, v, do, dk, dv, glse, gdelta, gorder, ggoff, ggcnt, {self._common(scale)}, "
           f"BM=GBM, BN=GBN, IEEE=IEEE, STORE={store}, "
-          f"num_warps=GW, num_stages=GS)")
+          f"**_launch(GW, GS, GR))")

@@ -123,16 +123,21 @@ def test_grouped_full_chunks(monkeypatch, spec, params, B, T, Hq, Hkv):
 @cpu_only
 def test_grouped_tile_sizes_from_the_environment(monkeypatch):
     """SPARSEDSL_GROUPED / _DQ / _DKDV are read at each call: a dq tile other than the
-    forward's (its own tile table) and unequal BM and BN give the same results; a bad value
-    is refused."""
+    forward's (its own tile table), unequal BM and BN and a register cap (a fifth value) give
+    the same results; a bad value is refused."""
     monkeypatch.setenv("SPARSEDSL_GROUPED", "16,32,1,1")
     monkeypatch.setenv("SPARSEDSL_GROUPED_DQ", "32,16,1,1")
     monkeypatch.setenv("SPARSEDSL_GROUPED_DKDV", "16,32,1,1")
     _check_grouped("moba", dict(block=8, topk=2), 2, 37, 4, 2)
-    monkeypatch.setenv("SPARSEDSL_GROUPED_DQ", "24,16,1,1")
+    monkeypatch.setenv("SPARSEDSL_GROUPED_DQ", "32,16,1,1,128")  # with a register cap
+    _check_grouped("moba", dict(block=8, topk=2), 1, 29, 2, 2)
     layer = sparsedsl.compile("moba", block=8, topk=2)
     x = [torch.randn(1, 20, 2, 16, requires_grad=True) for _ in range(3)]
+    monkeypatch.setenv("SPARSEDSL_GROUPED_DQ", "24,16,1,1")
     with pytest.raises(ValueError, match="grouped tile sizes must be powers of two"):
+        layer(*x).sum().backward()
+    monkeypatch.setenv("SPARSEDSL_GROUPED_DQ", "32,16,1")
+    with pytest.raises(ValueError, match=r"SPARSEDSL_GROUPED_DQ takes BM,BN,WARPS,STAGES\[,MAXNREG\]"):
         layer(*x).sum().backward()
 
 
