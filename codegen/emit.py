@@ -2966,17 +2966,18 @@ class HostBwdEmitter(HostEmitter):
         # and no casting copies (MoBA at 64k: 1.5 GiB of float32 dq, dk, dv); and where one
         # program writes each element and nothing adds to it, into buffers left unfilled
         one = runs[0] if len(runs) == 1 and not pools else None
-        dq_dt = "q.dtype" if one is not None and one.layout in ("tile", "row") else "f32"
+        own_dq = sole_writer(self.ir, plan, runs[0], "dq")
+        own_kv = sole_writer(self.ir, plan, runs[0], "dkdv")
+        dq_dt = "q.dtype" if own_dq else "f32"
         kv_store = "False"
         dkv_dt = "f32"
-        if one is not None and one.layout == "tile":
+        if own_kv:
             dkv_dt = "q.dtype"
         elif one is not None and one.layout == "grouped" and attend_bwd[id(one)].disjoint_blocks:
             kv_store = "G == 1"
             dkv_dt = "q.dtype if G == 1 else f32"
-        q_new = "empty" if one is not None and sole_writer(self.ir, plan, one, "dq") else "zeros"
-        kv_new = ("torch.empty" if one is not None and sole_writer(self.ir, plan, one, "dkdv")
-                  else "torch.zeros")
+        q_new = "empty" if own_dq else "zeros"
+        kv_new = "torch.empty" if own_kv else "torch.zeros"
         c("do = do.contiguous()")
         c(f"dq = torch.{q_new}(B, T, H, D, device=dev, dtype={dq_dt})")
         if kv_store != "False":  # the grouped dk/dv kernel: it stores every key when kv_store
