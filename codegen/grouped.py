@@ -380,16 +380,10 @@ class GroupedEmitter:
             f"{ind}# chunk's first key see none of its keys (causality is proved): the walk",
             f"{ind}# starts at the first other tile, e_a (a bisection over tiles: few loads)",
             f"{ind}j_c = i_n * {S} + i_c * BN",
-            f"{ind}t_b = (e_hi - e_lo + BM - 1) // BM",
-            f"{ind}t_a = t_b * 0",
-            f"{ind}while t_a < t_b:",
-            f"{ind2}t_m = (t_a + t_b) // 2",
-            f"{ind2}t_ok = ((tl.load(order + tl.minimum(e_lo + t_m * BM + BM, e_hi) - 1) // "
-            f"(H * KS)) % T).to(tl.int32) >= j_c",
-            f"{ind2}t_b = tl.where(t_ok, t_m, t_b)",
-            f"{ind2}t_a = tl.where(t_ok, t_a, t_m + 1)",
-            f"{ind}e_a = e_lo + t_a * BM",
+            f"{ind}n_t = (e_hi - e_lo + BM - 1) // BM",
         ]
+        self._tile_bisect(c, ind, "t_a", "e_lo", "i_hi > j_c")
+        c.append(f"{ind}e_a = e_lo + t_a * BM")
         self._full_tiles(c, ind, f"(i_c * BN + BN <= {L}) & (j_c + BN <= T)")
 
         def step(ind2, unmasked):
@@ -434,7 +428,6 @@ class GroupedEmitter:
         key of the chunk j_c + [0, BN), found by bisection on the inner ranges' bounds (the
         tiles' queries grow along the group, and the bounds with them); none unless
         `keys_ok` (the chunk's keys are all valid)."""
-        ind2 = ind + "    "
         c.append(f"{ind}# the entry tiles from e_a whose queries attend every key of the chunk: "
                  f"no masks")
         if not self.full:
@@ -442,22 +435,8 @@ class GroupedEmitter:
             return
         c.append(f"{ind}n_t = (e_hi - e_a + BM - 1) // BM")
         for fi, (lo, hi) in enumerate(self.full):
-            for var, pred in (("t_lo", f"{hi} >= j_c + BN"), ("t_hi", f"{lo} > j_c")):
-                if not re.search(r"\bi_(lo|hi)\b", pred):  # the same for every tile
-                    c.append(f"{ind}{var} = tl.where({pred}, n_t * 0, n_t)")
-                    continue
-                bounds = {  # the tile's first query and its end, loaded where pred reads them
-                    "i_lo": "((tl.load(order + t_e) // (H * KS)) % T).to(tl.int32)",
-                    "i_hi": "((tl.load(order + tl.minimum(t_e + BM, e_hi) - 1) // (H * KS)) % T)"
-                            ".to(tl.int32) + 1"}
-                c += [f"{ind}{var} = n_t * 0", f"{ind}t_b = n_t", f"{ind}while {var} < t_b:",
-                      f"{ind2}t_m = ({var} + t_b) // 2",
-                      f"{ind2}t_e = e_a + t_m * BM",
-                      *(f"{ind2}{x} = {e}" for x, e in bounds.items()
-                        if re.search(rf"\b{x}\b", pred)),
-                      f"{ind2}t_ok = {pred}",
-                      f"{ind2}t_b = tl.where(t_ok, t_m, t_b)",
-                      f"{ind2}{var} = tl.where(t_ok, {var}, t_m + 1)"]
+            self._tile_bisect(c, ind, "t_lo", "e_a", f"{hi} >= j_c + BN")
+            self._tile_bisect(c, ind, "t_hi", "e_a", f"{lo} > j_c")
             if fi == 0:
                 c += [f"{ind}f_lo = t_lo", f"{ind}f_hi = t_hi"]
             else:
@@ -467,6 +446,28 @@ class GroupedEmitter:
         c += [f"{ind}f_ok = (f_hi > f_lo) & {keys_ok}",
               f"{ind}ea = tl.where(f_ok, e_a + f_lo * BM, e_a)",
               f"{ind}eb = tl.where(f_ok, e_a + f_hi * BM, e_a)"]
+
+    @staticmethod
+    def _tile_bisect(c: list, ind: str, var: str, first: str, pred: str) -> None:
+        """var = the first of the n_t entry tiles (BM entries from `first`, queries ascending
+        along the group) for which pred holds, n_t if none (pred is false, then true). pred
+        reads the tile's first query i_lo and its end i_hi, loaded only where it reads them;
+        a pred that reads neither is the same for every tile (no loop)."""
+        if not re.search(r"\bi_(lo|hi)\b", pred):
+            c.append(f"{ind}{var} = tl.where({pred}, n_t * 0, n_t)")
+            return
+        ind2 = ind + "    "
+        bounds = {
+            "i_lo": "((tl.load(order + t_e) // (H * KS)) % T).to(tl.int32)",
+            "i_hi": "((tl.load(order + tl.minimum(t_e + BM, e_hi) - 1) // (H * KS)) % T)"
+                    ".to(tl.int32) + 1"}
+        c += [f"{ind}{var} = n_t * 0", f"{ind}t_b = n_t", f"{ind}while {var} < t_b:",
+              f"{ind2}t_m = ({var} + t_b) // 2",
+              f"{ind2}t_e = {first} + t_m * BM",
+              *(f"{ind2}{x} = {e}" for x, e in bounds.items() if re.search(rf"\b{x}\b", pred)),
+              f"{ind2}t_ok = {pred}",
+              f"{ind2}t_b = tl.where(t_ok, t_m, t_b)",
+              f"{ind2}{var} = tl.where(t_ok, {var}, t_m + 1)"]
 
     @staticmethod
     def _load_kv(ind: str, unmasked: bool = False) -> list:
