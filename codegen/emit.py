@@ -204,6 +204,33 @@ def _tile_config(kernel, q, pooled=False):
     return 32, 32, 4, 1
 
 
+def _kv_descs(k, v, BN):
+    """(kd, vd, True): tensor descriptors of k and v [B, T, HKV, D] seen as [B, T, HKV * D],
+    in boxes of [1, BN, D], through which the attention kernels read a tile of keys as one
+    bulk copy (TMA; Triton's interpreter runs them too), rows past T reading as zeros; or
+    (k, v, False) where TMA does not apply: a GPU of compute capability below 9, a head dim
+    that is not a power of two from 16 to 256 (a box holds whole rows of a head), a tensor
+    that is not contiguous or not 16-byte aligned, or SPARSEDSL_TMA=0."""
+    import os
+    env = os.environ.get("SPARSEDSL_TMA", "1")
+    if env not in ("0", "1"):
+        raise ValueError(f"SPARSEDSL_TMA takes 0 (off) or 1 (on where it applies), got {env!r}")
+    ok = env == "1" and not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] < 9)
+    for t in (k, v):
+        W = t.shape[-1]
+        ok = (ok and 16 <= W <= 256 and W & (W - 1) == 0 and t.is_contiguous()
+              and t.data_ptr() % 16 == 0)
+    if not ok:
+        return k, v, False
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def desc(t):
+        B, T, HK, W = t.shape
+        return TensorDescriptor(t, shape=[B, T, HK * W], strides=[T * HK * W, HK * W, 1],
+                                block_shape=[1, BN, W])
+    return desc(k), desc(v), True
+
+
 def _query_split(NT, programs):
     """(QT, S): the pooled dk/dv kernels split a key tile's NT query tiles into S runs of QT
     tiles, so that `programs` x S is about 8192 programs (pooled keys are few: at 8k, NSA's
@@ -1190,6 +1217,9 @@ class AttendEmitter:
         self.nbs: set[int] = set()
         self.lists: set[int] = set()
         self.deferred: list = []  # (group, branch) whose output `_finish` reads
+        # while a walk's keys are the token run j0 + [0, BN) (not a gather): `_load_kv` may
+        # read them as one tile (TileAttendEmitter: through a tensor descriptor)
+        self.from_j0 = False
 
     # a group that is one earlier stage's output is read at the end (`_deferred_group`)
     defer_outputs = True
@@ -1374,7 +1404,9 @@ class AttendEmitter:
                     c("o_j = j0 + tl.arange(0, BN)")
                     c("J = o_j[None, :]  # [1, BN]")
                     c(f"m_s = (J >= lo{si}) & (J < hi{si}) & m_r[:, None]{excl}")
+                    self.from_j0 = pooled is None and isinstance(s, TokenRange)
                     self._update(gi, mask, scale, pooled, "o_j")
+                    self.from_j0 = False
             else:
                 self.lists.add(s.select)
                 g = self.plan.grids[s.grid]
@@ -1440,13 +1472,14 @@ class AttendEmitter:
                                  f".to(tl.int32), 2) > 0)")
         return "".join(parts)
 
-    def _update(self, gi, mask, scale, pooled, idx) -> None:
+    def _load_kv(self, pooled, idx) -> None:
+        """b_k, b_v: the keys idx (token positions, or pooled blocks of `pooled`) of the tile,
+        zeros past the end."""
         c = self.c
         if pooled is None:
             c("p_k = k + ((i_b * T + " + idx + ").to(tl.int64) * HKV + i_hk)[:, None] * D + o_d[None, :]")
             c("p_v = v + ((i_b * T + " + idx + ").to(tl.int64) * HKV + i_hk)[:, None] * DV + o_dv[None, :]")
             c("m_k = (" + idx + " < T)[:, None]")
-            kt, vt = "k", "v"
         else:
             pool, g = pooled
             c(f"p_k = kp{pool} + ((i_b * NB{g.node} + {idx}).to(tl.int64) * HKV + i_hk)[:, None] * D "
@@ -1454,9 +1487,12 @@ class AttendEmitter:
             c(f"p_v = vp{pool} + ((i_b * NB{g.node} + {idx}).to(tl.int64) * HKV + i_hk)[:, None] "
               f"* DV + o_dv[None, :]")
             c(f"m_k = ({idx} < NB{g.node})[:, None]")
-            kt = vt = None
         c("b_k = tl.load(p_k, mask=m_k & m_d[None, :], other=0.)  # [BN, BD]")
         c("b_v = tl.load(p_v, mask=m_k & m_dv[None, :], other=0.)  # [BN, BDV]")
+
+    def _update(self, gi, mask, scale, pooled, idx) -> None:
+        c = self.c
+        self._load_kv(pooled, idx)
         if pooled is None:
             c("b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * "
               f"({scale} * L2E)  # [RP, BN] log2 units")
@@ -2195,7 +2231,9 @@ class TileWalk:
                 else:
                     c("J = o_j[None, :]  # [1, BN]")
                     c(f"m_s = (J >= lo{si}) & (J < hi{si}) & m_r[:, None]{excl}")
+                    self.from_j0 = True
                     self._update(gi, mask, scale, pooled, "o_j")
+                    self.from_j0 = False
             seen.append((si, s))
 
     def _full_span(self, si: int, seen: list, full) -> None:
@@ -2228,13 +2266,40 @@ class TileWalk:
 
 
 class TileAttendEmitter(TileWalk, AttendEmitter):
-    """The tile layout's forward: AttendEmitter's kernel with full key tiles unmasked."""
+    """The tile layout's forward: AttendEmitter's kernel with full key tiles unmasked, and a
+    tile of token keys read through tensor descriptors (TMA) when TMA."""
+
+    head_args = "o, kd, vd"
+    extra_consts = ", SAVE: tl.constexpr, TMA: tl.constexpr"
+
+    def _load_kv(self, pooled, idx) -> None:
+        if pooled is not None or not self.from_j0:
+            return super()._load_kv(pooled, idx)
+        c = self.c
+        c("if TMA:  # the tile as one bulk copy (rows past T read as zeros)")
+        with c.indent():
+            self._tma_kv()
+        c("else:")
+        with c.indent():
+            super()._load_kv(pooled, idx)
+
+    def _tma_kv(self) -> None:
+        """b_k, b_v of keys j0 + [0, BN) through kd, vd: [B, T, HKV * D] descriptors of
+        [1, BN, BD] boxes (a head's row is whole: BD == D; the host checks it)."""
+        self.c("b_k = kd.load([i_b, j0, i_hk * D]).reshape(BN, BD)  # [BN, BD]")
+        self.c("b_v = vd.load([i_b, j0, i_hk * DV]).reshape(BN, BDV)  # [BN, BDV]")
 
     def _update_full(self, gi, scale) -> None:
         c = self.c
-        c("o_kv = ((i_b * T + o_j).to(tl.int64) * HKV + i_hk)  # [BN]")
-        c("b_k = tl.load(k + o_kv[:, None] * D + o_d[None, :], mask=m_d[None, :], other=0.)")
-        c("b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_dv[None, :], other=0.)")
+        c("if TMA:")
+        with c.indent():
+            self._tma_kv()
+        c("else:")
+        with c.indent():
+            c("o_kv = ((i_b * T + o_j).to(tl.int64) * HKV + i_hk)  # [BN]")
+            c("b_k = tl.load(k + o_kv[:, None] * D + o_d[None, :], mask=m_d[None, :], other=0.)")
+            c("b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_dv[None, :], "
+              "other=0.)")
         c("b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * "
           f"({scale} * L2E)  # [RP, BN] log2 units")
         c(f"m_new = tl.maximum(m{gi}, tl.max(b_s, 1))")
@@ -2898,10 +2963,15 @@ class HostEmitter:
             c(f"lsave = torch.empty({len(st.groups)}, B, T, H, device=dev, dtype=f32) if save "
               f"else o")
         grid, args, deps = self._launch(st, em)
+        tiles = "BN=BN, IEEE=IEEE, SAVE=save, num_warps=W, num_stages=NS"
+        heads = "o"
         if st.layout != "tile":
             c("BN, W, NS = _row_config('fwd', q)  # (SPARSEDSL_ROW)")
-        tiles = "BN=BN, IEEE=IEEE, SAVE=save, num_warps=W, num_stages=NS"
-        c(f"attend_{st.name}_fwd_kernel[{grid}](q, k, v, o, {''.join(x + ', ' for x in args)}T, "
+        else:
+            c("kd, vd, TMA = _kv_descs(k, v, BN)  # tensor descriptors, where TMA can read them")
+            heads, tiles = "o, kd, vd", tiles + ", TMA=TMA"
+        c(f"attend_{st.name}_fwd_kernel[{grid}](q, k, v, {heads}, "
+          f"{''.join(x + ', ' for x in args)}T, "
           f"{''.join(f'NB{x}, ' for x in sorted(em.nbs))}{deps}H=H, HKV=HKV, G=G, R=R, RP=RP, "
           f"D=D, DV=DV, BD=BD, BDV=BDV, BM=BM, {tiles})")
 
