@@ -206,8 +206,8 @@ def _tile_config(kernel, q, pooled=False):
 
 def _kv_descs(k, v, BN):
     """(kd, vd, True): tensor descriptors of k and v [B, T, HKV, D] seen as [B, T, HKV * D],
-    in boxes of [1, BN, D], through which the attention kernels read a tile of keys as one
-    bulk copy (TMA; Triton's interpreter runs them too), rows past T reading as zeros; or
+    in boxes of [1, BN, D], through which the tile kernels read a tile of keys as one bulk
+    copy (TMA; Triton's interpreter runs them too), rows past T reading as zeros; or
     (k, v, False) where TMA does not apply: a GPU of compute capability below 9, a head dim
     that is not a power of two from 16 to 256 (a box holds whole rows of a head), a tensor
     that is not contiguous or not 16-byte aligned, or SPARSEDSL_TMA=0."""
@@ -1218,8 +1218,9 @@ class AttendEmitter:
         self.lists: set[int] = set()
         self.deferred: list = []  # (group, branch) whose output `_finish` reads
         # while a walk's keys are the token run j0 + [0, BN) (not a gather): `_load_kv` may
-        # read them as one tile (TileAttendEmitter: through a tensor descriptor)
+        # read them as one tile (the tile layout: through a tensor descriptor, `tma_used`)
         self.from_j0 = False
+        self.tma_used = False
 
     # a group that is one earlier stage's output is read at the end (`_deferred_group`)
     defer_outputs = True
@@ -2265,6 +2266,14 @@ class TileWalk:
         c(f"fb{si} = tl.where(f_ok, fh, js{si})")
 
 
+def _tma_kv(em, c: "Code") -> None:
+    """b_k, b_v of keys j0 + [0, BN) through kd, vd: [B, T, HKV * D] descriptors of
+    [1, BN, BD] boxes (a head's row is whole: BD == D; the host checks it)."""
+    em.tma_used = True  # the host makes the descriptors
+    c("b_k = kd.load([i_b, j0, i_hk * D]).reshape(BN, BD)  # [BN, BD]")
+    c("b_v = vd.load([i_b, j0, i_hk * DV]).reshape(BN, BDV)  # [BN, BDV]")
+
+
 class TileAttendEmitter(TileWalk, AttendEmitter):
     """The tile layout's forward: AttendEmitter's kernel with full key tiles unmasked, and a
     tile of token keys read through tensor descriptors (TMA) when TMA."""
@@ -2278,22 +2287,16 @@ class TileAttendEmitter(TileWalk, AttendEmitter):
         c = self.c
         c("if TMA:  # the tile as one bulk copy (rows past T read as zeros)")
         with c.indent():
-            self._tma_kv()
+            _tma_kv(self, c)
         c("else:")
         with c.indent():
             super()._load_kv(pooled, idx)
-
-    def _tma_kv(self) -> None:
-        """b_k, b_v of keys j0 + [0, BN) through kd, vd: [B, T, HKV * D] descriptors of
-        [1, BN, BD] boxes (a head's row is whole: BD == D; the host checks it)."""
-        self.c("b_k = kd.load([i_b, j0, i_hk * D]).reshape(BN, BD)  # [BN, BD]")
-        self.c("b_v = vd.load([i_b, j0, i_hk * DV]).reshape(BN, BDV)  # [BN, BDV]")
 
     def _update_full(self, gi, scale) -> None:
         c = self.c
         c("if TMA:")
         with c.indent():
-            self._tma_kv()
+            _tma_kv(self, c)
         c("else:")
         with c.indent():
             c("o_kv = ((i_b * T + o_j).to(tl.int64) * HKV + i_hk)  # [BN]")
@@ -2325,6 +2328,8 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
     """
 
     pooled_atomics = False
+    head_args = "do, dq, dk, dv, kd, vd"
+    extra_consts = ", TMA: tl.constexpr"
 
     def _doc(self, combine: str) -> str:
         st = self.st
@@ -2343,6 +2348,23 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
 
     def _update(self, gi, mask, scale, pooled, idx) -> None:
         c = self.c
+        if pooled is None and self.from_j0:
+            c("if TMA:  # the tile as one bulk copy (rows past T read as zeros)")
+            with c.indent():
+                _tma_kv(self, c)
+            c("else:")
+            with c.indent():
+                self._load_kv(pooled, idx)
+        else:
+            self._load_kv(pooled, idx)
+        c(f"b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * "
+          f"({scale} * L2E)  # log2 units")
+        c(f"m_a = m_s & {mask} & (b_lse{gi} > float('-inf'))[:, None]")
+        c(f"b_p = tl.where(m_a, tl.exp2(b_s - b_l2{gi}[:, None]), 0.)  # [RP, BN]")
+        self._dq(gi, scale)
+
+    def _load_kv(self, pooled, idx) -> None:
+        c = self.c
         if pooled is None:
             c(f"o_kv = ((i_b * T + {idx}).to(tl.int64) * HKV + i_hk)  # [BN]")
             c(f"m_k = ({idx} < T)[:, None]")
@@ -2356,17 +2378,18 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
           "other=0.)")
         c(f"b_v = tl.load({vptr} + o_kv[:, None] * DV + o_dv[None, :], mask=m_k & m_dv[None, :], "
           "other=0.)")
-        c(f"b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * "
-          f"({scale} * L2E)  # log2 units")
-        c(f"m_a = m_s & {mask} & (b_lse{gi} > float('-inf'))[:, None]")
-        c(f"b_p = tl.where(m_a, tl.exp2(b_s - b_l2{gi}[:, None]), 0.)  # [RP, BN]")
-        self._dq(gi, scale)
 
     def _update_full(self, gi, scale) -> None:
         c = self.c
-        c("o_kv = ((i_b * T + o_j).to(tl.int64) * HKV + i_hk)  # [BN]")
-        c("b_k = tl.load(k + o_kv[:, None] * D + o_d[None, :], mask=m_d[None, :], other=0.)")
-        c("b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_dv[None, :], other=0.)")
+        c("if TMA:")
+        with c.indent():
+            _tma_kv(self, c)
+        c("else:")
+        with c.indent():
+            c("o_kv = ((i_b * T + o_j).to(tl.int64) * HKV + i_hk)  # [BN]")
+            c("b_k = tl.load(k + o_kv[:, None] * D + o_d[None, :], mask=m_d[None, :], other=0.)")
+            c("b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_dv[None, :], "
+              "other=0.)")
         c(f"b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * "
           f"({scale} * L2E)  # log2 units")
         c(f"b_p = tl.exp2(b_s - b_l2{gi}[:, None])  # [RP, BN]")
@@ -2933,6 +2956,15 @@ class HostEmitter:
                 f"gates[{a[5:]!r}]" if a.startswith("gate_") else
                 f"{a}{st.node}" if a in ("xlse", "xdelta") else a for a in names]
 
+    def _kv_descs(self, em: "AttendEmitter") -> str:
+        """The tile kernels' kd, vd arguments (and TMA): descriptors where the kernel reads
+        token keys through them (`em.tma_used`) and TMA applies, else k and v themselves."""
+        if em.tma_used:
+            self.c("kd, vd, TMA = _kv_descs(k, v, BN)  # tensor descriptors, where TMA reads them")
+            return ", kd, vd"
+        self.c("TMA = False  # no token keys")
+        return ", k, v"
+
     def _shared(self, sel_node: int) -> str:
         st = next(s for s in self.plan.stages if s.kind == "select" and s.node == sel_node)
         return "True" if st.heads == "group" else "False"
@@ -2968,8 +3000,7 @@ class HostEmitter:
         if st.layout != "tile":
             c("BN, W, NS = _row_config('fwd', q)  # (SPARSEDSL_ROW)")
         else:
-            c("kd, vd, TMA = _kv_descs(k, v, BN)  # tensor descriptors, where TMA can read them")
-            heads, tiles = "o, kd, vd", tiles + ", TMA=TMA"
+            heads, tiles = heads + self._kv_descs(em), tiles + ", TMA=TMA"
         c(f"attend_{st.name}_fwd_kernel[{grid}](q, k, v, {heads}, "
           f"{''.join(x + ', ' for x in args)}T, "
           f"{''.join(f'NB{x}, ' for x in sorted(em.nbs))}{deps}H=H, HKV=HKV, G=G, R=R, RP=RP, "
@@ -3108,11 +3139,14 @@ class HostBwdEmitter(HostEmitter):
         grid, args, deps = self._launch(st, em, "dq")
         deps = "".join(f"HS{d}=HS{d}, SH{d}={self._shared(d)}, KS{d}=KS{d}, "
                        f"KSP{d}=triton.next_power_of_2(KS{d}), " for d in sorted(em.lists))
+        tiles = "BN=BN, IEEE=IEEE, num_warps=W, num_stages=NS"
+        heads = "do, dq, dk, dv"
         if not tile:
             c("BN, W, NS = _row_config('dq', q)  # (SPARSEDSL_ROW_DQ)")
-        tiles = "BN=BN, IEEE=IEEE, num_warps=W, num_stages=NS"
+        else:
+            heads, tiles = heads + self._kv_descs(em), tiles + ", TMA=TMA"
         tiles += "".join(f", KM{gi}=KM" for gi in by_keys)
-        c(f"attend_{st.name}_bwd_kernel[{grid}](q, k, v, do, dq, dk, dv, "
+        c(f"attend_{st.name}_bwd_kernel[{grid}](q, k, v, {heads}, "
           f"{''.join(x + ', ' for x in args)}T, {''.join(f'NB{x}, ' for x in sorted(em.nbs))}"
           f"{deps}H=H, HKV=HKV, G=G, R=R, RP=RP, D=D, DV=DV, BD=BD, BDV=BDV, BM=BM, {tiles})")
         for gi, (src, tokens) in by_keys.items():

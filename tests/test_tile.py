@@ -87,9 +87,10 @@ def test_tile_sizes_from_the_environment(monkeypatch):
 @pytest.mark.parametrize("tma, D, used", [("1", 16, True), ("0", 16, False), ("1", 24, False)],
                          ids=["tma", "tma-off", "head-dim-24"])
 def test_key_tiles_through_tensor_descriptors(monkeypatch, tma, D, used):
-    """The forward reads a tile of token keys through tensor descriptors (TMA) where they
-    apply and by masked loads otherwise (SPARSEDSL_TMA=0; a head dim that is not a power of
-    two): the same results either way, the tiles past T included (zeros both ways)."""
+    """The forward and dq kernels read a tile of token keys and values through tensor
+    descriptors (TMA) where they apply and by masked loads otherwise (SPARSEDSL_TMA=0; a head
+    dim that is not a power of two): the same results either way, the tiles past T included
+    (zeros both ways)."""
     monkeypatch.setenv("SPARSEDSL_TMA", tma)
     layer = sparsedsl.compile(WINDOW_SINKS, head_dim=D, q_heads=2)
     module = layer._op.kernels(torch.device("cpu"))
@@ -102,7 +103,7 @@ def test_key_tiles_through_tensor_descriptors(monkeypatch, tma, D, used):
     monkeypatch.setattr(module, "_kv_descs", spy)
     errs = _errors(WINDOW_SINKS, 1, 70, 2, 1, D)
     assert max(errs.values()) < TOL, errs
-    assert seen and set(seen) == {used}
+    assert len(seen) == 2 and set(seen) == {used}  # forward, dq
     monkeypatch.setenv("SPARSEDSL_TMA", "yes")
     with pytest.raises(ValueError, match="SPARSEDSL_TMA takes 0"):
         layer(*(torch.randn(1, 20, h, D) for h in (2, 1, 1)))
