@@ -2266,12 +2266,25 @@ class TileWalk:
         c(f"fb{si} = tl.where(f_ok, fh, js{si})")
 
 
-def _tma_kv(em, c: "Code") -> None:
-    """b_k, b_v of keys j0 + [0, BN) through kd, vd: [B, T, HKV * D] descriptors of
-    [1, BN, BD] boxes (a head's row is whole: BD == D; the host checks it)."""
+def _tma_or(em, c: "Code", load) -> None:
+    """b_k, b_v of the token keys j0 + [0, BN): through kd, vd when TMA ([B, T, HKV * D]
+    descriptors of [1, BN, BD] boxes: a head's row is whole, BD == D, which the host checks),
+    else by the loads `load()` writes."""
     em.tma_used = True  # the host makes the descriptors
-    c("b_k = kd.load([i_b, j0, i_hk * D]).reshape(BN, BD)  # [BN, BD]")
-    c("b_v = vd.load([i_b, j0, i_hk * DV]).reshape(BN, BDV)  # [BN, BDV]")
+    c("if TMA:  # the tile as one bulk copy (rows past T read as zeros)")
+    with c.indent():
+        c("b_k = kd.load([i_b, j0, i_hk * D]).reshape(BN, BD)  # [BN, BD]")
+        c("b_v = vd.load([i_b, j0, i_hk * DV]).reshape(BN, BDV)  # [BN, BDV]")
+    c("else:")
+    with c.indent():
+        load()
+
+
+def _full_kv(c: "Code") -> None:
+    """The loads of a full tile of token keys o_j (every one before T: no row mask)."""
+    c("o_kv = ((i_b * T + o_j).to(tl.int64) * HKV + i_hk)  # [BN]")
+    c("b_k = tl.load(k + o_kv[:, None] * D + o_d[None, :], mask=m_d[None, :], other=0.)")
+    c("b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_dv[None, :], other=0.)")
 
 
 class TileAttendEmitter(TileWalk, AttendEmitter):
@@ -2282,27 +2295,14 @@ class TileAttendEmitter(TileWalk, AttendEmitter):
     extra_consts = ", SAVE: tl.constexpr, TMA: tl.constexpr"
 
     def _load_kv(self, pooled, idx) -> None:
+        load = super()._load_kv
         if pooled is not None or not self.from_j0:
-            return super()._load_kv(pooled, idx)
-        c = self.c
-        c("if TMA:  # the tile as one bulk copy (rows past T read as zeros)")
-        with c.indent():
-            _tma_kv(self, c)
-        c("else:")
-        with c.indent():
-            super()._load_kv(pooled, idx)
+            return load(pooled, idx)
+        _tma_or(self, self.c, lambda: load(pooled, idx))
 
     def _update_full(self, gi, scale) -> None:
         c = self.c
-        c("if TMA:")
-        with c.indent():
-            _tma_kv(self, c)
-        c("else:")
-        with c.indent():
-            c("o_kv = ((i_b * T + o_j).to(tl.int64) * HKV + i_hk)  # [BN]")
-            c("b_k = tl.load(k + o_kv[:, None] * D + o_d[None, :], mask=m_d[None, :], other=0.)")
-            c("b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_dv[None, :], "
-              "other=0.)")
+        _tma_or(self, c, lambda: _full_kv(c))
         c("b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * "
           f"({scale} * L2E)  # [RP, BN] log2 units")
         c(f"m_new = tl.maximum(m{gi}, tl.max(b_s, 1))")
@@ -2349,12 +2349,7 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
     def _update(self, gi, mask, scale, pooled, idx) -> None:
         c = self.c
         if pooled is None and self.from_j0:
-            c("if TMA:  # the tile as one bulk copy (rows past T read as zeros)")
-            with c.indent():
-                _tma_kv(self, c)
-            c("else:")
-            with c.indent():
-                self._load_kv(pooled, idx)
+            _tma_or(self, c, lambda: self._load_kv(pooled, idx))
         else:
             self._load_kv(pooled, idx)
         c(f"b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * "
@@ -2381,15 +2376,7 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
 
     def _update_full(self, gi, scale) -> None:
         c = self.c
-        c("if TMA:")
-        with c.indent():
-            _tma_kv(self, c)
-        c("else:")
-        with c.indent():
-            c("o_kv = ((i_b * T + o_j).to(tl.int64) * HKV + i_hk)  # [BN]")
-            c("b_k = tl.load(k + o_kv[:, None] * D + o_d[None, :], mask=m_d[None, :], other=0.)")
-            c("b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_dv[None, :], "
-              "other=0.)")
+        _tma_or(self, c, lambda: _full_kv(c))
         c(f"b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * "
           f"({scale} * L2E)  # log2 units")
         c(f"b_p = tl.exp2(b_s - b_l2{gi}[:, None])  # [RP, BN]")
