@@ -210,11 +210,15 @@ def _kv_descs(k, v, BN):
     copy (TMA; Triton's interpreter runs them too), rows past T reading as zeros; or
     (k, v, False) where TMA does not apply: a GPU of compute capability below 9, a head dim
     that is not a power of two from 16 to 256 (a box holds whole rows of a head), a tensor
-    that is not contiguous or not 16-byte aligned, or SPARSEDSL_TMA=0."""
+    that is not contiguous or not 16-byte aligned, or SPARSEDSL_TMA=0; and for tensors
+    without data (torch.compile's fake tensors, when it runs this host code for the outputs'
+    shapes and launches nothing)."""
     import os
     env = os.environ.get("SPARSEDSL_TMA", "1")
     if env not in ("0", "1"):
         raise ValueError(f"SPARSEDSL_TMA takes 0 (off) or 1 (on where it applies), got {env!r}")
+    if type(k).__name__ in ("FakeTensor", "FunctionalTensor"):
+        return k, v, False
     ok = env == "1" and not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] < 9)
     for t in (k, v):
         W = t.shape[-1]
