@@ -2241,6 +2241,14 @@ class TileWalk:
                     self.from_j0 = False
             seen.append((si, s))
 
+    def _keys(self, pooled, idx, load) -> None:
+        """b_k, b_v of the tile's keys by `load(pooled, idx)`, or, for a run of token keys from
+        j0 (`from_j0`), through the descriptors when TMA (`_tma_or`)."""
+        if pooled is None and self.from_j0:
+            _tma_or(self, self.c, lambda: load(pooled, idx))
+        else:
+            load(pooled, idx)
+
     def _full_span(self, si: int, seen: list, full) -> None:
         """fa<si>, fb<si>: the run of full key tiles of source si; js<si>: its first tile."""
         c = self.c
@@ -2299,10 +2307,7 @@ class TileAttendEmitter(TileWalk, AttendEmitter):
     extra_consts = ", SAVE: tl.constexpr, TMA: tl.constexpr"
 
     def _load_kv(self, pooled, idx) -> None:
-        load = super()._load_kv
-        if pooled is not None or not self.from_j0:
-            return load(pooled, idx)
-        _tma_or(self, self.c, lambda: load(pooled, idx))
+        self._keys(pooled, idx, super()._load_kv)
 
     def _update_full(self, gi, scale) -> None:
         c = self.c
@@ -2352,10 +2357,7 @@ class TileAttendBwdEmitter(TileWalk, AttendBwdEmitter):
 
     def _update(self, gi, mask, scale, pooled, idx) -> None:
         c = self.c
-        if pooled is None and self.from_j0:
-            _tma_or(self, c, lambda: self._load_kv(pooled, idx))
-        else:
-            self._load_kv(pooled, idx)
+        self._keys(pooled, idx, self._load_kv)
         c(f"b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * "
           f"({scale} * L2E)  # log2 units")
         c(f"m_a = m_s & {mask} & (b_lse{gi} > float('-inf'))[:, None]")
