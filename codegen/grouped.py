@@ -11,6 +11,11 @@ that block as one [BM, BN] tile per step, as dense attention does:
     forward   group   sort the list entries by (batch, head, block)      (torch, no sync)
               fwd     per tile of BM entries of one group: o and lse of the block  [E, DV]
               combine per (query, head): merge its KS partial (o, lse) by their lse
+         or   own     when the top-k forces exactly the current block (MoBA), every list
+                      starts with the query's own block, and a group's first entries are
+                      that block's own queries: fwd takes the other entries only, and a
+                      kernel per tile of BM contiguous queries of one head attends their
+                      own block and merges the KS - 1 partials in (no combine kernel)
     backward  dq      per tile: dq of the block's keys, atomically added (KS adds a row)
               dkdv    per (group, key chunk of BNK), a group's chunks side by side (they read
                       the same query rows, from L2): walks the group's queries, accumulates
@@ -53,14 +58,23 @@ def grouped_list(ir: IR, plan_grids: dict, st: AttendStage, mask_lists: set) -> 
     return src
 
 
+def own_block(ir: IR, grid, src: BlockList) -> bool:
+    """Whether every query lists its own block, first: the top-k forces exactly the current
+    block of the list's grid (forced blocks come first in a list; a query's own block has
+    always started, so it is always kept), and the blocks tile the keys without overlap."""
+    force = ir.operand(src.select, "force")
+    return (force is not None and ir.node(force)["op"] == "current"
+            and ir.node(force)["facts"].get("grid") == f"%{src.grid}"
+            and grid.stride == grid.length)
+
+
 HELPER = '''
 
-def _group_by_block(sel, H, NB, BM):
+def _group_by_block(sel, H, NB):
     """Every (query, head, slot) entry of block lists sel [B, T, HS, KS] (-1 padded), sorted
     by the block it names: groups are (batch, head, block), entries inside a group in query
-    order. Entry e = ((b * T + t) * H + h) * KS + s. Returns the sorted entries, each group's
-    offset and size, its first tile, and for each tile of BM entries its group (NG for the
-    tiles past the last: the grid is an upper bound, so nothing waits for the GPU)."""
+    order. Entry e = ((b * T + t) * H + h) * KS + s. Returns the sorted entries and each
+    group's offset and size (no host sync)."""
     B, T, HS, KS = sel.shape
     dev = sel.device
     s = sel if HS == H else sel.repeat_interleave(H // HS, dim=2)  # [B, T, H, KS]
@@ -69,11 +83,18 @@ def _group_by_block(sel, H, NB, BM):
     h = torch.arange(H, device=dev).view(1, 1, H, 1)
     gid = torch.where(s >= 0, (b * H + h) * NB + s.long(), NG).flatten()
     # 32-bit sort keys where they fit: half the radix passes
-    order = torch.sort(gid.int() if NG < 2 ** 31 else gid, stable=True).indices
-    gcnt = torch.zeros(NG + 1, dtype=torch.int64, device=dev).scatter_add_(
-        0, gid, torch.ones_like(gid))[:NG]  # (bincount's size would depend on the data)
-    goff = torch.cumsum(gcnt, 0) - gcnt
-    return (order, goff, gcnt) + _group_tiles(gcnt, BM, gid.numel())
+    key, order = torch.sort(gid.int() if NG < 2 ** 31 else gid, stable=True)
+    # the groups' bounds in the sorted keys (a scatter-add of counts cost more)
+    bound = torch.searchsorted(key, torch.arange(NG + 1, device=dev, dtype=key.dtype))
+    return order, bound[:NG], bound[1:] - bound[:NG]
+
+
+def _own_counts(B, H, T, L, NB, dev):
+    """Each (batch, head, block) group's entries for queries inside the block itself
+    (min(L, T - n * L) for block n of L tokens): a group's first entries when every query
+    lists its own block, as the forced current block, in its first slot."""
+    n = torch.arange(NB, device=dev, dtype=torch.int64)
+    return (T - n * L).clamp(max=L).repeat(B * H)
 
 
 def _group_tiles(gcnt, BM, n):
@@ -102,19 +123,20 @@ def _rowdot_kernel(a, b, out, N, DV: tl.constexpr, BDV: tl.constexpr, BR: tl.con
 
 
 def _grouped_config(q, kernel):
-    """Tile sizes (entries BM, keys BN), warps, pipeline stages and a register cap (maxnreg, 0:
-    none) of a grouped kernel ('fwd', 'dq' or 'dkdv'), read at each call: SPARSEDSL_GROUPED
-    (forward), SPARSEDSL_GROUPED_DQ, SPARSEDSL_GROUPED_DKDV = "BM,BN,WARPS,STAGES[,MAXNREG]"
-    override."""
-    env = _env_tiles({'fwd': 'SPARSEDSL_GROUPED', 'dq': 'SPARSEDSL_GROUPED_DQ',
-                      'dkdv': 'SPARSEDSL_GROUPED_DKDV'}[kernel], "grouped tile sizes", regs=True)
+    """Tile sizes (entries or queries BM, keys BN), warps, pipeline stages and a register cap
+    (maxnreg, 0: none) of a grouped kernel ('fwd', 'own', 'dq' or 'dkdv'), read at each call:
+    SPARSEDSL_GROUPED (forward), SPARSEDSL_GROUPED_OWN (own-block forward),
+    SPARSEDSL_GROUPED_DQ, SPARSEDSL_GROUPED_DKDV = "BM,BN,WARPS,STAGES[,MAXNREG]" override."""
+    env = _env_tiles({'fwd': 'SPARSEDSL_GROUPED', 'own': 'SPARSEDSL_GROUPED_OWN',
+                      'dq': 'SPARSEDSL_GROUPED_DQ', 'dkdv': 'SPARSEDSL_GROUPED_DKDV'}[kernel],
+                     "grouped tile sizes", regs=True)
     if env:
         return env
     if q.is_cuda and q.shape[-1] > 64:  # H100, bf16, D = 128, MoBA at 64k (docs/perf-notes.md)
         # forward and dq capped at 168 registers with one or two stages (48-64 KB of shared
         # memory): three programs an SM instead of two (forward 3.12-3.18 -> 2.59 ms)
-        return {'fwd': (64, 64, 4, 1, 168), 'dq': (64, 32, 4, 2, 168),
-                'dkdv': (128, 32, 4, 2, 0)}[kernel]
+        return {'fwd': (64, 64, 4, 1, 168), 'own': (64, 64, 4, 1, 168),
+                'dq': (64, 32, 4, 2, 168), 'dkdv': (128, 32, 4, 2, 0)}[kernel]
     if q.is_cuda:
         return 64, 64, 4, 3, 0
     return 16, 16, 1, 1, 0  # Triton's interpreter: small tiles run fastest
@@ -133,6 +155,8 @@ class GroupedEmitter:
         self.ir, self.plan, self.st, self.src = ir, plan, st, src
         self.grid = plan.grids[src.grid]
         self.sel = src.select
+        # a query's own block by tiles of contiguous queries (no partial, no combine kernel)
+        self.own = own_block(ir, self.grid, src)
         br = st.groups[0][0]
         self.branch = br
         # the branch's mask, the grouped list's membership known to hold
@@ -151,7 +175,6 @@ class GroupedEmitter:
     # ------------------------------------------------------------------ kernels
     def _rows(self, c: list, ind: str) -> None:
         """The program's tile: entries [e0, e1) of one group; rows are their queries."""
-        L, S = self.grid.length, self.grid.stride
         c += [
             f"{ind}i_g = tl.load(tgroup + i_x)",
             f"{ind}m_g = i_g < NG",
@@ -166,6 +189,14 @@ class GroupedEmitter:
             f"{ind}m_r = (o_e < e1) & m_g",
             f"{ind}o_ent = tl.load(order + o_e, mask=m_r, other=0)  # [BM] entries",
             f"{ind}o_i = ((o_ent // (H * KS)) % T).to(tl.int32)  # [BM] query positions",
+        ]
+        self._bounds(c, ind)
+
+    def _bounds(self, c: list, ind: str) -> None:
+        """From the tile's query positions o_i (valid where m_r) of block i_n: its rows, the
+        keys it walks [j_lo, j_hi) and the run of them it attends in full [fa, fb)."""
+        L, S = self.grid.length, self.grid.stride
+        c += [
             f"{ind}I = o_i[:, None]",
             f"{ind}p_row = (i_b * T + o_i).to(tl.int64) * H + i_h  # [BM] rows of q, o",
             f"{ind}i_lo = tl.min(tl.where(m_r, o_i, T), 0)  # the tile's first query",
@@ -211,18 +242,10 @@ class GroupedEmitter:
         return ["", "@triton.jit", f"def attend_{self.st.name}_{name}_kernel(",
                 f"    {args},", "):", f'    """{doc}"""']
 
-    def emit_fwd(self) -> list[str]:
-        consts = ("H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, KS, D: tl.constexpr, "
-                  "DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, "
-                  "BN: tl.constexpr, IEEE: tl.constexpr")
-        c = self._head("fwd", f"q, k, v, po, pl, order, goff, gcnt, toff, tgroup, scale, T, NG, "
-                       f"NB, {consts}",
-                       f"Attention `{self.st.name}` grouped by selected block: for a tile of up "
-                       f"to BM entries that chose one block, each entry's output and log-sum-exp "
-                       f"over that block's keys (po [E, DV], pl [E]).")
-        ind = "    "
-        c.append(f"{ind}i_x = tl.program_id(0)")
-        self._rows(c, ind)
+    def _attend_block(self, c: list, ind: str) -> None:
+        """The tile's rows (o_i, mask m_r, rows p_row) attended to keys [j_lo, j_hi) of the
+        block: b_m, b_l, b_acc (log2 units) after the walk, in three runs (masked edges
+        around the full chunks [fa, fb))."""
         c += [
             f"{ind}o_d = tl.arange(0, BD)",
             f"{ind}m_d = o_d < D",
@@ -251,14 +274,88 @@ class GroupedEmitter:
                 f"{ind2}b_m = m_new",
             ]
         self._runs(c, ind, "j0", "j_lo", "fa", "fb", "j_hi", "BN", step)
+
+    def _emit_own(self, consts: str) -> str:
+        """The own-block kernel: a query's own block (its list's first slot, the forced
+        current block) by tiles of BM contiguous queries of one head, then the row's other
+        listed blocks merged in from their partials; writes o (and, with SAVE, the row's
+        log-sum-exp). It replaces the combine kernel, and the own block's entries get no
+        partial output."""
+        L, S = self.grid.length, self.grid.stride
+        ind = "    "
+        c = self._head("own", f"q, k, v, po, pl, sel, o, lsave, scale, T, NB, {consts}, "
+                       f"HS: tl.constexpr, SAVE: tl.constexpr",
+                       f"Attention `{self.st.name}` over each query's own block (the forced "
+                       f"current block, first in its list) by tiles of BM contiguous queries, "
+                       f"merged by log-sum-exp with the partial outputs of the row's other "
+                       f"listed blocks (po, pl: KS - 1 a row): writes o, and with SAVE the "
+                       f"row's log-sum-exp.")
+        c += [
+            f"{ind}i_t, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)",
+            f"{ind}i_n = i_t // (({L} + BM - 1) // BM)  # the block the tile lies in",
+            f"{ind}o_r = i_t % (({L} + BM - 1) // BM) * BM + tl.arange(0, BM)  # [BM] offsets "
+            f"in it",
+            f"{ind}o_i = i_n * {S} + o_r  # [BM] query positions",
+            f"{ind}m_r = (o_r < {L}) & (o_i < T)",
+            f"{ind}i_hk = i_h // G",
+        ]
+        self._bounds(c, ind)
+        self._attend_block(c, ind)
+        c += [
+            f"{ind}# the row's other listed blocks: merge their partials (o, lse) in",
+            f"{ind}p_sel = sel + ((i_b * T + o_i).to(tl.int64) * HS + i_h // (H // HS)) * KS",
+            f"{ind}for s in range(1, KS):",
+            f"{ind}    m_s = m_r & (tl.load(p_sel + s, mask=m_r, other=-1) >= 0)",
+            f"{ind}    o_pe = p_row * (KS - 1) + s - 1  # [BM] the entries' partials",
+            f"{ind}    b_pl = tl.load(pl + o_pe, mask=m_s, other=float('-inf')) * L2E  # log2 "
+            f"units",
+            f"{ind}    b_po = tl.load(po + o_pe[:, None] * DV + o_dv[None, :], mask=m_s[:, None] "
+            f"& m_dv[None, :], other=0.).to(tl.float32)",
+            f"{ind}    m_new = tl.maximum(b_m, b_pl)",
+            f"{ind}    m_use = tl.where(m_new == float('-inf'), 0., m_new)",
+            f"{ind}    b_alpha = tl.exp2(b_m - m_use)",
+            f"{ind}    b_beta = tl.exp2(b_pl - m_use)  # the partial's weight (its own sum is 1)",
+            f"{ind}    b_l = b_l * b_alpha + b_beta",
+            f"{ind}    b_acc = b_acc * b_alpha[:, None] + b_beta[:, None] * b_po",
+            f"{ind}    b_m = m_new",
+            f"{ind}b_o = tl.where(b_l[:, None] > 0, b_acc / tl.where(b_l > 0, b_l, 1.)[:, None], 0.)",
+            f"{ind}tl.store(o + p_row[:, None] * DV + o_dv[None, :], b_o.to(o.dtype.element_ty), "
+            f"mask=m_r[:, None] & m_dv[None, :])",
+            f"{ind}if SAVE:",
+            f"{ind}    tl.store(lsave + p_row, tl.where(b_l > 0, (b_m + tl.log2(tl.where(b_l > 0, "
+            f"b_l, 1.))) / L2E, float('-inf')), mask=m_r)  # natural log",
+        ]
+        return "\n".join(c) + "\n"
+
+    def emit_fwd(self) -> list[str]:
+        consts = ("H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, KS, D: tl.constexpr, "
+                  "DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, "
+                  "BN: tl.constexpr, IEEE: tl.constexpr")
+        which = "other than its own" if self.own else "that"
+        c = self._head("fwd", f"q, k, v, po, pl, order, goff, gcnt, toff, tgroup, scale, T, NG, "
+                       f"NB, {consts}",
+                       f"Attention `{self.st.name}` grouped by selected block: for a tile of up "
+                       f"to BM entries {which} chose one block, each entry's output and "
+                       f"log-sum-exp over that block's keys (po [E, DV], pl [E]).")
+        ind = "    "
+        c.append(f"{ind}i_x = tl.program_id(0)")
+        self._rows(c, ind)
+        self._attend_block(c, ind)
+        pe = "o_ent"
+        if self.own:  # entries of slots 1 .. KS - 1 only: partials stored KS - 1 a row
+            pe = "o_pe"
+            c.append(f"{ind}o_pe = o_ent - o_ent // KS - 1  # (row, slot s) -> row * (KS - 1) "
+                     f"+ s - 1")
         c += [
             f"{ind}b_o = tl.where(b_l[:, None] > 0, b_acc / tl.where(b_l > 0, b_l, 1.)[:, None], 0.)",
-            f"{ind}tl.store(po + o_ent.to(tl.int64)[:, None] * DV + o_dv[None, :], "
+            f"{ind}tl.store(po + {pe}.to(tl.int64)[:, None] * DV + o_dv[None, :], "
             f"b_o.to(po.dtype.element_ty), mask=m_r[:, None] & m_dv[None, :])",
-            f"{ind}tl.store(pl + o_ent, tl.where(b_l > 0, (b_m + tl.log2(tl.where(b_l > 0, b_l, "
+            f"{ind}tl.store(pl + {pe}, tl.where(b_l > 0, (b_m + tl.log2(tl.where(b_l > 0, b_l, "
             f"1.))) / L2E, float('-inf')), mask=m_r)  # natural log",
         ]
         fwd = "\n".join(c) + "\n"
+        if self.own:
+            return [fwd, self._emit_own(consts)]
         c = self._head("combine", "po, pl, sel, o, lsave, N, H: tl.constexpr, "
                         "HS: tl.constexpr, KS, KSP: tl.constexpr, DV: tl.constexpr, "
                         "BDV: tl.constexpr, BR: tl.constexpr, SAVE: tl.constexpr",
@@ -511,23 +608,46 @@ class GroupedEmitter:
                 f"DV=DV, BD=BD, BDV=BDV")
 
     def host_fwd(self, c, scale: str) -> None:
-        s = self.sel
-        c(f"# attend `{self.st.name}`: grouped by selected block")
+        s, nb, name = self.sel, f"NB{self.grid.node}", self.st.name
+        c(f"# attend `{name}`: grouped by selected block"
+          + ("; each query's own block by tiles of contiguous queries" if self.own else ""))
         c("GBM, GBN, GW, GS, GR = _grouped_config(q, 'fwd')  # (SPARSEDSL_GROUPED)")
-        c(f"NG = B * H * NB{self.grid.node}")
-        c(f"gorder, ggoff, ggcnt, gtoff, gtgroup = _group_by_block(sel{s}, H, "
-          f"NB{self.grid.node}, GBM)")
-        c(f"po = torch.empty(B * T * H * KS{s}, DV, device=dev, dtype=q.dtype)  # partial outputs")
-        c(f"pl = torch.empty(B * T * H * KS{s}, device=dev, dtype=f32)")
-        c(f"attend_{self.st.name}_fwd_kernel[(gtgroup.numel(),)](q, k, v, po, pl, gorder, ggoff, "
-          f"ggcnt, gtoff, gtgroup, {self._common(scale)}, BM=GBM, BN=GBN, IEEE=IEEE, "
+        c(f"NG = B * H * {nb}")
+        c(f"gorder, ggoff, ggcnt = _group_by_block(sel{s}, H, {nb})")
+        if self.own:
+            L = self.grid.length
+            c(f"# a group's first entries are its own block's queries (slot 0): tiles of the "
+              f"others")
+            c(f"gown = _own_counts(B, H, T, {L}, {nb}, dev)")
+            c("gpoff, gpcnt = ggoff + gown, ggcnt - gown")
+            c(f"gtoff, gtgroup = _group_tiles(gpcnt, GBM, B * T * H * (KS{s} - 1))")
+            c(f"po = torch.empty(B * T * H * (KS{s} - 1), DV, device=dev, dtype=q.dtype)  "
+              f"# partial outputs, slots 1 ..")
+            c(f"pl = torch.empty(B * T * H * (KS{s} - 1), device=dev, dtype=f32)")
+            starts = "gpoff, gpcnt"
+        else:
+            c(f"gtoff, gtgroup = _group_tiles(ggcnt, GBM, gorder.numel())  # tiles of GBM "
+              f"entries")
+            c(f"po = torch.empty(B * T * H * KS{s}, DV, device=dev, dtype=q.dtype)  # partial "
+              f"outputs")
+            c(f"pl = torch.empty(B * T * H * KS{s}, device=dev, dtype=f32)")
+            starts = "ggoff, ggcnt"
+        c(f"attend_{name}_fwd_kernel[(gtgroup.numel(),)](q, k, v, po, pl, gorder, {starts}, "
+          f"gtoff, gtgroup, {self._common(scale)}, BM=GBM, BN=GBN, IEEE=IEEE, "
           f"**_launch(GW, GS, GR))")
         c("o = torch.empty(B, T, H, DV, device=dev, dtype=q.dtype)")
         c("osave0 = o  # the backward's delta reads the output itself, as FlashAttention's does")
         c("lsave = torch.empty(1, B, T, H, device=dev, dtype=f32) if save else o")
-        c(f"attend_{self.st.name}_combine_kernel[(triton.cdiv(B * T * H, 16),)](po, pl, sel{s}, o, "
-          f"lsave, B * T * H, H=H, HS=HS{s}, KS=KS{s}, KSP=triton.next_power_of_2(KS{s}), "
-          f"DV=DV, BDV=BDV, BR=16, SAVE=save)")
+        if self.own:
+            c("OBM, OBN, OW, OS, OR = _grouped_config(q, 'own')  # (SPARSEDSL_GROUPED_OWN)")
+            c(f"attend_{name}_own_kernel[({nb} * triton.cdiv({L}, OBM), H, B)](q, k, v, po, pl, "
+              f"sel{s}, o, lsave, {scale}, T, {nb}, H=H, HKV=HKV, G=G, KS=KS{s}, D=D, DV=DV, "
+              f"BD=BD, BDV=BDV, BM=OBM, BN=OBN, IEEE=IEEE, HS=HS{s}, SAVE=save, "
+              f"**_launch(OW, OS, OR))")
+        else:
+            c(f"attend_{name}_combine_kernel[(triton.cdiv(B * T * H, 16),)](po, pl, sel{s}, o, "
+              f"lsave, B * T * H, H=H, HS=HS{s}, KS=KS{s}, KSP=triton.next_power_of_2(KS{s}), "
+              f"DV=DV, BDV=BDV, BR=16, SAVE=save)")
         c("del po, pl")
 
     def saved(self) -> list[str]:

@@ -458,9 +458,15 @@ class Planner:
             return ("static pattern: query tiles of one head walk key tiles between interval "
                     "bounds derived from the pattern; fully masked tiles are skipped")
         if final.layout == "grouped":
+            from .grouped import own_block
+            src = final.groups[0][0].sources[0]
+            merge = ("each query's own block (the forced current one) is attended by tiles of "
+                     "contiguous queries, which merge in the other blocks by log-sum-exp"
+                     if own_block(self.ir, plan.grids[src.grid], src) else
+                     "a combine kernel merges each query's blocks by log-sum-exp")
             return ("grouped by selected block (MoBA's strategy): the list entries are sorted by "
                     "key block; a program attends a tile of queries that chose one block to it, "
-                    "and a combine kernel merges each query's blocks by log-sum-exp")
+                    f"and {merge}")
         if final.rows == "group":
             return ("selection shared by each GQA group: one program per (query, kv head) loads "
                     f"the group's query heads together and walks {len(sel)} block list(s)")

@@ -44,6 +44,25 @@ def test_which_specs_are_grouped(spec, grouped):
         assert "grouped by selected block" in layer.source.splitlines()[3]
 
 
+@pytest.mark.parametrize("spec, own", [
+    ("moba", True),
+    (WINDOWED, True),
+    ("let b = blocks(8)\n"  # forced blocks other than the current one: every slot grouped
+     "let s = topk(dot(q, pool(b, mean)), 2, force=current(b) | first(b, 1), forbid=future(b))\n"
+     "out = attend(tokens(s) & causal)", False),
+])
+def test_own_block_by_contiguous_tiles(spec, own):
+    """Where the top-k forces exactly the current block, every query's list starts with its
+    own block: the forward attends it by tiles of contiguous queries and merges the other
+    blocks' partials there (no combine kernel, no partial for the own block); otherwise every
+    slot is grouped and a combine kernel merges the partials."""
+    src = sparsedsl.compile(spec, head_dim=16, q_heads=2).source
+    fwd = src[src.index("\ndef forward("):src.index("\ndef backward(")]
+    assert ("attend_out_own_kernel[" in fwd) == own
+    assert ("attend_out_combine_kernel[" in fwd) == (not own)
+    assert ("_own_counts(" in fwd) == own
+
+
 @cpu_only
 def test_group_by_block_invariants():
     import triton
@@ -54,7 +73,8 @@ def test_group_by_block_invariants():
     g = torch.Generator().manual_seed(0)
     B, T, HS, H, KS, NB, BM = 2, 29, 2, 4, 3, 5, 4
     sel = torch.randint(-1, NB, (B, T, HS, KS), generator=g, dtype=torch.int32)
-    order, goff, gcnt, toff, tgroup = ns["_group_by_block"](sel, H, NB, BM)
+    order, goff, gcnt = ns["_group_by_block"](sel, H, NB)
+    toff, tgroup = ns["_group_tiles"](gcnt, BM, B * T * H * KS)
     s = sel.repeat_interleave(H // HS, dim=2)
     valid = (s >= 0).flatten()
     # every listed entry once, in (batch, head, block) order, queries ascending in a group
@@ -90,7 +110,8 @@ out = attend(tokens(topk(dot(q, pool(blk, mean)), 1, forbid=~past(blk))) & causa
     ("moba", dict(block=7, topk=3), 1, 30, 2, 2),
     (WINDOWED, {}, 1, 33, 2, 1),
     (UNFORCED, {}, 1, 45, 2, 2),  # blocks no query chose: their dk, dv are stored zeros
-], ids=["moba-gqa", "moba-odd-block", "windowed", "unforced"])
+    ("moba", dict(block=64, topk=3), 2, 50, 2, 1),  # one block: lists of one slot, no partials
+], ids=["moba-gqa", "moba-odd-block", "windowed", "unforced", "one-block"])
 def test_grouped_outputs_and_gradients(spec, params, B, T, Hq, Hkv):
     _check_grouped(spec, params, B, T, Hq, Hkv)
 
@@ -110,11 +131,12 @@ def test_grouped_full_chunks(monkeypatch, spec, params, B, T, Hq, Hkv):
     attends without masks (a past block's, the own block's below the diagonal, a window's
     inside), dk/dv skips the queries before a chunk, a block of 40 ends in a partial chunk.
     Tiles of 16 entries by 16 keys, so the runs start and end inside the blocks."""
-    for var in ("SPARSEDSL_GROUPED", "SPARSEDSL_GROUPED_DQ", "SPARSEDSL_GROUPED_DKDV"):
+    for var in ("SPARSEDSL_GROUPED", "SPARSEDSL_GROUPED_OWN", "SPARSEDSL_GROUPED_DQ",
+                "SPARSEDSL_GROUPED_DKDV"):
         monkeypatch.setenv(var, "16,16,1,1")
     layer = sparsedsl.compile(spec, **params)
     assert layer.plan.stages[-1].groups[0][0].full  # inner ranges, given the list
-    for kernel in ("fwd", "bwd_dq", "bwd_dkdv"):
+    for kernel in ("fwd", "own", "bwd_dq", "bwd_dkdv"):
         body = layer.source.split(f"def attend_out_{kernel}_kernel(")[1].split("@triton.jit")[0]
         assert body.count("# full: no masks") == 1 and body.count("# edge: masked") == 2
     _check_grouped(spec, params, B, T, Hq, Hkv)
@@ -126,6 +148,7 @@ def test_grouped_tile_sizes_from_the_environment(monkeypatch):
     forward's (its own tile table), unequal BM and BN and a register cap (a fifth value) give
     the same results; a bad value is refused."""
     monkeypatch.setenv("SPARSEDSL_GROUPED", "16,32,1,1")
+    monkeypatch.setenv("SPARSEDSL_GROUPED_OWN", "32,16,1,1")  # own-block tiles of 32 queries
     monkeypatch.setenv("SPARSEDSL_GROUPED_DQ", "32,16,1,1")
     monkeypatch.setenv("SPARSEDSL_GROUPED_DKDV", "16,32,1,1")
     _check_grouped("moba", dict(block=8, topk=2), 2, 37, 4, 2)
