@@ -98,6 +98,12 @@ def test_group_by_block_invariants():
     assert int((tgroup < B * H * NB).sum()) == int((-(-gcnt // BM)).sum())
 
 
+SHARED = """pattern shared_lists "MoBA's router summed over each GQA group: one list per kv head"
+let blk = blocks(8)
+let sel = topk(groupsum(dot(q, pool(blk, mean))), 3, force=current(blk), forbid=future(blk))
+out = attend(tokens(sel) & causal)
+"""
+
 UNFORCED = """pattern one_block "each query attends the past block it scores best (block 0: none)"
 let blk = blocks(8)
 out = attend(tokens(topk(dot(q, pool(blk, mean)), 1, forbid=~past(blk))) & causal)
@@ -111,7 +117,8 @@ out = attend(tokens(topk(dot(q, pool(blk, mean)), 1, forbid=~past(blk))) & causa
     (WINDOWED, {}, 1, 33, 2, 1),
     (UNFORCED, {}, 1, 45, 2, 2),  # blocks no query chose: their dk, dv are stored zeros
     ("moba", dict(block=64, topk=3), 2, 50, 2, 1),  # one block: lists of one slot, no partials
-], ids=["moba-gqa", "moba-odd-block", "windowed", "unforced", "one-block"])
+    (SHARED, {}, 2, 43, 4, 2),  # lists shared by a kv head's query heads (HS < H)
+], ids=["moba-gqa", "moba-odd-block", "windowed", "unforced", "one-block", "shared-lists"])
 def test_grouped_outputs_and_gradients(spec, params, B, T, Hq, Hkv):
     _check_grouped(spec, params, B, T, Hq, Hkv)
 
