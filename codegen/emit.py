@@ -2609,13 +2609,16 @@ def pool_launch(st: PoolStage, side: str, x: str, out: str, nb: str) -> str:
     g = st.grid
     d, bd = ("D", "BD") if side == "k" else ("DV", "BDV")
     if st.method == "mean":
-        # on a GPU one block per program, 64 tokens a step: MoBA's 512-token blocks at 8k are
-        # 16 blocks per head, and 16 blocks per program left 16 programs for the whole GPU
-        # (0.38 ms a pool on the H100); the interpreter keeps 16 blocks per program
+        # on a GPU one block per program: MoBA's 512-token blocks at 8k are 16 blocks per head,
+        # and 16 blocks per program left 16 programs for the whole GPU (0.38 ms a pool on the
+        # H100); tiles of 32768 elements (256 tokens of a head dim of 128): MoBA's key pool
+        # 0.040 -> 0.023 ms at 8k and 0.130 -> 0.105 at 64k against 64 tokens a step
+        # (docs/perf-notes.md, session 15). The interpreter keeps 16 blocks per program
         bnb = f"(1 if {x}.is_cuda else 16)"
         return (f"pool_{st.name}_fwd_kernel[(triton.cdiv({nb}, {bnb}), HKV, B)]({x}, {out}, T, "
                 f"{nb}, HKV=HKV, D={d}, BD={bd}, BNB={bnb}, "
-                f"BL=min(64 if {x}.is_cuda else 16, triton.next_power_of_2({g.length})))")
+                f"BL=min(32768 // {bd} if {x}.is_cuda else 16, "
+                f"triton.next_power_of_2({g.length})))")
     pre = f"'{st.owner}.{side}."
     return (f"pool_{st.name}_fwd_kernel[(triton.cdiv({nb}, 16), HKV, B)]({x}, "
             f"params[{pre}pe'], params[{pre}w1'], params[{pre}b1'], params[{pre}w2'], "
