@@ -82,8 +82,9 @@ def _group_by_block(sel, H, NB):
     b = torch.arange(B, device=dev).view(B, 1, 1, 1)
     h = torch.arange(H, device=dev).view(1, 1, H, 1)
     gid = torch.where(s >= 0, (b * H + h) * NB + s.long(), NG).flatten()
-    # 32-bit sort keys where they fit: half the radix passes
-    key, order = torch.sort(gid.int() if NG < 2 ** 31 else gid, stable=True)
+    # the narrowest sort keys that hold NG (the padding's id): fewer radix passes
+    narrow = torch.int16 if NG < 2 ** 15 else torch.int32 if NG < 2 ** 31 else torch.int64
+    key, order = torch.sort(gid.to(narrow), stable=True)
     # the groups' bounds in the sorted keys (a scatter-add of counts cost more)
     bound = torch.searchsorted(key, torch.arange(NG + 1, device=dev, dtype=key.dtype))
     return order, bound[:NG], bound[1:] - bound[:NG]
