@@ -79,12 +79,14 @@ def _group_by_block(sel, H, NB):
     dev = sel.device
     s = sel if HS == H else sel.repeat_interleave(H // HS, dim=2)  # [B, T, H, KS]
     NG = B * H * NB
+    # the narrowest integers that hold every group id and NG (the padding's): the radix sort
+    # makes fewer passes, and the ids are built in them (no int64 [B, T, H, KS] temporaries)
+    narrow = torch.int16 if NG < 2 ** 15 else torch.int32 if NG < 2 ** 31 else torch.int64
     b = torch.arange(B, device=dev).view(B, 1, 1, 1)
     h = torch.arange(H, device=dev).view(1, 1, H, 1)
-    gid = torch.where(s >= 0, (b * H + h) * NB + s.long(), NG).flatten()
-    # the narrowest sort keys that hold NG (the padding's id): fewer radix passes
-    narrow = torch.int16 if NG < 2 ** 15 else torch.int32 if NG < 2 ** 31 else torch.int64
-    key, order = torch.sort(gid.to(narrow), stable=True)
+    first = ((b * H + h) * NB).to(narrow)  # [B, 1, H, 1]: the (batch, head)'s first group
+    gid = torch.where(s >= 0, s.to(narrow) + first, NG).flatten()
+    key, order = torch.sort(gid, stable=True)
     # the groups' bounds in the sorted keys (a scatter-add of counts cost more)
     bound = torch.searchsorted(key, torch.arange(NG + 1, device=dev, dtype=key.dtype))
     return order, bound[:NG], bound[1:] - bound[:NG]
