@@ -245,17 +245,23 @@ class GroupedEmitter:
         return ["", "@triton.jit", f"def attend_{self.st.name}_{name}_kernel(",
                 f"    {args},", "):", f'    """{doc}"""']
 
-    def _attend_block(self, c: list, ind: str) -> None:
-        """The tile's rows (o_i, mask m_r, rows p_row) attended to keys [j_lo, j_hi) of the
-        block: b_m, b_l, b_acc (log2 units) after the walk, in three runs (masked edges
-        around the full chunks [fa, fb))."""
-        c += [
+    @staticmethod
+    def _q_tile(ind: str) -> list:
+        """The head dims' offsets and masks, and b_q: the tile's query rows p_row (mask m_r)."""
+        return [
             f"{ind}o_d = tl.arange(0, BD)",
             f"{ind}m_d = o_d < D",
             f"{ind}o_dv = tl.arange(0, BDV)",
             f"{ind}m_dv = o_dv < DV",
             f"{ind}b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None] & "
             f"m_d[None, :], other=0.)  # [BM, BD]",
+        ]
+
+    def _attend_block(self, c: list, ind: str) -> None:
+        """The tile's rows (o_i, mask m_r, rows p_row) attended to keys [j_lo, j_hi) of the
+        block: b_m, b_l, b_acc (log2 units) after the walk, in three runs (masked edges
+        around the full chunks [fa, fb))."""
+        c += self._q_tile(ind) + [
             f"{ind}{L2E_DEF}",
             f"{ind}b_m = tl.full([BM], float('-inf'), tl.float32)",
             f"{ind}b_l = tl.zeros([BM], dtype=tl.float32)",
@@ -426,14 +432,7 @@ class GroupedEmitter:
                        f"block): not deterministic.")
         c.append(f"{ind}i_x = tl.program_id(0)")
         self._rows(c, ind)
-        c += [
-            f"{ind}o_d = tl.arange(0, BD)",
-            f"{ind}m_d = o_d < D",
-            f"{ind}o_dv = tl.arange(0, BDV)",
-            f"{ind}m_dv = o_dv < DV",
-            f"{ind}b_q = tl.load(q + p_row[:, None] * D + o_d[None, :], mask=m_r[:, None] & "
-            f"m_d[None, :], other=0.)  # [BM, BD]",
-        ]
+        c += self._q_tile(ind)
         c += [f"{ind}{L2E_DEF}"]
         c += self._bwd_rows(ind)
         c += [f"{ind}b_dq = tl.zeros([BM, BD], dtype=tl.float32)"]
