@@ -234,9 +234,14 @@ def test_a_failing_backward_keeps_the_forward(monkeypatch):
     monkeypatch.setattr(measure, "time_fwdbwd", oom)
     p = Prepared(lambda: None, [], torch.zeros(1), lambda o: o, 0)
     row = Row("moba", 8192, "sdpa-cudnn", "dense")
+    monkeypatch.setattr(measure, "time_graph", lambda fn, r: 0.25)
     runner._measure(row, p, options_from_args(parse()))
     assert (row.status, row.fwd_ms, row.fwdbwd_ms) == ("ok", 1.5, None)
     assert row.reason == "fwd+bwd: out of memory"
+    assert row.extra["timings_ms"] == {"graph": 0.25}  # the forward from a CUDA graph
+    row = Row("moba", 8192, "sdpa-cudnn", "dense")
+    runner._measure(row, p, options_from_args(parse("--no-graph")))
+    assert "timings_ms" not in row.extra
     monkeypatch.setattr(measure, "time_forward", oom)
     row = Row("moba", 8192, "sdpa-cudnn", "dense")
     runner._measure(row, p, options_from_args(parse()))
@@ -277,8 +282,10 @@ def fake_results() -> Results:
     res.floors.append({"case": "moba", "seq": 8192, **w.to_json(), **w.floor_ms(5e14, 2e12)})
     res.rows = [
         Row("moba", 8192, "sparsedsl", "sparsedsl", 2.0, 8.0, 3 << 30, 1 << 30,
-            extra={"notes": {"cold_spec_to_layer_s": 0.0812, "cached_spec_to_layer_s": 0.004}}),
-        Row("moba", 8192, "sdpa-cudnn", "dense", 4.0, 10.0, 2 << 30, 1 << 30),
+            extra={"notes": {"cold_spec_to_layer_s": 0.0812, "cached_spec_to_layer_s": 0.004},
+                   "timings_ms": {"graph": 0.625}}),
+        Row("moba", 8192, "sdpa-cudnn", "dense", 4.0, 10.0, 2 << 30, 1 << 30,
+            extra={"timings_ms": {"graph": "RuntimeError: capture failed"}}),
         Row("moba", 8192, "sdpa-flash", "dense", 5.0, 16.0, 2 << 30, 1 << 30),
         Row("moba", 8192, "flex", "peer", 3.0, 12.0, 2 << 30, 1 << 30,
             extra={"timings_ms": {"routing+mask": 0.75},
@@ -313,6 +320,14 @@ def test_table():
                  f"{sp['over_floor_fwd']:.2f}/{sp['over_floor_fwdbwd']:.2f}",
                  "spec->layer cold 81 ms, cached 4 ms"):
         assert cell in row, (cell, row)
+    # the forward from a CUDA graph in its column (not repeated in the notes); a capture
+    # that failed: '-' there and the reason in the notes
+    head = next(ln for ln in lines if ln.strip().startswith("impl"))
+    assert head.split()[1:6] == ["fwd", "ms", "graph", "ms", "fwd+bwd"]
+    assert row.split()[1:4] == ["2.000", "0.625", "8.000"] and "graph" not in row
+    cudnn = next(ln for ln in lines if ln.strip().startswith("sdpa-cudnn"))
+    assert cudnn.split()[1:4] == ["4.000", "-", "10.00"]
+    assert "graph: RuntimeError: capture failed" in cudnn
     flex = next(ln for ln in lines if ln.strip().startswith("flex "))
     assert "routing+mask 0.750 ms" in flex and "selection differs in 2/100 rows" in flex
     assert "1/131072 rows over 0.02 of it" in flex

@@ -37,7 +37,7 @@ class BenchOptions:
     seed: int = 0
     quick: bool = False
     decode: bool = False  # one new token against a KV cache of each length in `seqs`
-    graphs: bool = True   # --decode: also time each step replayed from a CUDA graph
+    graphs: bool = True   # also time the forward (a decode step) replayed from a CUDA graph
 
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
@@ -81,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(batch 1): sparsedsl's layer.decode (and cache.append), SDPA and "
                              "FlexAttention on one query")
     parser.add_argument("--no-graph", action="store_true",
-                        help="with --decode: do not time the steps replayed from a CUDA graph")
+                        help="do not time the forward (with --decode: the step) replayed from "
+                             "a CUDA graph")
     parser.add_argument("--quick", action="store_true",
                         help="a short run: 8192 tokens only (unless --seq), fewer repetitions")
     parser.add_argument("--case", metavar="NAME,...",
@@ -119,8 +120,6 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     decode = bool(getattr(args, "decode", False))
     seqs = _ints(args.seq, "seq") if getattr(args, "seq", None) else \
         (QUICK_SEQ if quick else DEFAULT_DECODE_SEQ if decode else DEFAULT_SEQ)
-    if getattr(args, "no_graph", False) and not decode:
-        raise UsageError("--no-graph is an option of --decode")
     groups = _ints(args.group, "group") if getattr(args, "group", None) else DEFAULT_GROUPS
     bad = [g for g in groups if NSA_Q_HEADS % g]
     if bad:

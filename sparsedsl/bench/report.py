@@ -202,13 +202,13 @@ def decode_floor_line(f: dict) -> str:
     return s
 
 
-def _decode_timing(r: Row, name: str) -> str:
+def _timing(r: Row, name: str) -> str:
     t = r.extra.get("timings_ms", {}).get(name)
     return _ms(t) if isinstance(t, (int, float)) else "-"
 
 
-def _decode_notes(r: Row) -> str:
-    """Notes of a decode row: the timings not in a column, then what _notes says."""
+def _column_notes(r: Row) -> str:
+    """Notes of a row: the timings not in a column (loop, graph), then what _notes says."""
     e = dict(r.extra)
     e["timings_ms"] = {k: v for k, v in e.get("timings_ms", {}).items()
                        if k not in ("loop", "graph") or not isinstance(v, (int, float))}
@@ -231,8 +231,11 @@ def _decode_cases(res: Results) -> set:
 
 
 def format_table(res: Results) -> str:
-    head = ["impl", "fwd ms", "fwd+bwd ms", "peak GiB", "x dense", "/floor", "x peer", "notes"]
+    head = ["impl", "fwd ms", "graph ms", "fwd+bwd ms", "peak GiB", "x dense", "/floor",
+            "x peer", "notes"]
     lines = [f"Times: medians of triton.testing.do_bench (ms) over at least {MIN_REPS} calls; "
+             "graph: the forward replayed from a CUDA graph (its GPU time without Python's "
+             "launch overhead, no L2 flush; '-' where it cannot be captured or with --no-graph); "
              "fwd+bwd: one forward and backward together; peak: one fwd+bwd, own inputs "
              "included; x dense: fastest SDPA backend / this (fwd/fwd+bwd); /floor: time / "
              "the pattern's floor; x peer: the peer's time / sparsedsl's (above 1: sparsedsl "
@@ -265,17 +268,18 @@ def format_table(res: Results) -> str:
             if dec:
                 vs = ", ".join(f"{p} {v['fwd']:.2f}" for p, v in sp.get("vs", {}).items()
                                if "fwd" in v)
-                rows.append([r.impl, _ms(r.fwd_ms), _decode_timing(r, "loop"),
-                             _decode_timing(r, "graph"),
+                rows.append([r.impl, _ms(r.fwd_ms), _timing(r, "loop"),
+                             _timing(r, "graph"),
                              "-" if r.peak_bytes is None else f"{r.peak_bytes / GIB:.2f}",
                              f"{sp['x_dense_fwd']:.2f}" if "x_dense_fwd" in sp else "-",
                              f"{sp['over_floor_fwd']:.1f}" if "over_floor_fwd" in sp else "-",
-                             vs or "-", _decode_notes(r)])
+                             vs or "-", _column_notes(r)])
                 continue
-            rows.append([r.impl, _ms(r.fwd_ms), _ms(r.fwdbwd_ms),
+            rows.append([r.impl, _ms(r.fwd_ms), _timing(r, "graph"), _ms(r.fwdbwd_ms),
                          "-" if r.peak_bytes is None else f"{r.peak_bytes / GIB:.2f}",
                          _x(sp, "x_dense_fwd", "x_dense_fwdbwd"),
-                         _x(sp, "over_floor_fwd", "over_floor_fwdbwd"), peer or "-", _notes(r)])
+                         _x(sp, "over_floor_fwd", "over_floor_fwdbwd"), peer or "-",
+                         _column_notes(r)])
         lines.extend(_grid(DECODE_HEAD if dec else head, rows))
     return "\n".join(lines)
 

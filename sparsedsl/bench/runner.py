@@ -308,11 +308,13 @@ def _attempt(fn, *args):
 
 
 def _measure(row: Row, prep, opts: BenchOptions) -> None:
-    """Fill a row: forward, forward+backward, peak memory, extra timings; each part's
-    failure is noted and the others still run."""
+    """Fill a row: forward, forward+backward, peak memory, extra timings, and the forward
+    replayed from a CUDA graph (last: a capture that fails must not disturb the others);
+    each part's failure is noted and the others still run."""
     import torch
 
-    from .measure import describe_error, do_bench, peak_fwdbwd, time_forward, time_fwdbwd
+    from .measure import (describe_error, do_bench, peak_fwdbwd, time_forward, time_fwdbwd,
+                          time_graph)
     failures: dict[str, str] = {}  # part -> why
     try:
         row.fwd_ms = time_forward(prep, opts.warmup_ms, opts.rep_ms)
@@ -332,6 +334,11 @@ def _measure(row: Row, prep, opts: BenchOptions) -> None:
         row.peak_bytes, row.work_bytes = peak_fwdbwd(prep)
     except Exception as e:  # noqa: BLE001
         failures["fwd+bwd"] = describe_error(e)
+    if opts.graphs and row.fwd_ms is not None:  # the forward's GPU time without the host's
+        try:
+            row.extra.setdefault("timings_ms", {})["graph"] = time_graph(prep.fwd, opts.rep_ms)
+        except Exception as e:  # noqa: BLE001 - e.g. a forward that syncs with the host
+            row.extra.setdefault("timings_ms", {})["graph"] = describe_error(e)
     if len(set(failures.values())) == 1 and len(failures) == 2:  # one cause for both
         row.reason = next(iter(failures.values()))
     else:
