@@ -616,25 +616,20 @@ class GroupedEmitter:
         c("GBM, GBN, GW, GS, GR = _grouped_config(q, 'fwd')  # (SPARSEDSL_GROUPED)")
         c(f"NG = B * H * {nb}")
         c(f"gorder, ggoff, ggcnt = _group_by_block(sel{s}, H, {nb})")
+        offs, cnts, slots = "ggoff", "ggcnt", f"KS{s}"
         if self.own:
             L = self.grid.length
             c(f"# a group's first entries are its own block's queries (slot 0): tiles of the "
               f"others")
             c(f"gown = _own_counts(B, H, T, {L}, {nb}, dev)")
             c("gpoff, gpcnt = ggoff + gown, ggcnt - gown")
-            c(f"gtoff, gtgroup = _group_tiles(gpcnt, GBM, B * T * H * (KS{s} - 1))")
-            c(f"po = torch.empty(B * T * H * (KS{s} - 1), DV, device=dev, dtype=q.dtype)  "
-              f"# partial outputs, slots 1 ..")
-            c(f"pl = torch.empty(B * T * H * (KS{s} - 1), device=dev, dtype=f32)")
-            starts = "gpoff, gpcnt"
-        else:
-            c(f"gtoff, gtgroup = _group_tiles(ggcnt, GBM, gorder.numel())  # tiles of GBM "
-              f"entries")
-            c(f"po = torch.empty(B * T * H * KS{s}, DV, device=dev, dtype=q.dtype)  # partial "
-              f"outputs")
-            c(f"pl = torch.empty(B * T * H * KS{s}, device=dev, dtype=f32)")
-            starts = "ggoff, ggcnt"
-        c(f"attend_{name}_fwd_kernel[(gtgroup.numel(),)](q, k, v, po, pl, gorder, {starts}, "
+            offs, cnts, slots = "gpoff", "gpcnt", f"(KS{s} - 1)"  # partials of slots 1 .. only
+        c(f"gtoff, gtgroup = _group_tiles({cnts}, GBM, B * T * H * {slots})  "
+          f"# tiles of GBM entries")
+        c(f"po = torch.empty(B * T * H * {slots}, DV, device=dev, dtype=q.dtype)  # partial "
+          f"outputs")
+        c(f"pl = torch.empty(B * T * H * {slots}, device=dev, dtype=f32)")
+        c(f"attend_{name}_fwd_kernel[(gtgroup.numel(),)](q, k, v, po, pl, gorder, {offs}, {cnts}, "
           f"gtoff, gtgroup, {self._common(scale)}, BM=GBM, BN=GBN, IEEE=IEEE, "
           f"**_launch(GW, GS, GR))")
         c("o = torch.empty(B, T, H, DV, device=dev, dtype=q.dtype)")
