@@ -210,9 +210,9 @@ def test_backward_state_is_kept_once(monkeypatch):
     seen = []
     real = custom_op.AttendOp._backward
 
-    def spy(self, ctx, grads):
+    def spy(self, ctx, grads, run=None):
         seen.append(grads)
-        return real(self, ctx, grads)
+        return real(self, ctx, grads, run)
 
     # the op registers its autograd formula when first built: a spec no other test compiles
     monkeypatch.setattr(custom_op.AttendOp, "_backward", spy)

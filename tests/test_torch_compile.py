@@ -6,11 +6,13 @@ small model using the layer compiles with `fullgraph=True` (a graph break would 
 error) and gives the eager outputs and gradients: with inductor (which needs a C++ compiler
 on the CPU) for MoBA, with `aot_eager` (the same fake-tensor tracing and autograd, without
 code generation) for NSA's learnable parts and for dynamic shapes; `torch.library.opcheck`
-checks the operator's registrations (schema, fake tensors, autograd, AOT dispatch).
+checks the operator's registrations (schema, fake tensors, autograd, AOT dispatch). Plain
+eager calls skip the operators' dispatch (`AttendOp.run`); a dispatch mode sees the operators.
 Kernels run in Triton's interpreter, so sizes are tiny.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 
 import pytest
@@ -169,3 +171,73 @@ def test_return_lists_compiled():
     torch.testing.assert_close(out, out0, rtol=0, atol=0)
     assert lists.keys() == lists0.keys() == {"sel"}
     assert torch.equal(lists["sel"], lists0["sel"])
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the operators dispatched under it and runs them unchanged."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("spec, params", [("moba", MOBA), ("nsa", NSA)])
+def test_eager_calls_skip_the_operators_dispatch(monkeypatch, spec, params):
+    """A plain eager call runs the host code without the custom operators, with the same
+    outputs and gradients as the operators give (under a dispatch mode, which sees them)."""
+    torch.manual_seed(0)
+    model = Block(spec, **params)
+    x = torch.randn(2, 11, D_MODEL, dtype=torch.float64)
+    model = model.double()
+    op = model.attn._op
+
+    def run(mode):
+        model.zero_grad()
+        xi = x.clone().requires_grad_()
+        with mode:
+            y = model(xi)
+            (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        with torch.no_grad(), mode:
+            y2 = model(x)
+        return y.detach(), y2, xi.grad, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    log = _OpLog()
+    via_ops = run(log)
+    ours = [n for n in log.names if n.startswith("sparsedsl.")]
+    assert any(n.endswith("_bwd.default") for n in ours) and len(ours) == 3, ours
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a plain eager call dispatched the custom operator")
+    monkeypatch.setattr(op, "forward", refuse)
+    monkeypatch.setattr(op, "backward_op", refuse)
+    eager = run(contextlib.nullcontext())
+    for a, b in zip(via_ops[:3], eager[:3]):
+        assert torch.equal(a, b)
+    assert via_ops[3].keys() == eager[3].keys()
+    for n in eager[3]:
+        assert torch.equal(via_ops[3][n], eager[3][n]), n
+
+
+def test_eager_ok():
+    """What counts as a plain eager call: plain tensors and parameters, no dispatch mode, no
+    tensor subclass, no functorch transform."""
+    from sparsedsl.runtime.custom_op import eager_ok
+    t = torch.zeros(2)
+    assert eager_ok(t, torch.nn.Parameter(t))
+    with _OpLog():
+        assert not eager_ok(t)
+
+    class Sub(torch.Tensor):
+        pass
+    assert not eager_ok(t, t.as_subclass(Sub))
+    seen = []
+
+    def f(u):
+        seen.append(eager_ok(u))
+        return u
+    torch.func.vmap(f)(torch.zeros(3, 2))
+    assert seen == [False]

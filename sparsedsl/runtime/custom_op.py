@@ -14,6 +14,13 @@ projections `linear(x)` run in PyTorch before the op). `lists` are the selected 
 (block lists, each group's output and log-sum-exp, pooled keys): the forward returns them
 as outputs so that autograd (`register_autograd`) can hand them to the backward operator.
 
+In plain eager mode (`eager_ok`: not compiling, no dispatch mode or functorch transform, plain
+tensors) `AttendOp.run` skips the operators' dispatch: the same host code runs directly, inside
+a `torch.autograd.Function` with the same autograd formula when gradients are needed. The
+dispatch and the custom operator's autograd wrapper cost more host time than the generated
+host code itself at short sequences (MoBA at 8k on the H100, docs/perf-notes.md); under
+`torch.compile`, export or a dispatch mode the operators run, so the compiler sees them.
+
 Shapes for tracing (`register_fake`): the generated host code only computes sizes,
 allocates and launches kernels, so the fake implementation runs that same host code on fake
 tensors with every kernel launch replaced by a no-op. Its allocations are exactly what a real
@@ -95,6 +102,15 @@ class AttendOp:
         lib_fwd.register_autograd(self._backward, setup_context=self._setup_context)
         self.forward, self.backward_op = lib_fwd, lib_bwd
 
+    def run(self, q, k, v, gates: list, params: list, save: bool) -> list:
+        """The forward operator's outputs: through `torch.library` when something traces or
+        intercepts the call, else the same host code directly (`eager_ok`)."""
+        if not eager_ok(q, k, v, *gates, *params):
+            return self.forward(q, k, v, gates, params, save)
+        if save:
+            return list(_EagerAttend.apply(self, len(gates), q, k, v, *gates, *params))
+        return self._run_forward(q, k, v, gates, params, False, fake=False)
+
     def __deepcopy__(self, memo):  # shared by every layer of its key, like the kernels
         return self
 
@@ -158,15 +174,17 @@ class AttendOp:
         ctx.counts = (len(gates), len(params))
         ctx.save_for_backward(q, k, v, *gates, *params, *saved)
 
-    def _backward(self, ctx, grads):
+    def _backward(self, ctx, grads, run=None):
+        """Gradients of (q, k, v, gates, params, save) from the saved state, by the backward
+        operator (or `run`, with its arguments: the eager path's host code)."""
         ng, npar = ctx.counts
         q, k, v, *rest = ctx.saved_tensors
         gates, params, saved = rest[:ng], rest[ng:ng + npar], rest[ng + npar:]
         do = grads[0]
         if do is None:  # only the block lists were used: no gradient reaches the inputs
             return None, None, None, [None] * ng, [None] * npar, None
-        dq, dk, dv, *dgp = self.backward_op(q, k, v, list(gates), list(params), list(saved),
-                                            do.to(q.dtype))
+        dq, dk, dv, *dgp = (run or self.backward_op)(q, k, v, list(gates), list(params),
+                                                     list(saved), do.to(q.dtype))
         dgates = [g.to(t.dtype) for g, t in zip(dgp[:ng], gates)]
         dparams = [g.to(t.dtype) for g, t in zip(dgp[ng:], params)]
         return dq, dk, dv, dgates, dparams, None
@@ -194,3 +212,36 @@ class AttendOp:
             [dparams[n] for n in self.param_names]
         inputs = (q, k, v, *gates, *params, *saved, do)
         return [t.clone() if any(t is u for u in inputs) else t for t in flat]
+
+
+def eager_ok(*tensors: torch.Tensor) -> bool:
+    """Whether a call can skip the operators' dispatch: nothing compiles or exports it, no
+    dispatch mode (FakeTensorMode, a FlopCounterMode, ...) or functorch transform (vmap,
+    grad) is active, and the tensors are plain (a tensor subclass may override dispatch)."""
+    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._are_functorch_transforms_active()
+            and all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors))
+
+
+class _EagerAttend(torch.autograd.Function):
+    """The forward operator's host code with its autograd formula (`AttendOp._setup_context`,
+    `AttendOp._backward`), without the operators' dispatch: for plain eager calls that need
+    gradients. Inputs: the op, the number of gates, then q, k, v, *gates, *params."""
+
+    @staticmethod
+    def forward(ctx, op: AttendOp, ng: int, q, k, v, *rest):
+        gates, params = list(rest[:ng]), list(rest[ng:])
+        outs = op._run_forward(q, k, v, gates, params, True, fake=False)
+        op._setup_context(ctx, (q, k, v, gates, params, True), outs)
+        ctx.op = op
+        return tuple(outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        op = ctx.op
+
+        def run(q, k, v, gates, params, saved, do):
+            return op._run_backward(q, k, v, gates, params, saved, do, fake=False)
+        dq, dk, dv, dgates, dparams, _ = op._backward(ctx, grads, run)
+        return None, None, dq, dk, dv, *dgates, *dparams

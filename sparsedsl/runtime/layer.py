@@ -218,7 +218,7 @@ class SparseAttention(torch.nn.Module):
         params = [learnable[n].to(acc).contiguous() for n in self._op.param_names]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *gates, *params))
-        outs = self._op.forward(q, k, v, gates, params, save)
+        outs = self._op.run(q, k, v, gates, params, save)  # the operator, or eager
         out = outs[0].to(dtype)
         if return_lists:
             return out, dict(zip(self._op.list_names, outs[1:1 + len(self._op.list_names)]))
