@@ -8,7 +8,9 @@ units see one row. Here every (query, head, selected block) entry of the lists i
 its block, so a program takes up to BM queries that all chose one block and attends them to
 that block as one [BM, BN] tile per step, as dense attention does:
 
-    forward   group   sort the list entries by (batch, head, block)      (torch, no sync)
+    forward   group   each list entry's group id (batch, head, block), a stable torch.sort
+                      of them, and one table kernel: each group's bounds (binary search of
+                      the sorted ids), its tiles and each tile's group       (no host sync)
               fwd     per tile of BM entries of one group: o and lse of the block  [E, DV]
               combine per (query, head): merge its KS partial (o, lse) by their lse
          or   own     when the top-k forces exactly the current block (MoBA), every list
@@ -73,43 +75,124 @@ HELPER = '''
 def _group_by_block(sel, H, NB):
     """Every (query, head, slot) entry of block lists sel [B, T, HS, KS] (-1 padded), sorted
     by the block it names: groups are (batch, head, block), entries inside a group in query
-    order. Entry e = ((b * T + t) * H + h) * KS + s. Returns the sorted entries and each
-    group's offset and size (no host sync)."""
+    order. Entry e = ((b * T + t) * H + h) * KS + s. Returns the sorted group ids (NG =
+    B * H * NB for an empty slot, last) and the entries in that order (no host sync)."""
     B, T, HS, KS = sel.shape
-    dev = sel.device
-    s = sel if HS == H else sel.repeat_interleave(H // HS, dim=2)  # [B, T, H, KS]
     NG = B * H * NB
     # the narrowest integers that hold every group id and NG (the padding's): the radix sort
-    # makes fewer passes, and the ids are built in them (no int64 [B, T, H, KS] temporaries)
+    # makes fewer passes
     narrow = torch.int16 if NG < 2 ** 15 else torch.int32 if NG < 2 ** 31 else torch.int64
-    b = torch.arange(B, device=dev).view(B, 1, 1, 1)
-    h = torch.arange(H, device=dev).view(1, 1, H, 1)
-    first = ((b * H + h) * NB).to(narrow)  # [B, 1, H, 1]: the (batch, head)'s first group
-    gid = torch.where(s >= 0, s.to(narrow) + first, NG).flatten()
-    key, order = torch.sort(gid, stable=True)
-    # the groups' bounds in the sorted keys (a scatter-add of counts cost more)
-    bound = torch.searchsorted(key, torch.arange(NG + 1, device=dev, dtype=key.dtype))
-    return order, bound[:NG], bound[1:] - bound[:NG]
+    n = B * T * H * KS
+    gid = torch.empty(n, device=sel.device, dtype=narrow)
+    _group_ids_kernel[(max(1, triton.cdiv(n, 1024)),)](sel, gid, n, T, NB, NG, H=H, HS=HS, KS=KS,
+                                                       BE=1024)
+    return torch.sort(gid, stable=True)
 
 
-def _own_counts(B, H, T, L, NB, dev):
-    """Each (batch, head, block) group's entries for queries inside the block itself
-    (min(L, T - n * L) for block n of L tokens): a group's first entries when every query
-    lists its own block, as the forced current block, in its first slot."""
-    n = torch.arange(NB, device=dev, dtype=torch.int64)
-    return (T - n * L).clamp(max=L).repeat(B * H)
+def _group_bounds(key, NG, BM, n, own=None):
+    """Each group's bounds in the sorted ids `key` (`_group_by_block`) and its tiles of BM
+    entries (no host sync). With own = (T, L, NB), every query listing its own
+    block first, a group's first min(L, T - m L) entries (block m = group % NB: the block's
+    own queries) are left out of its tiles. n: at least the entries tiled. Returns the groups'
+    offsets and sizes, the tiled entries' offsets and counts (the same tensors without own),
+    each group's first tile and each tile's group (NG past the last; `_group_tiles`)."""
+    dev = key.device
+    goff, gcnt, first = (torch.empty(NG, device=dev, dtype=torch.int64) for _ in range(3))
+    toff, tcnt = (torch.empty_like(goff), torch.empty_like(goff)) if own else (goff, gcnt)
+    tgroup = torch.empty(max(1, n // BM + min(NG, n)), device=dev, dtype=torch.int32)
+    T, L, NBO = own or (0, 0, 1)
+    _group_table_kernel[(triton.cdiv(tgroup.numel(), 1024),)](
+        key, key.numel(), goff, gcnt, toff, tcnt, first, tgroup, NG, tgroup.numel(), BM, T, L,
+        NBO, FROM_KEYS=True, OWN=own is not None, BG=1024, BT=1024, num_warps=4)
+    return goff, gcnt, toff, tcnt, first, tgroup
 
 
 def _group_tiles(gcnt, BM, n):
     """The tiles of BM entries of groups of gcnt entries (n in all, an upper bound of the
-    sum): each group's first tile and each tile's group (NG past the last), for a grid of
-    n // BM + NG programs at most (no host sync)."""
+    sum): each group's first tile and each tile's group (NG past the last),
+    for a grid of n // BM + NG programs at most (no host sync)."""
     NG = gcnt.numel()
-    tiles = (gcnt + BM - 1) // BM
-    tend = torch.cumsum(tiles, 0)
-    n_max = max(1, n // BM + min(NG, n))
-    tgroup = torch.searchsorted(tend, torch.arange(n_max, device=gcnt.device), right=True)
-    return tend - tiles, tgroup.to(torch.int32)
+    first = torch.empty(NG, device=gcnt.device, dtype=torch.int64)
+    tgroup = torch.empty(max(1, n // BM + min(NG, n)), device=gcnt.device, dtype=torch.int32)
+    _group_table_kernel[(triton.cdiv(tgroup.numel(), 1024),)](
+        gcnt, 0, gcnt, gcnt, gcnt, gcnt, first, tgroup, NG, tgroup.numel(), BM, 0, 0, 1,
+        FROM_KEYS=False, OWN=False, BG=1024, BT=1024, num_warps=4)
+    return first, tgroup
+
+
+@triton.jit
+def _group_ids_kernel(sel, gid, n, T, NB, NG, H: tl.constexpr, HS: tl.constexpr, KS: tl.constexpr,
+                      BE: tl.constexpr):
+    """gid[e] = (b * H + h) * NB + sel[b, t, h // (H / HS), s] for entry
+    e = ((b * T + t) * H + h) * KS + s, or NG for an empty slot (-1), in gid's integer type."""
+    o_e = tl.program_id(0).to(tl.int64) * BE + tl.arange(0, BE)
+    m_e = o_e < n
+    i_s = o_e % KS
+    i_h = (o_e // KS) % H
+    i_bt = o_e // (KS * H)  # b * T + t
+    blk = tl.load(sel + (i_bt * HS + i_h // (H // HS)) * KS + i_s, mask=m_e, other=-1)
+    g = tl.where(blk >= 0, ((i_bt // T) * H + i_h) * NB + blk, NG)
+    tl.store(gid + o_e, g.to(gid.dtype.element_ty), mask=m_e)
+
+
+@triton.jit
+def _group_table_kernel(key, n, goff, gcnt, toff, tcnt, first, tgroup, NG, NT, BM, T, L, NB,
+                        FROM_KEYS: tl.constexpr, OWN: tl.constexpr, BG: tl.constexpr,
+                        BT: tl.constexpr):
+    """Per group: its bounds in the n sorted ids `key` (FROM_KEYS: binary searches; else its
+    size from gcnt), the entries it tiles (OWN: past its own block's first min(L, T - m L)
+    queries, m = group % NB) and the first of its tiles of BM entries. Per tile, BT tiles a
+    program: its group (binary search of the groups' first tiles; NG past the last). Every
+    program computes the groups' table (the same values: a few dependent loads a chunk of
+    BG groups), so no program waits for another."""
+    steps = 1  # of a binary search over n sorted ids
+    while (n >> steps) > 0:
+        steps += 1
+    o_c = tl.arange(0, BG)
+    done = tl.zeros([BG], dtype=tl.int64)  # tiles of the groups before the chunk
+    for g0 in range(0, NG, BG):
+        o_g = g0 + o_c
+        m_g = o_g < NG
+        if FROM_KEYS:  # lower bounds of o_g (lo) and of o_g + 1 (lo1)
+            lo = tl.zeros([BG], dtype=tl.int64)
+            hi = lo + n
+            lo1, hi1 = lo, hi
+            for _ in range(steps):
+                act, act1 = lo < hi, lo1 < hi1
+                mid, mid1 = (lo + hi) // 2, (lo1 + hi1) // 2
+                below = tl.load(key + mid, mask=act, other=0) < o_g
+                below1 = tl.load(key + mid1, mask=act1, other=0) <= o_g
+                lo, hi = tl.where(act & below, mid + 1, lo), tl.where(act & ~below, mid, hi)
+                lo1, hi1 = tl.where(act1 & below1, mid1 + 1, lo1), tl.where(act1 & ~below1, mid1, hi1)
+            c_off, c_cnt = lo, lo1 - lo
+            tl.store(goff + o_g, c_off, mask=m_g)
+            tl.store(gcnt + o_g, c_cnt, mask=m_g)
+        else:
+            c_off = tl.zeros([BG], dtype=tl.int64)
+            c_cnt = tl.load(gcnt + o_g, mask=m_g, other=0).to(tl.int64)
+        if OWN:
+            n_own = tl.minimum(L, T - (o_g % NB) * L).to(tl.int64)
+            c_off, c_cnt = c_off + n_own, c_cnt - n_own
+            tl.store(toff + o_g, c_off, mask=m_g)
+            tl.store(tcnt + o_g, c_cnt, mask=m_g)
+        n_t = tl.where(m_g, (c_cnt + BM - 1) // BM, 0)
+        tl.store(first + o_g, done + tl.cumsum(n_t, 0) - n_t, mask=m_g)
+        done += tl.sum(n_t, 0)
+    tl.debug_barrier()  # this program's stores of `first` are visible to its threads
+    # tile t < (all tiles) lies in the last group whose first tile is at most t
+    o_t = tl.program_id(0) * BT + tl.arange(0, BT)
+    lo = tl.zeros([BT], dtype=tl.int32)
+    hi = lo + NG
+    g_steps = 1
+    while (NG >> g_steps) > 0:
+        g_steps += 1
+    for _ in range(g_steps):
+        act = lo < hi
+        mid = (lo + hi) // 2
+        right = tl.load(first + mid, mask=act, other=0, cache_modifier=".cg") <= o_t
+        lo, hi = tl.where(act & right, mid + 1, lo), tl.where(act & ~right, mid, hi)
+    total = tl.max(done, 0)
+    tl.store(tgroup + o_t, tl.where(o_t < total, lo - 1, NG), mask=o_t < NT)
 
 
 @triton.jit
@@ -615,17 +698,19 @@ class GroupedEmitter:
           + ("; each query's own block by tiles of contiguous queries" if self.own else ""))
         c("GBM, GBN, GW, GS, GR = _grouped_config(q, 'fwd')  # (SPARSEDSL_GROUPED)")
         c(f"NG = B * H * {nb}")
-        c(f"gorder, ggoff, ggcnt = _group_by_block(sel{s}, H, {nb})")
-        offs, cnts, slots = "ggoff", "ggcnt", f"KS{s}"
+        c(f"gkey, gorder = _group_by_block(sel{s}, H, {nb})")
         if self.own:
             L = self.grid.length
             c(f"# a group's first entries are its own block's queries (slot 0): tiles of the "
               f"others")
-            c(f"gown = _own_counts(B, H, T, {L}, {nb}, dev)")
-            c("gpoff, gpcnt = ggoff + gown, ggcnt - gown")
+            c(f"ggoff, ggcnt, gpoff, gpcnt, gtoff, gtgroup = _group_bounds(gkey, NG, GBM, "
+              f"B * T * H * (KS{s} - 1), own=(T, {L}, {nb}))")
             offs, cnts, slots = "gpoff", "gpcnt", f"(KS{s} - 1)"  # partials of slots 1 .. only
-        c(f"gtoff, gtgroup = _group_tiles({cnts}, GBM, B * T * H * {slots})  "
-          f"# tiles of GBM entries")
+        else:
+            c(f"ggoff, ggcnt, _, _, gtoff, gtgroup = _group_bounds(gkey, NG, GBM, "
+              f"B * T * H * KS{s})  # tiles of GBM entries")
+            offs, cnts, slots = "ggoff", "ggcnt", f"KS{s}"
+        c("del gkey")
         c(f"po = torch.empty(B * T * H * {slots}, DV, device=dev, dtype=q.dtype)  # partial "
           f"outputs")
         c(f"pl = torch.empty(B * T * H * {slots}, device=dev, dtype=f32)")

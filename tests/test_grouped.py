@@ -60,42 +60,75 @@ def test_own_block_by_contiguous_tiles(spec, own):
     fwd = src[src.index("\ndef forward("):src.index("\ndef backward(")]
     assert ("attend_out_own_kernel[" in fwd) == own
     assert ("attend_out_combine_kernel[" in fwd) == (not own)
-    assert ("_own_counts(" in fwd) == own
+    assert ("own=(T, " in fwd) == own
 
 
-@cpu_only
-def test_group_by_block_invariants():
-    import triton
-    import triton.language as tl
-    from codegen.grouped import HELPER
-    ns = {"torch": torch, "triton": triton, "tl": tl}
-    exec(HELPER, ns)
-    g = torch.Generator().manual_seed(0)
-    B, T, HS, H, KS, NB, BM = 2, 29, 2, 4, 3, 5, 4
+def _helpers(device: torch.device) -> dict:
+    """The grouping's host helpers and kernels, as a generated module holds them."""
+    layer = sparsedsl.compile("moba", head_dim=8, q_heads=2)
+    return layer._op.kernels(device).__dict__
+
+
+@pytest.mark.parametrize("T, NB, L, BM", [(29, 5, 6, 4), (61, 4, 16, 3), (5, 1, 8, 8),
+                                          (3000, 300, 10, 4)])
+def test_group_by_block_invariants(T, NB, L, BM):
+    """The ids, the sort, each group's bounds and tiles (`_group_bounds`, from the sorted ids
+    in one program), with and without a group's own queries left out, and the backward's
+    tiles from the sizes alone (`_group_tiles`), against their definitions. The last size
+    takes several chunks of groups and of tiles. On the GPU too (SPARSEDSL_TEST_DEVICE=cuda:
+    the table kernel's barriers and atomics)."""
+    dev = torch.device(os.environ.get("SPARSEDSL_TEST_DEVICE", "cpu"))
+    ns = _helpers(dev)
+    g = torch.Generator().manual_seed(T)
+    B, HS, H, KS = 2, 2, 4, 3
+    NG = B * H * NB
     sel = torch.randint(-1, NB, (B, T, HS, KS), generator=g, dtype=torch.int32)
-    order, goff, gcnt = ns["_group_by_block"](sel, H, NB)
-    toff, tgroup = ns["_group_tiles"](gcnt, BM, B * T * H * KS)
+    t = torch.arange(T).view(1, T, 1)
+    # every query lists its own block first (L * NB >= T), then past blocks or nothing (-1),
+    # as a router with the current block forced and the future forbidden does
+    sel[..., 0] = t // L
+    sel[..., 1:] = torch.where(sel[..., 1:] < t.unsqueeze(-1) // L, sel[..., 1:], -1)
+    key, order = (t.cpu() for t in ns["_group_by_block"](sel.to(dev), H, NB))
+    assert key.dtype == torch.int16 and order.dtype == torch.int64
     s = sel.repeat_interleave(H // HS, dim=2)
-    valid = (s >= 0).flatten()
-    # every listed entry once, in (batch, head, block) order, queries ascending in a group
-    assert int(gcnt.sum()) == int(valid.sum())
-    listed = order[: int(valid.sum())]
-    assert valid[listed].all()
-    e = listed
-    b, t, h = e // (T * H * KS), (e // (H * KS)) % T, (e // KS) % H
-    blk = s.flatten()[e].long()
-    key = ((b * H + h) * NB + blk) * T + t
-    assert torch.equal(key, key.sort().values)
-    # each group's slice of `order` holds exactly its entries; tiles cover each group
-    for gid in range(B * H * NB):
-        lo, n = int(goff[gid]), int(gcnt[gid])
-        part = listed[lo:lo + n]
-        assert torch.all((b * H + h)[lo:lo + n] * NB + blk[lo:lo + n] == gid), gid
-        tiles = (tgroup == gid).nonzero().flatten()
-        assert len(tiles) == -(-n // BM) and len(part) == n
-        if n:
-            assert int(tiles[0]) == int(toff[gid])
-    assert int((tgroup < B * H * NB).sum()) == int((-(-gcnt // BM)).sum())
+    b, h = torch.arange(B).view(B, 1, 1, 1), torch.arange(H).view(1, 1, H, 1)
+    gid = torch.where(s >= 0, (b * H + h) * NB + s, NG).flatten()
+    assert torch.equal(key.long(), gid.sort(stable=True).values)
+    assert torch.equal(order, gid.sort(stable=True).indices)
+    n_listed = int((s >= 0).sum())
+    for own in (None, (T, L, NB)):
+        goff, gcnt, toff, tcnt, first, tgroup = (t.cpu() for t in ns["_group_bounds"](
+            key.to(dev), NG, BM, order.numel(), own=own))
+        bound = torch.searchsorted(key.long(), torch.arange(NG + 1))
+        assert torch.equal(goff, bound[:NG]) and torch.equal(gcnt, bound[1:] - bound[:NG])
+        assert int(gcnt.sum()) == n_listed
+        m = torch.arange(NG) % NB
+        n_own = (T - m * L).clamp(max=L) if own else torch.zeros(NG, dtype=torch.int64)
+        assert torch.equal(toff, goff + n_own) and torch.equal(tcnt, gcnt - n_own)
+        if own:  # a group's first entries are its own block's queries, in order
+            for gi in range(NG):
+                e = order[int(goff[gi]):int(toff[gi])]
+                q = (e // (H * KS)) % T
+                assert torch.equal(q, torch.arange(int(m[gi]) * L, int(m[gi]) * L + len(q)))
+                assert torch.equal(e % KS, torch.zeros_like(e))
+        _check_tiles(tcnt, first, tgroup, BM, NG)
+        first2, tgroup2 = (t.cpu() for t in ns["_group_tiles"](tcnt.to(dev), BM, order.numel()))
+        assert torch.equal(first2, first) and torch.equal(tgroup2, tgroup)
+    # the sizes alone, at a bound of the entries with room to spare
+    first, tgroup = (t.cpu() for t in ns["_group_tiles"](gcnt.to(dev), BM, 3 * order.numel()))
+    _check_tiles(gcnt, first, tgroup, BM, NG)
+
+
+def _check_tiles(cnt, first, tgroup, BM, NG):
+    """Group g's cdiv(cnt[g], BM) tiles start at first[g], in group order; every later tile
+    names NG (past the last group)."""
+    tiles = -(-cnt // BM)
+    assert torch.equal(first, torch.cumsum(tiles, 0) - tiles)
+    want = torch.repeat_interleave(torch.arange(NG, dtype=torch.int32), tiles)
+    n = len(want)
+    assert tgroup.dtype == torch.int32 and len(tgroup) >= n
+    assert torch.equal(tgroup[:n], want)
+    assert torch.all(tgroup[n:] == NG)
 
 
 SHARED = """pattern shared_lists "MoBA's router summed over each GQA group: one list per kv head"
