@@ -103,7 +103,7 @@ def _group_bounds(key, NG, BM, n, own=None):
     T, L, NBO = own or (0, 0, 1)
     _group_table_kernel[(triton.cdiv(tgroup.numel(), 1024),)](
         key, key.numel(), goff, gcnt, toff, tcnt, first, tgroup, NG, tgroup.numel(), BM, T, L,
-        NBO, FROM_KEYS=True, OWN=own is not None, BG=1024, BT=1024, num_warps=4)
+        NBO, FROM_KEYS=True, OWN=own is not None, BG=2048, BT=1024, num_warps=8)
     return goff, gcnt, toff, tcnt, first, tgroup
 
 
@@ -116,7 +116,7 @@ def _group_tiles(gcnt, BM, n):
     tgroup = torch.empty(max(1, n // BM + min(NG, n)), device=gcnt.device, dtype=torch.int32)
     _group_table_kernel[(triton.cdiv(tgroup.numel(), 1024),)](
         gcnt, 0, gcnt, gcnt, gcnt, gcnt, first, tgroup, NG, tgroup.numel(), BM, 0, 0, 1,
-        FROM_KEYS=False, OWN=False, BG=1024, BT=1024, num_warps=4)
+        FROM_KEYS=False, OWN=False, BG=2048, BT=1024, num_warps=8)
     return first, tgroup
 
 
@@ -136,35 +136,58 @@ def _group_ids_kernel(sel, gid, n, T, NB, NG, H: tl.constexpr, HS: tl.constexpr,
 
 
 @triton.jit
+def _search4(ptr, lo, hi, x, steps, RIGHT: tl.constexpr):
+    """Per lane, the first index in [lo, hi) of the sorted ptr[] whose value is at least x
+    (RIGHT: above x), by quaternary search: three probes a round cut the interval to a
+    quarter, so `steps` rounds cover 4 ** steps - 1 values (half a binary search's chain of
+    dependent loads)."""
+    for _ in range(steps):
+        w = hi - lo
+        act = w > 0
+        m1, m2, m3 = lo + w // 4, lo + w // 2, lo + (3 * w) // 4
+        v1 = tl.load(ptr + m1, mask=act, other=0)
+        v2 = tl.load(ptr + m2, mask=act, other=0)
+        v3 = tl.load(ptr + m3, mask=act, other=0)
+        if RIGHT:
+            b1, b2, b3 = act & (v1 <= x), act & (v2 <= x), act & (v3 <= x)
+        else:
+            b1, b2, b3 = act & (v1 < x), act & (v2 < x), act & (v3 < x)
+        lo_n = tl.where(b3, m3 + 1, tl.where(b2, m2 + 1, tl.where(b1, m1 + 1, lo)))
+        hi = tl.where(act & ~b1, m1, tl.where(act & ~b2, m2, tl.where(act & ~b3, m3, hi)))
+        lo = lo_n
+    return lo
+
+
+@triton.jit
+def _search4_steps(n):
+    """Rounds of `_search4` that cover n values."""
+    steps = 0
+    while n > 0:
+        n = n // 4
+        steps += 1
+    return steps
+
+
+@triton.jit
 def _group_table_kernel(key, n, goff, gcnt, toff, tcnt, first, tgroup, NG, NT, BM, T, L, NB,
                         FROM_KEYS: tl.constexpr, OWN: tl.constexpr, BG: tl.constexpr,
                         BT: tl.constexpr):
-    """Per group: its bounds in the n sorted ids `key` (FROM_KEYS: binary searches; else its
-    size from gcnt), the entries it tiles (OWN: past its own block's first min(L, T - m L)
+    """Per group: its bounds in the n sorted ids `key` (FROM_KEYS: searches; else its size
+    from gcnt), the entries it tiles (OWN: past its own block's first min(L, T - m L)
     queries, m = group % NB) and the first of its tiles of BM entries. Per tile, BT tiles a
-    program: its group (binary search of the groups' first tiles; NG past the last). Every
-    program computes the groups' table (the same values: a few dependent loads a chunk of
-    BG groups), so no program waits for another."""
-    steps = 1  # of a binary search over n sorted ids
-    while (n >> steps) > 0:
-        steps += 1
+    program: its group (a search of the groups' first tiles; NG past the last). Every
+    program computes the groups' table (the same values: a short chain of dependent loads a
+    chunk of BG groups), so no program waits for another."""
     o_c = tl.arange(0, BG)
     done = tl.zeros([BG], dtype=tl.int64)  # tiles of the groups before the chunk
     for g0 in range(0, NG, BG):
         o_g = g0 + o_c
         m_g = o_g < NG
-        if FROM_KEYS:  # lower bounds of o_g (lo) and of o_g + 1 (lo1)
+        if FROM_KEYS:  # the first ids at least o_g and above o_g
+            steps = _search4_steps(n)
             lo = tl.zeros([BG], dtype=tl.int64)
-            hi = lo + n
-            lo1, hi1 = lo, hi
-            for _ in range(steps):
-                act, act1 = lo < hi, lo1 < hi1
-                mid, mid1 = (lo + hi) // 2, (lo1 + hi1) // 2
-                below = tl.load(key + mid, mask=act, other=0) < o_g
-                below1 = tl.load(key + mid1, mask=act1, other=0) <= o_g
-                lo, hi = tl.where(act & below, mid + 1, lo), tl.where(act & ~below, mid, hi)
-                lo1, hi1 = tl.where(act1 & below1, mid1 + 1, lo1), tl.where(act1 & ~below1, mid1, hi1)
-            c_off, c_cnt = lo, lo1 - lo
+            c_off = _search4(key, lo, lo + n, o_g, steps, RIGHT=False)
+            c_cnt = _search4(key, c_off, lo + n, o_g, steps, RIGHT=True) - c_off
             tl.store(goff + o_g, c_off, mask=m_g)
             tl.store(gcnt + o_g, c_cnt, mask=m_g)
         else:
@@ -182,17 +205,8 @@ def _group_table_kernel(key, n, goff, gcnt, toff, tcnt, first, tgroup, NG, NT, B
     # tile t < (all tiles) lies in the last group whose first tile is at most t
     o_t = tl.program_id(0) * BT + tl.arange(0, BT)
     lo = tl.zeros([BT], dtype=tl.int32)
-    hi = lo + NG
-    g_steps = 1
-    while (NG >> g_steps) > 0:
-        g_steps += 1
-    for _ in range(g_steps):
-        act = lo < hi
-        mid = (lo + hi) // 2
-        right = tl.load(first + mid, mask=act, other=0, cache_modifier=".cg") <= o_t
-        lo, hi = tl.where(act & right, mid + 1, lo), tl.where(act & ~right, mid, hi)
-    total = tl.max(done, 0)
-    tl.store(tgroup + o_t, tl.where(o_t < total, lo - 1, NG), mask=o_t < NT)
+    g_t = _search4(first, lo, lo + NG, o_t, _search4_steps(NG), RIGHT=True) - 1
+    tl.store(tgroup + o_t, tl.where(o_t < tl.max(done, 0), g_t, NG), mask=o_t < NT)
 
 
 @triton.jit
