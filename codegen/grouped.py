@@ -9,8 +9,8 @@ its block, so a program takes up to BM queries that all chose one block and atte
 that block as one [BM, BN] tile per step, as dense attention does:
 
     forward   group   each list entry's group id (batch, head, block), a stable torch.sort
-                      of them, and one table kernel: each group's bounds (binary search of
-                      the sorted ids), its tiles and each tile's group       (no host sync)
+                      of them, their bounds (torch.searchsorted) and one table kernel: each
+                      group's tiles and each tile's group                    (no host sync)
               fwd     per tile of BM entries of one group: o and lse of the block  [E, DV]
               combine per (query, head): merge its KS partial (o, lse) by their lse
          or   own     when the top-k forces exactly the current block (MoBA), every list
@@ -91,32 +91,33 @@ def _group_by_block(sel, H, NB):
 
 def _group_bounds(key, NG, BM, n, own=None):
     """Each group's bounds in the sorted ids `key` (`_group_by_block`) and its tiles of BM
-    entries (no host sync). With own = (T, L, NB), every query listing its own
-    block first, a group's first min(L, T - m L) entries (block m = group % NB: the block's
-    own queries) are left out of its tiles. n: at least the entries tiled. Returns the groups'
-    offsets and sizes, the tiled entries' offsets and counts (the same tensors without own),
-    each group's first tile and each tile's group (NG past the last; `_group_tiles`)."""
+    entries (no host sync). With own = (T, L, NB), every query listing its own block first,
+    a group's first min(L, T - m L) entries (block m = group % NB: the block's own queries)
+    are left out of its tiles. n: at least the entries tiled. Returns the groups' offsets
+    and sizes, the tiled entries' offsets and counts (the same tensors without own), each
+    group's first tile and each tile's group (NG past the last; `_group_tiles`)."""
     dev = key.device
+    bound = torch.searchsorted(key, torch.arange(NG + 1, device=dev, dtype=key.dtype))
     goff, gcnt, first = (torch.empty(NG, device=dev, dtype=torch.int64) for _ in range(3))
     toff, tcnt = (torch.empty_like(goff), torch.empty_like(goff)) if own else (goff, gcnt)
     tgroup = torch.empty(max(1, n // BM + min(NG, n)), device=dev, dtype=torch.int32)
     T, L, NBO = own or (0, 0, 1)
-    _group_table_kernel[(triton.cdiv(tgroup.numel(), 1024),)](
-        key, key.numel(), goff, gcnt, toff, tcnt, first, tgroup, NG, tgroup.numel(), BM, T, L,
-        NBO, FROM_KEYS=True, OWN=own is not None, BG=2048, BT=1024, num_warps=8)
+    _group_table_kernel[(triton.cdiv(tgroup.numel(), 512),)](
+        bound, goff, gcnt, toff, tcnt, first, tgroup, NG, tgroup.numel(), BM, T, L, NBO,
+        FROM_BOUNDS=True, OWN=own is not None, BG=2048, BT=512, num_warps=4)
     return goff, gcnt, toff, tcnt, first, tgroup
 
 
 def _group_tiles(gcnt, BM, n):
     """The tiles of BM entries of groups of gcnt entries (n in all, an upper bound of the
-    sum): each group's first tile and each tile's group (NG past the last),
-    for a grid of n // BM + NG programs at most (no host sync)."""
+    sum): each group's first tile and each tile's group (NG past the last), for a grid of
+    n // BM + NG programs at most (no host sync)."""
     NG = gcnt.numel()
     first = torch.empty(NG, device=gcnt.device, dtype=torch.int64)
     tgroup = torch.empty(max(1, n // BM + min(NG, n)), device=gcnt.device, dtype=torch.int32)
-    _group_table_kernel[(triton.cdiv(tgroup.numel(), 1024),)](
-        gcnt, 0, gcnt, gcnt, gcnt, gcnt, first, tgroup, NG, tgroup.numel(), BM, 0, 0, 1,
-        FROM_KEYS=False, OWN=False, BG=2048, BT=1024, num_warps=8)
+    _group_table_kernel[(triton.cdiv(tgroup.numel(), 512),)](
+        gcnt, gcnt, gcnt, gcnt, gcnt, first, tgroup, NG, tgroup.numel(), BM, 0, 0, 1,
+        FROM_BOUNDS=False, OWN=False, BG=2048, BT=512, num_warps=4)
     return first, tgroup
 
 
@@ -136,58 +137,23 @@ def _group_ids_kernel(sel, gid, n, T, NB, NG, H: tl.constexpr, HS: tl.constexpr,
 
 
 @triton.jit
-def _search4(ptr, lo, hi, x, steps, RIGHT: tl.constexpr):
-    """Per lane, the first index in [lo, hi) of the sorted ptr[] whose value is at least x
-    (RIGHT: above x), by quaternary search: three probes a round cut the interval to a
-    quarter, so `steps` rounds cover 4 ** steps - 1 values (half a binary search's chain of
-    dependent loads)."""
-    for _ in range(steps):
-        w = hi - lo
-        act = w > 0
-        m1, m2, m3 = lo + w // 4, lo + w // 2, lo + (3 * w) // 4
-        v1 = tl.load(ptr + m1, mask=act, other=0)
-        v2 = tl.load(ptr + m2, mask=act, other=0)
-        v3 = tl.load(ptr + m3, mask=act, other=0)
-        if RIGHT:
-            b1, b2, b3 = act & (v1 <= x), act & (v2 <= x), act & (v3 <= x)
-        else:
-            b1, b2, b3 = act & (v1 < x), act & (v2 < x), act & (v3 < x)
-        lo_n = tl.where(b3, m3 + 1, tl.where(b2, m2 + 1, tl.where(b1, m1 + 1, lo)))
-        hi = tl.where(act & ~b1, m1, tl.where(act & ~b2, m2, tl.where(act & ~b3, m3, hi)))
-        lo = lo_n
-    return lo
-
-
-@triton.jit
-def _search4_steps(n):
-    """Rounds of `_search4` that cover n values."""
-    steps = 0
-    while n > 0:
-        n = n // 4
-        steps += 1
-    return steps
-
-
-@triton.jit
-def _group_table_kernel(key, n, goff, gcnt, toff, tcnt, first, tgroup, NG, NT, BM, T, L, NB,
-                        FROM_KEYS: tl.constexpr, OWN: tl.constexpr, BG: tl.constexpr,
+def _group_table_kernel(bound, goff, gcnt, toff, tcnt, first, tgroup, NG, NT, BM, T, L, NB,
+                        FROM_BOUNDS: tl.constexpr, OWN: tl.constexpr, BG: tl.constexpr,
                         BT: tl.constexpr):
-    """Per group: its bounds in the n sorted ids `key` (FROM_KEYS: searches; else its size
-    from gcnt), the entries it tiles (OWN: past its own block's first min(L, T - m L)
-    queries, m = group % NB) and the first of its tiles of BM entries. Per tile, BT tiles a
-    program: its group (a search of the groups' first tiles; NG past the last). Every
-    program computes the groups' table (the same values: a short chain of dependent loads a
-    chunk of BG groups), so no program waits for another."""
+    """Per group: its offset and size (FROM_BOUNDS: from NG + 1 bounds in the sorted ids;
+    else its size from gcnt), the entries it tiles (OWN: past its own block's first
+    min(L, T - m L) queries, m = group % NB) and the first of its tiles of BM entries. Per
+    tile, BT tiles a program: its group, by binary search of the groups' first tiles (NG past
+    the last). Every program computes the groups' table (the same values, from coalesced
+    loads), so no program waits for another."""
     o_c = tl.arange(0, BG)
     done = tl.zeros([BG], dtype=tl.int64)  # tiles of the groups before the chunk
     for g0 in range(0, NG, BG):
         o_g = g0 + o_c
         m_g = o_g < NG
-        if FROM_KEYS:  # the first ids at least o_g and above o_g
-            steps = _search4_steps(n)
-            lo = tl.zeros([BG], dtype=tl.int64)
-            c_off = _search4(key, lo, lo + n, o_g, steps, RIGHT=False)
-            c_cnt = _search4(key, c_off, lo + n, o_g, steps, RIGHT=True) - c_off
+        if FROM_BOUNDS:
+            c_off = tl.load(bound + o_g, mask=m_g, other=0)
+            c_cnt = tl.load(bound + o_g + 1, mask=m_g, other=0) - c_off
             tl.store(goff + o_g, c_off, mask=m_g)
             tl.store(gcnt + o_g, c_cnt, mask=m_g)
         else:
@@ -202,11 +168,20 @@ def _group_table_kernel(key, n, goff, gcnt, toff, tcnt, first, tgroup, NG, NT, B
         tl.store(first + o_g, done + tl.cumsum(n_t, 0) - n_t, mask=m_g)
         done += tl.sum(n_t, 0)
     tl.debug_barrier()  # this program's stores of `first` are visible to its threads
-    # tile t < (all tiles) lies in the last group whose first tile is at most t
+    # tile t < (all tiles) lies in the last group whose first tile is at most t: the number
+    # of groups whose first tile is at most t, less one
     o_t = tl.program_id(0) * BT + tl.arange(0, BT)
     lo = tl.zeros([BT], dtype=tl.int32)
-    g_t = _search4(first, lo, lo + NG, o_t, _search4_steps(NG), RIGHT=True) - 1
-    tl.store(tgroup + o_t, tl.where(o_t < tl.max(done, 0), g_t, NG), mask=o_t < NT)
+    hi = lo + NG
+    steps = 1
+    while (NG >> steps) > 0:
+        steps += 1
+    for _ in range(steps):
+        act = lo < hi
+        mid = (lo + hi) // 2
+        right = act & (tl.load(first + mid, mask=act, other=0) <= o_t)
+        lo, hi = tl.where(right, mid + 1, lo), tl.where(act & ~right, mid, hi)
+    tl.store(tgroup + o_t, tl.where(o_t < tl.max(done, 0), lo - 1, NG), mask=o_t < NT)
 
 
 @triton.jit

@@ -72,11 +72,12 @@ def _helpers(device: torch.device) -> dict:
 @pytest.mark.parametrize("T, NB, L, BM", [(29, 5, 6, 4), (61, 4, 16, 3), (5, 1, 8, 8),
                                           (3000, 300, 10, 4)])
 def test_group_by_block_invariants(T, NB, L, BM):
-    """The ids, the sort, each group's bounds and tiles (`_group_bounds`, from the sorted ids
-    in one program), with and without a group's own queries left out, and the backward's
-    tiles from the sizes alone (`_group_tiles`), against their definitions. The last size
-    takes several chunks of groups and of tiles. On the GPU too (SPARSEDSL_TEST_DEVICE=cuda:
-    the table kernel's barriers and atomics)."""
+    """The ids, the sort, each group's bounds and tiles (`_group_bounds`: the table kernel,
+    every program of which computes the groups' table for its own tiles), with and without a
+    group's own queries left out, and the backward's tiles from the sizes alone
+    (`_group_tiles`), against their definitions. The last size takes several chunks of
+    groups and several programs. On the GPU too (SPARSEDSL_TEST_DEVICE=cuda: the table
+    kernel's barrier)."""
     dev = torch.device(os.environ.get("SPARSEDSL_TEST_DEVICE", "cpu"))
     ns = _helpers(dev)
     g = torch.Generator().manual_seed(T)
