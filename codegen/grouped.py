@@ -102,7 +102,7 @@ def _group_bounds(key, NG, BM, n, own=None):
     toff, tcnt = (torch.empty_like(goff), torch.empty_like(goff)) if own else (goff, gcnt)
     tgroup = torch.empty(max(1, n // BM + min(NG, n)), device=dev, dtype=torch.int32)
     T, L, NBO = own or (0, 0, 1)
-    _group_table_kernel[(triton.cdiv(tgroup.numel(), 512),)](
+    _group_table_kernel[(_table_programs(tgroup.numel()),)](
         bound, goff, gcnt, toff, tcnt, first, tgroup, NG, tgroup.numel(), BM, T, L, NBO,
         FROM_BOUNDS=True, OWN=own is not None, BG=2048, BT=512, num_warps=4)
     return goff, gcnt, toff, tcnt, first, tgroup
@@ -115,10 +115,19 @@ def _group_tiles(gcnt, BM, n):
     NG = gcnt.numel()
     first = torch.empty(NG, device=gcnt.device, dtype=torch.int64)
     tgroup = torch.empty(max(1, n // BM + min(NG, n)), device=gcnt.device, dtype=torch.int32)
-    _group_table_kernel[(triton.cdiv(tgroup.numel(), 512),)](
+    _group_table_kernel[(_table_programs(tgroup.numel()),)](
         gcnt, gcnt, gcnt, gcnt, gcnt, first, tgroup, NG, tgroup.numel(), BM, 0, 0, 1,
         FROM_BOUNDS=False, OWN=False, BG=2048, BT=512, num_warps=4)
     return first, tgroup
+
+
+_TABLE_PROGRAMS = 1024  # at most: each computes the whole group table (see the kernel)
+
+
+def _table_programs(NT):
+    """Programs of the table kernel for NT tiles: one a chunk of 512, at most
+    _TABLE_PROGRAMS (then each walks several chunks)."""
+    return min(triton.cdiv(NT, 512), _TABLE_PROGRAMS)
 
 
 @triton.jit
@@ -143,9 +152,10 @@ def _group_table_kernel(bound, goff, gcnt, toff, tcnt, first, tgroup, NG, NT, BM
     """Per group: its offset and size (FROM_BOUNDS: from NG + 1 bounds in the sorted ids;
     else its size from gcnt), the entries it tiles (OWN: past its own block's first
     min(L, T - m L) queries, m = group % NB) and the first of its tiles of BM entries. Per
-    tile, BT tiles a program: its group, by binary search of the groups' first tiles (NG past
-    the last). Every program computes the groups' table (the same values, from coalesced
-    loads), so no program waits for another."""
+    tile (chunks of BT, every num_programs-th a program): its group, by binary search of the
+    groups' first tiles (NG past the last). Every program computes the groups' table (the
+    same values, from coalesced loads), so no program waits for another; the host caps the
+    programs (`_table_programs`), which bounds that repeated work for many groups."""
     o_c = tl.arange(0, BG)
     done = tl.zeros([BG], dtype=tl.int64)  # tiles of the groups before the chunk
     for g0 in range(0, NG, BG):
@@ -170,18 +180,19 @@ def _group_table_kernel(bound, goff, gcnt, toff, tcnt, first, tgroup, NG, NT, BM
     tl.debug_barrier()  # this program's stores of `first` are visible to its threads
     # tile t < (all tiles) lies in the last group whose first tile is at most t: the number
     # of groups whose first tile is at most t, less one
-    o_t = tl.program_id(0) * BT + tl.arange(0, BT)
-    lo = tl.zeros([BT], dtype=tl.int32)
-    hi = lo + NG
     steps = 1
     while (NG >> steps) > 0:
         steps += 1
-    for _ in range(steps):
-        act = lo < hi
-        mid = (lo + hi) // 2
-        right = act & (tl.load(first + mid, mask=act, other=0) <= o_t)
-        lo, hi = tl.where(right, mid + 1, lo), tl.where(act & ~right, mid, hi)
-    tl.store(tgroup + o_t, tl.where(o_t < tl.max(done, 0), lo - 1, NG), mask=o_t < NT)
+    for t0 in range(tl.program_id(0) * BT, NT, tl.num_programs(0) * BT):
+        o_t = t0 + tl.arange(0, BT)
+        lo = tl.zeros([BT], dtype=tl.int32)
+        hi = lo + NG
+        for _ in range(steps):
+            act = lo < hi
+            mid = (lo + hi) // 2
+            right = act & (tl.load(first + mid, mask=act, other=0) <= o_t)
+            lo, hi = tl.where(right, mid + 1, lo), tl.where(act & ~right, mid, hi)
+        tl.store(tgroup + o_t, tl.where(o_t < tl.max(done, 0), lo - 1, NG), mask=o_t < NT)
 
 
 @triton.jit

@@ -69,17 +69,20 @@ def _helpers(device: torch.device) -> dict:
     return layer._op.kernels(device).__dict__
 
 
-@pytest.mark.parametrize("T, NB, L, BM", [(29, 5, 6, 4), (61, 4, 16, 3), (5, 1, 8, 8),
-                                          (3000, 300, 10, 4)])
-def test_group_by_block_invariants(T, NB, L, BM):
+@pytest.mark.parametrize("T, NB, L, BM, programs", [
+    (29, 5, 6, 4, None), (61, 4, 16, 3, None), (5, 1, 8, 8, None), (3000, 300, 10, 4, None),
+    (3000, 300, 10, 4, 3)])
+def test_group_by_block_invariants(monkeypatch, T, NB, L, BM, programs):
     """The ids, the sort, each group's bounds and tiles (`_group_bounds`: the table kernel,
     every program of which computes the groups' table for its own tiles), with and without a
     group's own queries left out, and the backward's tiles from the sizes alone
     (`_group_tiles`), against their definitions. The last size takes several chunks of
-    groups and several programs. On the GPU too (SPARSEDSL_TEST_DEVICE=cuda: the table
-    kernel's barrier)."""
+    groups and several programs; with `programs` a cap on them, each walks several chunks of
+    tiles. On the GPU too (SPARSEDSL_TEST_DEVICE=cuda: the table kernel's barrier)."""
     dev = torch.device(os.environ.get("SPARSEDSL_TEST_DEVICE", "cpu"))
     ns = _helpers(dev)
+    if programs:
+        monkeypatch.setitem(ns, "_TABLE_PROGRAMS", programs)
     g = torch.Generator().manual_seed(T)
     B, HS, H, KS = 2, 2, 4, 3
     NG = B * H * NB
