@@ -96,29 +96,34 @@ def _group_bounds(key, NG, BM, n, own=None):
     are left out of its tiles. n: at least the entries tiled. Returns the groups' offsets
     and sizes, the tiled entries' offsets and counts (the same tensors without own), each
     group's first tile and each tile's group (NG past the last; `_group_tiles`)."""
-    dev = key.device
-    bound = torch.searchsorted(key, torch.arange(NG + 1, device=dev, dtype=key.dtype))
-    goff, gcnt, first = (torch.empty(NG, device=dev, dtype=torch.int64) for _ in range(3))
-    toff, tcnt = (torch.empty_like(goff), torch.empty_like(goff)) if own else (goff, gcnt)
-    tgroup = torch.empty(max(1, n // BM + min(NG, n)), device=dev, dtype=torch.int32)
-    T, L, NBO = own or (0, 0, 1)
-    _group_table_kernel[(_table_programs(tgroup.numel()),)](
-        bound, goff, gcnt, toff, tcnt, first, tgroup, NG, tgroup.numel(), BM, T, L, NBO,
-        FROM_BOUNDS=True, OWN=own is not None, BG=2048, BT=512, num_warps=4)
-    return goff, gcnt, toff, tcnt, first, tgroup
+    bound = torch.searchsorted(key, torch.arange(NG + 1, device=key.device, dtype=key.dtype))
+    return _group_table(bound, NG, BM, n, True, own)
 
 
 def _group_tiles(gcnt, BM, n):
     """The tiles of BM entries of groups of gcnt entries (n in all, an upper bound of the
     sum): each group's first tile and each tile's group (NG past the last), for a grid of
     n // BM + NG programs at most (no host sync)."""
-    NG = gcnt.numel()
-    first = torch.empty(NG, device=gcnt.device, dtype=torch.int64)
-    tgroup = torch.empty(max(1, n // BM + min(NG, n)), device=gcnt.device, dtype=torch.int32)
+    return _group_table(gcnt, gcnt.numel(), BM, n, False, None)[4:]
+
+
+def _group_table(src, NG, BM, n, from_bounds, own):
+    """The table kernel's launch: from the groups' NG + 1 bounds in the sorted ids
+    (`from_bounds`) or their sizes, what `_group_bounds` returns (offsets and sizes are
+    `src` itself when given as sizes)."""
+    dev = src.device
+    if from_bounds:
+        goff, gcnt = (torch.empty(NG, device=dev, dtype=torch.int64) for _ in range(2))
+    else:
+        goff = gcnt = src
+    toff, tcnt = (torch.empty_like(goff), torch.empty_like(goff)) if own else (goff, gcnt)
+    first = torch.empty(NG, device=dev, dtype=torch.int64)
+    tgroup = torch.empty(max(1, n // BM + min(NG, n)), device=dev, dtype=torch.int32)
+    T, L, NBO = own or (0, 0, 1)
     _group_table_kernel[(_table_programs(tgroup.numel()),)](
-        gcnt, gcnt, gcnt, gcnt, gcnt, first, tgroup, NG, tgroup.numel(), BM, 0, 0, 1,
-        FROM_BOUNDS=False, OWN=False, BG=2048, BT=512, num_warps=4)
-    return first, tgroup
+        src, goff, gcnt, toff, tcnt, first, tgroup, NG, tgroup.numel(), BM, T, L, NBO,
+        FROM_BOUNDS=from_bounds, OWN=own is not None, BG=2048, BT=512, num_warps=4)
+    return goff, gcnt, toff, tcnt, first, tgroup
 
 
 _TABLE_PROGRAMS = 1024  # at most: each computes the whole group table (see the kernel)
@@ -236,6 +241,11 @@ def _launch(W, S, R):
 
 class GroupedEmitter:
     """Kernels and host code of a grouped final attention stage."""
+
+    # a tile's rows after the walk (running max b_m and sum b_l in log2 units, b_acc): their
+    # output, and their log-sum-exp in natural log (-inf for a row that attended nothing)
+    NORMED = "b_o = tl.where(b_l[:, None] > 0, b_acc / tl.where(b_l > 0, b_l, 1.)[:, None], 0.)"
+    LSE = "tl.where(b_l > 0, (b_m + tl.log2(tl.where(b_l > 0, b_l, 1.))) / L2E, float('-inf'))"
 
     def __init__(self, ir: IR, plan: KernelPlan, ex, st: AttendStage, src: BlockList):
         self.ir, self.plan, self.st, self.src = ir, plan, st, src
@@ -410,12 +420,11 @@ class GroupedEmitter:
             f"{ind}    b_l = b_l * b_alpha + b_beta",
             f"{ind}    b_acc = b_acc * b_alpha[:, None] + b_beta[:, None] * b_po",
             f"{ind}    b_m = m_new",
-            f"{ind}b_o = tl.where(b_l[:, None] > 0, b_acc / tl.where(b_l > 0, b_l, 1.)[:, None], 0.)",
+            f"{ind}{self.NORMED}",
             f"{ind}tl.store(o + p_row[:, None] * DV + o_dv[None, :], b_o.to(o.dtype.element_ty), "
             f"mask=m_r[:, None] & m_dv[None, :])",
             f"{ind}if SAVE:",
-            f"{ind}    tl.store(lsave + p_row, tl.where(b_l > 0, (b_m + tl.log2(tl.where(b_l > 0, "
-            f"b_l, 1.))) / L2E, float('-inf')), mask=m_r)  # natural log",
+            f"{ind}    tl.store(lsave + p_row, {self.LSE}, mask=m_r)  # natural log",
         ]
         return "\n".join(c) + "\n"
 
@@ -439,11 +448,10 @@ class GroupedEmitter:
             c.append(f"{ind}o_pe = o_ent - o_ent // KS - 1  # (row, slot s) -> row * (KS - 1) "
                      f"+ s - 1")
         c += [
-            f"{ind}b_o = tl.where(b_l[:, None] > 0, b_acc / tl.where(b_l > 0, b_l, 1.)[:, None], 0.)",
+            f"{ind}{self.NORMED}",
             f"{ind}tl.store(po + {pe}.to(tl.int64)[:, None] * DV + o_dv[None, :], "
             f"b_o.to(po.dtype.element_ty), mask=m_r[:, None] & m_dv[None, :])",
-            f"{ind}tl.store(pl + {pe}, tl.where(b_l > 0, (b_m + tl.log2(tl.where(b_l > 0, b_l, "
-            f"1.))) / L2E, float('-inf')), mask=m_r)  # natural log",
+            f"{ind}tl.store(pl + {pe}, {self.LSE}, mask=m_r)  # natural log",
         ]
         fwd = "\n".join(c) + "\n"
         if self.own:
