@@ -106,5 +106,8 @@ def load_module(key: str, make_source, interpret: bool = False):
     code = compile(f"{_MAGIC}{_checksum(body)}\n{body}", str(path), "exec")
     sys.modules[name] = module
     exec(code, module.__dict__)
+    if not interpret and os.environ.get("SPARSEDSL_FAST_LAUNCH", "1") != "0":
+        from .launch import install
+        install(module.__dict__)  # cheaper kernel launches (runtime/launch.py)
     _loaded[key, interpret] = module
     return module
