@@ -546,10 +546,13 @@ class GroupedEmitter:
                         f"writer: one head per kv head, blocks that do not overlap).")
         c += [
             f"{ind}# a group's key chunks are neighbouring programs: they read its query rows",
-            f"{ind}# together (from L2)",
-            f"{ind}i_g = tl.program_id(0) // (({L} + BN - 1) // BN)",
+            f"{ind}# together (from L2). Groups go block by block, every head's first block",
+            f"{ind}# first: under causal routing the early blocks have the most choosers, so",
+            f"{ind}# the longest programs start first and short ones fill the tail",
+            f"{ind}i_x = tl.program_id(0) // (({L} + BN - 1) // BN)",
             f"{ind}i_c = tl.program_id(0) % (({L} + BN - 1) // BN)",
-            f"{ind}i_n = i_g % NB  # the key block",
+            f"{ind}i_n = i_x // (NG // NB)  # the key block",
+            f"{ind}i_g = (i_x % (NG // NB)) * NB + i_n",
             f"{ind}i_h = (i_g // NB) % H",
             f"{ind}i_b = i_g // (NB * H)",
             f"{ind}i_hk = i_h // G",
