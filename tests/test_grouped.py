@@ -187,6 +187,18 @@ def test_grouped_full_chunks(monkeypatch, spec, params, B, T, Hq, Hkv):
 
 
 @cpu_only
+def test_grouped_dkdv_head_by_head(monkeypatch):
+    """The dk/dv kernel's other launch order: head by head, past _BLOCK_MAJOR_PROGRAMS
+    programs (the other tests' short grids go block by block), with GQA heads adding into
+    shared keys."""
+    layer = sparsedsl.compile("moba", block=8, topk=2)
+    assert "BLOCK_MAJOR=NP <= _BLOCK_MAJOR_PROGRAMS" in layer.source
+    monkeypatch.setitem(layer._op.kernels(torch.device("cpu")).__dict__,
+                        "_BLOCK_MAJOR_PROGRAMS", 0)
+    _check_grouped("moba", dict(block=8, topk=2), 2, 37, 4, 2)
+
+
+@cpu_only
 def test_grouped_tile_sizes_from_the_environment(monkeypatch):
     """SPARSEDSL_GROUPED / _DQ / _DKDV are read at each call: a dq tile other than the
     forward's (its own tile table), unequal BM and BN and a register cap (a fifth value) give
