@@ -587,6 +587,7 @@ class SelectEmitter:
         self.pools: dict[int, str] = {}
         self.branches: dict[int, str] = {}
         self.grids: set[int] = set()  # grids whose block counts the scores read
+        self.capped = False  # the query-tiled buffers capped at the rows' free slots (_cap_rows)
 
     def _pool(self, nid: int) -> str:
         if nid not in self.pools:
@@ -694,14 +695,39 @@ class SelectEmitter:
         c("b_val = tl.full([BQ, KB], float('-inf'), tl.float32)  # each row's best free blocks")
         c("b_idx = 2147483000 + tl.arange(0, KB)[None, :] + tl.zeros([BQ, KB], dtype=tl.int32)")
 
-    def _walk_rows(self, ops, step: str, note: str = "") -> None:
+    def _walk_rows(self, ops, step: str, note: str = "", g=None) -> None:
         """The query-tiled kernels' loop over the grid's chunks, up to the last block a row
-        of the tile can force or pick (`_walk_end`)."""
+        of the tile can force or pick (`_walk_end`). With the list's grid `g` and forced
+        blocks, the rows' buffers are first capped at their free slots (`_cap_rows`)."""
         end = self._walk_end(ops, "o_i")
         if end is not None:
             self.c(f"n_end = tl.minimum(NB, tl.max({end} + tl.zeros([BQ], dtype=tl.int32), 0))"
                    "  # past the last block a row can force or pick")
-        self.c(f"for n0 in range(0, {'NB' if end is None else 'n_end'}, {step}):{note}")
+        stop = "NB" if end is None else "n_end"
+        if g is not None and "force" in ops:
+            self._cap_rows(ops, g, stop, step)
+        self.c(f"for n0 in range(0, {stop}, {step}):{note}")
+
+    def _cap_rows(self, ops, g, stop: str, step: str) -> None:
+        """Each row's best-free buffer capped at the row's free slots, K less the forced
+        blocks that count against k (a walk over the chunks' forced masks, no scores): the
+        slots past the cap hold +inf (never the worst, never stored), so a chunk's merge takes
+        at most k_steps candidates and its bar is the row's n_cap-th best so far. (MoBA,
+        own block forced, top-3: two steps a chunk instead of three; H100 at 64k: the
+        router 0.44 -> 0.38 ms, docs/perf-notes.md.)"""
+        c = self.c
+        force = self.ex.blocks(ops["force"], "I", "N")
+        c("n_cnt = tl.zeros([BQ], dtype=tl.int32)  # forced blocks that count against k")
+        c(f"for n0 in range(0, {stop}, {step}):")
+        with c.indent():
+            c(f"o_n = n0 + tl.arange(0, {step})")
+            c("N = o_n[None, :]")
+            c("m_force = (o_n < NB)[None, :] & m_r[:, None] & " + force)
+            c(f"n_cnt += tl.sum((m_force & (N * {g.stride} <= I)).to(tl.int32), 1)")
+        c("n_cap = tl.maximum(K - n_cnt, 0)  # [BQ] each row's free slots")
+        c("b_val = tl.where(tl.arange(0, KB)[None, :] < n_cap[:, None], b_val, float('inf'))")
+        c("k_steps = tl.max(n_cap, 0)  # merge steps a chunk, at most")
+        self.capped = True
 
     def _force_rows(self, ops, g) -> None:
         """The query-tiled kernels' forced and forbidden blocks of a chunk ([BQ, C]): forced
@@ -727,7 +753,8 @@ class SelectEmitter:
         ran NSA's forward at 64k 67.4 -> 103.5 ms on the H100: docs/perf-notes.md.)"""
         c = self.c
         c("m_cand = m_cand & (b_score >= tl.min(b_val, 1)[:, None])  # (the worst only rises)")
-        c("for _ in range(tl.minimum(tl.max(tl.sum(m_cand.to(tl.int32), 1), 0), K)):"
+        steps = "k_steps" if self.capped else "K"
+        c(f"for _ in range(tl.minimum(tl.max(tl.sum(m_cand.to(tl.int32), 1), 0), {steps})):"
           "  # the chunk's best candidates, row by row")
         with c.indent():
             c("c_val = tl.max(tl.where(m_cand, b_score, float('-inf')), 1)  # [BQ]")
@@ -748,7 +775,9 @@ class SelectEmitter:
         c("# forced blocks first, then the best free blocks while slots remain")
         c("n_free = tl.maximum(K - n_counted, 0)  # [BQ]")
         c("b_beats = ((b_val[:, :, None] > b_val[:, None, :]) | ((b_val[:, :, None] == "
-          "b_val[:, None, :]) & (b_idx[:, :, None] < b_idx[:, None, :])))  # [BQ, KB, KB]")
+          "b_val[:, None, :]) & (b_idx[:, :, None] < b_idx[:, None, :])))"
+          + (" & (b_idx[:, :, None] < 2147483000)  # [BQ, KB, KB] (blocks only: the capped "
+             "slots' +inf beats none)" if self.capped else "  # [BQ, KB, KB]"))
         c("b_rank = tl.sum(b_beats.to(tl.int32), 1)  # [BQ, KB]")
         c("m_keep = (b_idx < 2147483000) & (b_rank < n_free[:, None]) & m_r[:, None]")
         c("o_pos = n_forced[:, None] + b_rank")
@@ -922,7 +951,7 @@ class SelectEmitter:
         c("p_q = q + ((i_b * T + o_i).to(tl.int64) * H + i_h)[:, None] * D + o_d[None, :]")
         c("b_q = tl.load(p_q, mask=m_r[:, None] & m_d[None, :], other=0.)  # [BQ, BD]")
         self._init_rows(g, "i_h")
-        self._walk_rows(ops, "C")
+        self._walk_rows(ops, "C", g=g)
         with c.indent():
             c("o_n = n0 + tl.arange(0, C)")
             c("N = o_n[None, :]  # [1, C]")

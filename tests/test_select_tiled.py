@@ -196,3 +196,43 @@ def test_exact_ties_go_to_the_lowest_index(case, monkeypatch):
         want = ref.selections["sel"]
         nb = int(max(got.max(), want.max())) + 1
         assert torch.equal(_as_sets(got, nb), _as_sets(want, nb)), tile
+
+
+# the plain router (`tile` kernel) with forced blocks: rows force one to three blocks, some
+# not started yet (they do not count against k), so the rows' free slots differ
+FORCE_SPEC = """pattern tile_force "a plain router with forced blocks that count or not"
+let blk = blocks(6, stride=4)
+let sel = topk(dot(q, pool(blk, mean)), 4, force=first(blk, 1) | recent(blk, 2), forbid=~past(blk))
+out = attend(tokens(sel) & causal)
+"""
+TILE_CASES = [  # (id, spec, params, tiles)
+    ("moba", "moba", dict(block=8, topk=3), ("2,4,1", "4,2,1", "8,16,2")),
+    ("moba-k1", "moba", dict(block=8, topk=1), ("2,4,1",)),
+    ("force", FORCE_SPEC, {}, ("2,4,1", "4,2,1", "8,16,2")),
+]
+
+
+@pytest.mark.parametrize("case", TILE_CASES, ids=[c[0] for c in TILE_CASES])
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+def test_tile_router_capped_at_the_free_slots(case, ties, monkeypatch):
+    """The plain router's buffer holds only each row's free slots (K less the forced blocks
+    that have started): its lists equal the per-query kernel's exactly (float64), at chunk
+    sizes that cut the grid at odd places, and with zero queries (every score ties) they are
+    the reference's, the lowest indices among equals."""
+    _, spec, params, tiles = case
+    shape = Shape(batch=2, seq=53, kv_heads=2, group=2, head_dim=8, d_model=8)
+    layer, data = _layer(spec, params, shape)
+    st = next(s for s in layer.plan.stages if s.kind == "select")
+    assert select_kernel(layer.ir, Exprs(layer.ir, layer.plan), st) == "tile"
+    kernel = layer.source.split("def select_sel_fwd_kernel(")[1].split("@triton.jit")[0]
+    assert "k_steps = tl.max(n_cap, 0)" in kernel
+    if ties:
+        data = dataclasses.replace(data, q=torch.zeros_like(data.q))
+    want = _lists(layer, data, torch.float64, "query", monkeypatch)
+    for tile in tiles:
+        got = _lists(layer, data, torch.float64, tile, monkeypatch)
+        assert torch.equal(got["sel"], want["sel"]), tile
+    if ties:
+        ref = layer.reference(data.q, data.k, data.v, return_details=True)
+        nb = int(max(want["sel"].max(), ref.selections["sel"].max())) + 1
+        assert torch.equal(_as_sets(want["sel"], nb), _as_sets(ref.selections["sel"], nb))
