@@ -710,21 +710,20 @@ class SelectEmitter:
 
     def _cap_rows(self, ops, g, stop: str, step: str) -> None:
         """Each row's best-free buffer capped at the row's free slots, K less the forced
-        blocks that count against k (a walk over the chunks' forced masks, no scores): the
-        slots past the cap hold +inf (never the worst, never stored), so a chunk's merge takes
+        blocks that count against k (n_counted, from a walk over the chunks' forced masks, no
+        scores; the main walk then leaves it alone): the slots past the cap hold +inf (never the worst, never stored), so a chunk's merge takes
         at most k_steps candidates and its bar is the row's n_cap-th best so far. (MoBA,
         own block forced, top-3: two steps a chunk instead of three; H100 at 64k: the
         router 0.44 -> 0.38 ms, docs/perf-notes.md.)"""
         c = self.c
         force = self.ex.blocks(ops["force"], "I", "N")
-        c("n_cnt = tl.zeros([BQ], dtype=tl.int32)  # forced blocks that count against k")
         c(f"for n0 in range(0, {stop}, {step}):")
         with c.indent():
             c(f"o_n = n0 + tl.arange(0, {step})")
             c("N = o_n[None, :]")
             c("m_force = (o_n < NB)[None, :] & m_r[:, None] & " + force)
-            c(f"n_cnt += tl.sum((m_force & (N * {g.stride} <= I)).to(tl.int32), 1)")
-        c("n_cap = tl.maximum(K - n_cnt, 0)  # [BQ] each row's free slots")
+            self._count_forced(g)
+        c("n_cap = tl.maximum(K - n_counted, 0)  # [BQ] each row's free slots")
         c("b_val = tl.where(tl.arange(0, KB)[None, :] < n_cap[:, None], b_val, float('inf'))")
         c("k_steps = tl.max(n_cap, 0)  # merge steps a chunk, at most")
         self.capped = True
@@ -742,8 +741,13 @@ class SelectEmitter:
         c("tl.store(p_sel[:, None] + o_pos, o_n[None, :] + tl.zeros([BQ, C], dtype=tl.int32), "
           "mask=m_force & (o_pos < KS))")
         c("n_forced += tl.sum(m_force.to(tl.int32), 1)")
-        c(f"n_counted += tl.sum((m_force & (N * {g.stride} <= I)).to(tl.int32), 1)"
-          "  # forced blocks that have started count against k")
+        if not self.capped:  # (else counted before the walk: _cap_rows)
+            self._count_forced(g)
+
+    def _count_forced(self, g) -> None:
+        """n_counted += the chunk's forced blocks (m_force, [BQ, C]) that count against k."""
+        self.c(f"n_counted += tl.sum((m_force & (N * {g.stride} <= I)).to(tl.int32), 1)"
+               "  # forced blocks that have started count against k")
 
     def _merge_rows(self) -> None:
         """The query-tiled kernels' merge of a chunk's candidates into each row's best-K
