@@ -12,10 +12,9 @@ and MoBA's forward makes six of them: at 8k its host time is as long as its GPU 
 same binder, then a dict keyed by the specialisation itself (what Triton's string key is
 made from), then the compiled kernel's launcher. The first call of each specialisation,
 warm-ups, and calls made while a launch hook or pre-run hook is set go through Triton's own
-`run`, which compiles and records. What is
-launched is what Triton would launch: the same compiled kernel, the same argument values,
-the same stream. Written against Triton 3.6 and checked against it: with another version,
-or in the interpreter, nothing is installed.
+`run`, which compiles and records. What is launched is what Triton would launch: the same
+compiled kernel, the same argument values, the same stream. Written against Triton 3.6 and
+checked against it: with another version, or in the interpreter, nothing is installed.
 """
 from __future__ import annotations
 
