@@ -95,21 +95,25 @@ def _list_index(sel, NB, HKV, G, shared):
 
 def _env_tiles(var, what, regs=False):
     """The override "BM,BN,WARPS,STAGES" in environment variable `var` (None when unset),
-    BM and BN powers of two >= 16; `what` names the sizes in the error. With `regs`, a fifth
-    value may cap the registers a thread uses (`maxnreg`; 0 or absent: Triton's choice), and
-    the result has five entries."""
+    BM and BN powers of two >= 16; `what` names the sizes in the error. With `regs`, two more
+    values may follow: a cap on the registers a thread uses (`maxnreg`; 0 or absent: Triton's
+    choice) and the persistent programs an SM (0 or absent: a program a tile), and the result
+    has six entries."""
     import os
     env = os.environ.get(var)
     if not env:
         return None
     vals = [int(x) for x in env.split(",")]
-    if len(vals) not in ((4, 5) if regs else (4,)):
-        raise ValueError(f"{var} takes BM,BN,WARPS,STAGES{'[,MAXNREG]' if regs else ''}, "
-                         f"got {env!r}")
+    if len(vals) not in ((4, 5, 6) if regs else (4,)):
+        raise ValueError(f"{var} takes BM,BN,WARPS,STAGES{'[,MAXNREG[,PROGRAMS]]' if regs else ''}"
+                         f", got {env!r}")
     bm, bn = vals[:2]
     if min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1):
         raise ValueError(f"{what} must be powers of two >= 16, got {env!r}")
-    return tuple(vals) + (0,) * (regs and len(vals) == 4)
+    if min(vals[2:]) < 0 or vals[2] < 1 or vals[3] < 1:
+        raise ValueError(f"{var}: warps and stages must be at least 1, the rest at least 0, "
+                         f"got {env!r}")
+    return tuple(vals) + (0,) * ((6 - len(vals)) if regs else 0)
 
 
 def _row_config(kernel, q):
@@ -204,6 +208,25 @@ def _tile_config(kernel, q, pooled=False):
     return 32, 32, 4, 1
 
 
+def _query_split(NT, programs):
+    """(QT, S): the pooled dk/dv kernels split a key tile's NT query tiles into S runs of QT
+    tiles, so that `programs` x S is about 8192 programs (pooled keys are few: at 8k, NSA's
+    64-token blocks make 2 key tiles per head). SPARSEDSL_QUERY_SPLIT=QT overrides."""
+    import os
+    env = os.environ.get("SPARSEDSL_QUERY_SPLIT")
+    if env:
+        qt = int(env)
+        if qt < 1:
+            raise ValueError(f"SPARSEDSL_QUERY_SPLIT must be a positive count, got {env!r}")
+    else:
+        qt = triton.cdiv(NT, max(1, min(NT, 8192 // max(1, programs))))
+    return qt, triton.cdiv(NT, qt)
+'''
+
+
+# tensor descriptors of k and v: the tile kernels' and the grouped forward's and dq's key tiles
+KV_DESCS_HELPER = '''
+
 def _kv_descs(k, v, BN):
     """(kd, vd, True): tensor descriptors of k and v [B, T, HKV, D] seen as [B, T, HKV * D],
     in boxes of [1, BN, D], through which the tile kernels read a tile of keys as one bulk
@@ -233,21 +256,6 @@ def _kv_descs(k, v, BN):
         return TensorDescriptor(t, shape=[B, T, HK * W], strides=[T * HK * W, HK * W, 1],
                                 block_shape=[1, BN, W])
     return desc(k), desc(v), True
-
-
-def _query_split(NT, programs):
-    """(QT, S): the pooled dk/dv kernels split a key tile's NT query tiles into S runs of QT
-    tiles, so that `programs` x S is about 8192 programs (pooled keys are few: at 8k, NSA's
-    64-token blocks make 2 key tiles per head). SPARSEDSL_QUERY_SPLIT=QT overrides."""
-    import os
-    env = os.environ.get("SPARSEDSL_QUERY_SPLIT")
-    if env:
-        qt = int(env)
-        if qt < 1:
-            raise ValueError(f"SPARSEDSL_QUERY_SPLIT must be a positive count, got {env!r}")
-    else:
-        qt = triton.cdiv(NT, max(1, min(NT, 8192 // max(1, programs))))
-    return qt, triton.cdiv(NT, qt)
 '''
 
 
@@ -3247,7 +3255,7 @@ def generate(ir: IR, plan: KernelPlan | None = None) -> tuple[str, KernelPlan]:
     grouped = any(st.kind == "attend" and st.layout == "grouped" for st in plan.stages)
     tile = any(st.kind == "attend" and st.layout == "tile" for st in plan.stages)
     parts = [header(ir, plan), TRITON_PRELUDE + (HELPER if grouped else "")
-             + (TILE_HELPER if tile else "")]
+             + (TILE_HELPER if tile else "") + (KV_DESCS_HELPER if tile or grouped else "")]
     selects, attends = {}, {}
     for st in plan.stages:
         if st.kind == "pool":

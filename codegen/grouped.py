@@ -12,13 +12,18 @@ that block as one [BM, BN] tile per step, as dense attention does:
                       of them, their bounds (torch.searchsorted) and one table kernel: each
                       group's tiles and each tile's group                    (no host sync)
               fwd     per tile of BM entries of one group: o and lse of the block  [E, DV]
+                      (persistent programs walk the tiles; key tiles through tensor
+                      descriptors where TMA applies; when every other pick is a past block
+                      and the keys' rule holds on it, a tile walks its block unmasked)
               combine per (query, head): merge its KS partial (o, lse) by their lse
          or   own     when the top-k forces exactly the current block (MoBA), every list
                       starts with the query's own block, and a group's first entries are
                       that block's own queries: fwd takes the other entries only, and a
                       kernel per tile of BM contiguous queries of one head attends their
                       own block and merges the KS - 1 partials in (no combine kernel)
-    backward  dq      per tile: dq of the block's keys, atomically added (KS adds a row)
+    backward  dq      per tile: dq of the block's keys, atomically added (KS adds a row;
+                      key tiles through tensor descriptors as the forward's; persistent
+                      programs by configuration)
               dkdv    per (group, key chunk of BNK), a group's chunks side by side (they read
                       the same query rows, from L2): walks the group's queries, accumulates
                       dk, dv in registers, adds them once (GQA heads share kv: atomic); with
@@ -70,6 +75,41 @@ def own_block(ir: IR, grid, src: BlockList) -> bool:
     return (force is not None and ir.node(force)["op"] == "current"
             and ir.node(force)["facts"].get("grid") == f"%{src.grid}"
             and grid.stride == grid.length)
+
+
+def picks_past_blocks(ir: IR, grid, src: BlockList) -> bool:
+    """Whether every block a list names besides its forced current block lies wholly before
+    the query's block: the top-k forbids the future blocks of its grid (or every block not
+    past), so with the current block forced (`own_block`) the other picks are past blocks."""
+    forbid = ir.operand(src.select, "forbid")
+    if forbid is None:
+        return False
+    f = ir.node(forbid)
+    if f["op"] == "not":
+        forbid = ir.operand(forbid, "0")
+        f = ir.node(forbid)
+        if f["op"] != "past":
+            return False
+    elif f["op"] != "future":
+        return False
+    return f["facts"].get("grid") == f"%{src.grid}" and grid.stride == grid.length
+
+
+def keys_hold_before_block(ir: IR, nid: int, sel: int) -> bool:
+    """Whether key set `nid` holds for every key of a block wholly before the query's block,
+    given membership of list `sel`: causal does (j < the block's start <= i), the list's own
+    tokens do; other rules (windows, sinks, other lists) are not assumed to."""
+    op = ir.node(nid)["op"]
+    ops = ir.operands(nid)
+    if op == "causal":
+        return True
+    if op == "tokens":
+        return ops.get("blocks") == sel
+    if op == "and":
+        return all(keys_hold_before_block(ir, x, sel) for x in ops.values())
+    if op == "or":
+        return any(keys_hold_before_block(ir, x, sel) for x in ops.values())
+    return False
 
 
 HELPER = '''
@@ -221,23 +261,38 @@ def _rowdot_kernel(a, b, out, N, DV: tl.constexpr, BDV: tl.constexpr, BR: tl.con
 
 
 def _grouped_config(q, kernel):
-    """Tile sizes (entries or queries BM, keys BN), warps, pipeline stages and a register cap
-    (maxnreg, 0: none) of a grouped kernel ('fwd', 'own', 'dq' or 'dkdv'), read at each call:
+    """Tile sizes (entries or queries BM, keys BN), warps, pipeline stages, a register cap
+    (maxnreg, 0: none) and persistent programs an SM (0: a program a tile; the forward and dq
+    kernels only) of a grouped kernel ('fwd', 'own', 'dq' or 'dkdv'), read at each call:
     SPARSEDSL_GROUPED (forward), SPARSEDSL_GROUPED_OWN (own-block forward),
-    SPARSEDSL_GROUPED_DQ, SPARSEDSL_GROUPED_DKDV = "BM,BN,WARPS,STAGES[,MAXNREG]" override."""
+    SPARSEDSL_GROUPED_DQ, SPARSEDSL_GROUPED_DKDV = "BM,BN,WARPS,STAGES[,MAXNREG[,PROGRAMS]]"
+    override."""
     env = _env_tiles({'fwd': 'SPARSEDSL_GROUPED', 'own': 'SPARSEDSL_GROUPED_OWN',
                       'dq': 'SPARSEDSL_GROUPED_DQ', 'dkdv': 'SPARSEDSL_GROUPED_DKDV'}[kernel],
                      "grouped tile sizes", regs=True)
     if env:
         return env
     if q.is_cuda and q.shape[-1] > 64:  # H100, bf16, D = 128, MoBA at 64k (docs/perf-notes.md)
-        # forward and dq capped at 168 registers with one or two stages (48-64 KB of shared
-        # memory): three programs an SM instead of two (forward 3.12-3.18 -> 2.59 ms)
-        return {'fwd': (64, 64, 4, 1, 168), 'own': (64, 64, 4, 1, 168),
-                'dq': (64, 32, 4, 2, 168), 'dkdv': (128, 32, 4, 2, 0)}[kernel]
+        # the forward: two persistent programs an SM walk the tiles, reading key tiles
+        # through tensor descriptors 3 stages deep (kernel 2.09 -> 1.75-1.79 ms); dq and the
+        # own block capped at 168 registers with one or two stages: three programs an SM
+        # instead of two (dq's key tiles through descriptors too: 4.14 -> 3.52 ms)
+        return {'fwd': (64, 64, 4, 3, 0, 2), 'own': (64, 64, 4, 1, 168, 0),
+                'dq': (64, 32, 4, 2, 168, 0), 'dkdv': (128, 32, 4, 2, 0, 0)}[kernel]
     if q.is_cuda:
-        return 64, 64, 4, 3, 0
-    return 16, 16, 1, 1, 0  # Triton's interpreter: small tiles run fastest
+        return 64, 64, 4, 3, 0, (2 if kernel == 'fwd' else 0)
+    # Triton's interpreter: small tiles run fastest; a few persistent programs, each walking
+    # several tiles
+    return 16, 16, 1, 1, 0, (1 if kernel in ('fwd', 'dq') else 0)
+
+
+def _grouped_programs(q, P, NT):
+    """The grid of a persistent grouped kernel over NT tile slots: P programs an SM (4 SMs
+    in the interpreter), at most NT; 0: one program a slot."""
+    if not P:
+        return max(1, NT)
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    return max(1, min(NT, P * sms))
 
 
 def _launch(W, S, R):
@@ -262,6 +317,10 @@ class GroupedEmitter:
         self.own = own_block(ir, self.grid, src)
         br = st.groups[0][0]
         self.branch = br
+        # the forward's tiles (the other picks) attend past blocks whole: no bounds, no masks
+        # but a partial last chunk (MoBA's)
+        self.past = (self.own and picks_past_blocks(ir, self.grid, src)
+                     and keys_hold_before_block(ir, ir.operand(br.node, "keys"), self.sel))
         # the branch's mask, the grouped list's membership known to hold
         self.mask = ex.with_given({self.sel}).keys(ir.operand(br.node, "keys"), "I", "J")
         self.scale = br.node
@@ -276,8 +335,10 @@ class GroupedEmitter:
         return re.sub(rf"\bNB{self.grid.node}\b", "NB", _tl(expr))
 
     # ------------------------------------------------------------------ kernels
-    def _rows(self, c: list, ind: str) -> None:
-        """The program's tile: entries [e0, e1) of one group; rows are their queries."""
+    def _rows(self, c: list, ind: str, past: bool = False) -> None:
+        """The program's tile: entries [e0, e1) of one group; rows are their queries. With
+        `past`, the block lies wholly before every query of the tile (`self.past`): its keys
+        are [j_lo, j_hi), all attended."""
         c += [
             f"{ind}i_g = tl.load(tgroup + i_x)",
             f"{ind}m_g = i_g < NG",
@@ -293,7 +354,16 @@ class GroupedEmitter:
             f"{ind}o_ent = tl.load(order + o_e, mask=m_r, other=0)  # [BM] entries",
             f"{ind}o_i = ((o_ent // (H * KS)) % T).to(tl.int32)  # [BM] query positions",
         ]
-        self._bounds(c, ind)
+        if not past:
+            self._bounds(c, ind)
+            return
+        L, S = self.grid.length, self.grid.stride
+        c += [
+            f"{ind}I = o_i[:, None]",
+            f"{ind}p_row = (i_b * T + o_i).to(tl.int64) * H + i_h  # [BM] rows of q, o",
+            f"{ind}j_lo = i_n * {S}",
+            f"{ind}j_hi = j_lo + {L}  # a past block: whole, before every query (and T)",
+        ]
 
     def _bounds(self, c: list, ind: str) -> None:
         """From the tile's query positions o_i (valid where m_r) of block i_n: its rows, the
@@ -357,10 +427,12 @@ class GroupedEmitter:
             f"m_d[None, :], other=0.)  # [BM, BD]",
         ]
 
-    def _attend_block(self, c: list, ind: str) -> None:
+    def _attend_block(self, c: list, ind: str, tma: bool = False, past: bool = False) -> None:
         """The tile's rows (o_i, mask m_r, rows p_row) attended to keys [j_lo, j_hi) of the
         block: b_m, b_l, b_acc (log2 units) after the walk, in three runs (masked edges
-        around the full chunks [fa, fb))."""
+        around the full chunks [fa, fb)); with `tma`, key tiles through kd, vd when TMA. With
+        `past` (a past block, `_rows`), its whole chunks unmasked and a partial last one
+        masked, which a block of whole chunks compiles out."""
         c += self._q_tile(ind) + [
             f"{ind}{L2E_DEF}",
             f"{ind}b_m = tl.full([BM], float('-inf'), tl.float32)",
@@ -370,7 +442,7 @@ class GroupedEmitter:
 
         def step(ind2, unmasked):
             m_use = "m_new" if unmasked else "m_use"
-            return self._scores(ind2, unmasked) + ([] if unmasked else [
+            return self._scores(ind2, unmasked, tma) + ([] if unmasked else [
                 f"{ind2}b_s = tl.where(m_a, b_s, float('-inf'))"]) + [
                 f"{ind2}m_new = tl.maximum(b_m, tl.max(b_s, 1))",
                 *([] if unmasked else [
@@ -382,7 +454,15 @@ class GroupedEmitter:
                 f"input_precision='ieee' if IEEE else 'tf32')",
                 f"{ind2}b_m = m_new",
             ]
-        self._runs(c, ind, "j0", "j_lo", "fa", "fb", "j_hi", "BN", step)
+        if not past:
+            self._runs(c, ind, "j0", "j_lo", "fa", "fb", "j_hi", "BN", step)
+            return
+        L = self.grid.length
+        c.append(f"{ind}for j0 in range(j_lo, j_lo + {L} // BN * BN, BN):  # full: no masks")
+        c += step(ind + "    ", True)
+        c.append(f"{ind}if {L} % BN != 0:  # (a constant) the block's last, partial chunk")
+        c.append(f"{ind}    for j0 in range(j_lo + {L} // BN * BN, j_hi, BN):  # edge: masked")
+        c += step(ind + "        ", False)
 
     def _emit_own(self, consts: str) -> str:
         """The own-block kernel: a query's own block (its list's first slot, the forced
@@ -440,15 +520,15 @@ class GroupedEmitter:
                   "DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, "
                   "BN: tl.constexpr, IEEE: tl.constexpr")
         which = "other than its own" if self.own else "that"
-        c = self._head("fwd", f"q, k, v, po, pl, order, goff, gcnt, toff, tgroup, scale, T, NG, "
-                       f"NB, {consts}",
-                       f"Attention `{self.st.name}` grouped by selected block: for a tile of up "
-                       f"to BM entries {which} chose one block, each entry's output and "
-                       f"log-sum-exp over that block's keys (po [E, DV], pl [E]).")
-        ind = "    "
-        c.append(f"{ind}i_x = tl.program_id(0)")
-        self._rows(c, ind)
-        self._attend_block(c, ind)
+        c = self._head("fwd", f"q, k, v, kd, vd, po, pl, order, goff, gcnt, toff, tgroup, scale, "
+                       f"T, NG, NB, {consts}, TMA: tl.constexpr",
+                       f"Attention `{self.st.name}` grouped by selected block: for each tile of "
+                       f"up to BM entries {which} chose one block, each entry's output and "
+                       f"log-sum-exp over that block's keys (po [E, DV], pl [E]); key tiles "
+                       f"through the descriptors kd, vd when TMA.")
+        ind = self._persistent(c, "    ")
+        self._rows(c, ind, self.past)
+        self._attend_block(c, ind, tma=True, past=self.past)
         pe = "o_ent"
         if self.own:  # entries of slots 1 .. KS - 1 only: partials stored KS - 1 a row
             pe = "o_pe"
@@ -463,6 +543,7 @@ class GroupedEmitter:
         fwd = "\n".join(c) + "\n"
         if self.own:
             return [fwd, self._emit_own(consts)]
+        ind = "    "
         c = self._head("combine", "po, pl, sel, o, lsave, N, H: tl.constexpr, "
                         "HS: tl.constexpr, KS, KSP: tl.constexpr, DV: tl.constexpr, "
                         "BDV: tl.constexpr, BR: tl.constexpr, SAVE: tl.constexpr",
@@ -505,14 +586,14 @@ class GroupedEmitter:
         ]
         return [fwd, "\n".join(c) + "\n"]
 
-    def _scores(self, ind: str, unmasked: bool) -> list:
+    def _scores(self, ind: str, unmasked: bool, tma: bool = False) -> list:
         """One key chunk [j0, j0 + BN) of the block: k, v and the scores; with their mask m_a
         unless the chunk is full (every key valid and attended by every row: a padded row
-        reads q = 0 and is never stored)."""
+        reads q = 0 and is never stored). With `tma`, k and v through kd, vd when TMA."""
         return [
             f"{ind}o_j = j0 + tl.arange(0, BN)",
             *([] if unmasked else [f"{ind}J = o_j[None, :]  # [1, BN]", f"{ind}m_k = o_j < j_hi"]),
-            *self._load_kv(ind, unmasked),
+            *(self._tma_kv(ind, unmasked) if tma else self._load_kv(ind, unmasked)),
             f"{ind}b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else "
             f"'tf32') * (scale * L2E)  # [BM, BN] log2 units",
             *([] if unmasked else [f"{ind}m_a = m_r[:, None] & m_k[None, :] & {self.mask}"]),
@@ -522,20 +603,19 @@ class GroupedEmitter:
         consts = ("H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, KS, D: tl.constexpr, "
                   "DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, BM: tl.constexpr, "
                   "BN: tl.constexpr, IEEE: tl.constexpr")
-        ind, ind2 = "    ", "        "
-        c = self._head("bwd_dq", f"q, k, v, do, dq, lse, delta, order, goff, gcnt, toff, "
-                       f"tgroup, scale, T, NG, NB, {consts}",
-                       f"Backward of `{self.st.name}`, grouped: dq of a tile's queries over the "
-                       f"block's keys, added atomically (a query gets one add per listed "
-                       f"block): not deterministic.")
-        c.append(f"{ind}i_x = tl.program_id(0)")
+        c = self._head("bwd_dq", f"q, k, v, kd, vd, do, dq, lse, delta, order, goff, gcnt, toff, "
+                       f"tgroup, scale, T, NG, NB, {consts}, TMA: tl.constexpr",
+                       f"Backward of `{self.st.name}`, grouped: dq of each tile's queries over "
+                       f"the block's keys, added atomically (a query gets one add per listed "
+                       f"block): not deterministic. Key tiles through kd, vd when TMA.")
+        ind = self._persistent(c, "    ")
         self._rows(c, ind)
         c += self._q_tile(ind)
         c += [f"{ind}{L2E_DEF}"]
         c += self._bwd_rows(ind)
         c += [f"{ind}b_dq = tl.zeros([BM, BD], dtype=tl.float32)"]
         self._runs(c, ind, "j0", "j_lo", "fa", "fb", "j_hi", "BN", lambda ind2, unmasked: [
-            *self._scores(ind2, unmasked), *self._grads(ind2, unmasked),
+            *self._scores(ind2, unmasked, tma=True), *self._grads(ind2, unmasked),
             f"{ind2}b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision='ieee' if IEEE "
             f"else 'tf32')"])
         c += [  # scaled once (the product adds into the accumulator in place)
@@ -543,6 +623,7 @@ class GroupedEmitter:
             f"mask=m_r[:, None] & m_d[None, :], sem='relaxed')",
         ]
         dq = "\n".join(c) + "\n"
+        ind, ind2 = "    ", "        "
         L, S = self.grid.length, self.grid.stride
         c = self._head("bwd_dkdv", f"q, k, v, do, dk, dv, lse, delta, order, goff, gcnt, "
                         f"scale, T, NG, NB, {consts}, STORE: tl.constexpr, "
@@ -686,6 +767,33 @@ class GroupedEmitter:
             f"m_dv[None, :], other=0.)  # [BN, BDV]",
         ]
 
+    def _tma_kv(self, ind: str, unmasked: bool) -> list:
+        """k and v of the keys o_j as one bulk copy each through the descriptors kd, vd when
+        TMA (rows past T read as zeros; a masked key's score is -inf, so its v row gets p =
+        0), else `_load_kv`'s loads."""
+        return [
+            f"{ind}if TMA:  # the tile as one bulk copy",
+            f"{ind}    b_k = kd.load([i_b, j0, i_hk * D]).reshape(BN, BD)  # [BN, BD]",
+            f"{ind}    b_v = vd.load([i_b, j0, i_hk * DV]).reshape(BN, BDV)  # [BN, BDV]",
+            f"{ind}else:",
+            *self._load_kv(ind + "    ", unmasked),
+        ]
+
+    @staticmethod
+    def _persistent(c: list, ind: str) -> str:
+        """The persistent loop of the forward and dq kernels: program p walks tiles p,
+        p + num_programs, ... of the n_t real tiles (group g's first[g] = toff[g] onwards:
+        up to the last group's end; later slots of tgroup are padding). Returns the body's
+        indent."""
+        c += [
+            f"{ind}# persistent: program p walks tiles p, p + P, ... (a grid of one program a",
+            f"{ind}# tile slot walks one); slots past the last group's tiles are padding",
+            f"{ind}n_t = (tl.load(toff + NG - 1) + (tl.load(gcnt + NG - 1) + BM - 1) // BM)"
+            f".to(tl.int32)",
+            f"{ind}for i_x in tl.range(tl.program_id(0), n_t, tl.num_programs(0)):",
+        ]
+        return ind + "    "
+
     def _bwd_rows(self, ind: str) -> list:
         """What the backward reads per query row: dO, the row's lse (and times log2 e) and
         delta = sum(dO * O)."""
@@ -719,7 +827,7 @@ class GroupedEmitter:
         s, nb, name = self.sel, f"NB{self.grid.node}", self.st.name
         c(f"# attend `{name}`: grouped by selected block"
           + ("; each query's own block by tiles of contiguous queries" if self.own else ""))
-        c("GBM, GBN, GW, GS, GR = _grouped_config(q, 'fwd')  # (SPARSEDSL_GROUPED)")
+        c("GBM, GBN, GW, GS, GR, GP = _grouped_config(q, 'fwd')  # (SPARSEDSL_GROUPED)")
         c(f"NG = B * H * {nb}")
         c(f"gkey, gorder = _group_by_block(sel{s}, H, {nb})")
         if self.own:
@@ -737,14 +845,15 @@ class GroupedEmitter:
         c(f"po = torch.empty(B * T * H * {slots}, DV, device=dev, dtype=q.dtype)  # partial "
           f"outputs")
         c(f"pl = torch.empty(B * T * H * {slots}, device=dev, dtype=f32)")
-        c(f"attend_{name}_fwd_kernel[(gtgroup.numel(),)](q, k, v, po, pl, gorder, {offs}, {cnts}, "
-          f"gtoff, gtgroup, {self._common(scale)}, BM=GBM, BN=GBN, IEEE=IEEE, "
-          f"**_launch(GW, GS, GR))")
+        c("kd, vd, TMA = _kv_descs(k, v, GBN)  # tensor descriptors, where TMA reads them")
+        c(f"attend_{name}_fwd_kernel[(_grouped_programs(q, GP, gtgroup.numel()),)](q, k, v, kd, "
+          f"vd, po, pl, gorder, {offs}, {cnts}, gtoff, gtgroup, {self._common(scale)}, BM=GBM, "
+          f"BN=GBN, IEEE=IEEE, TMA=TMA, **_launch(GW, GS, GR))")
         c("o = torch.empty(B, T, H, DV, device=dev, dtype=q.dtype)")
         c("osave0 = o  # the backward's delta reads the output itself, as FlashAttention's does")
         c("lsave = torch.empty(1, B, T, H, device=dev, dtype=f32) if save else o")
         if self.own:
-            c("OBM, OBN, OW, OS, OR = _grouped_config(q, 'own')  # (SPARSEDSL_GROUPED_OWN)")
+            c("OBM, OBN, OW, OS, OR, _ = _grouped_config(q, 'own')  # (SPARSEDSL_GROUPED_OWN)")
             c(f"attend_{name}_own_kernel[({nb} * triton.cdiv({L}, OBM), H, B)](q, k, v, po, pl, "
               f"sel{s}, o, lsave, {scale}, T, {nb}, H=H, HKV=HKV, G=G, KS=KS{s}, D=D, DV=DV, "
               f"BD=BD, BDV=BDV, BM=OBM, BN=OBN, IEEE=IEEE, HS=HS{s}, SAVE=save, "
@@ -776,12 +885,13 @@ class GroupedEmitter:
         c("gdelta = torch.empty(B, T, H, device=dev, dtype=f32)")
         c("_rowdot_kernel[(triton.cdiv(B * T * H, 16),)](do, osave0, gdelta, B * T * H, DV=DV, "
           "BDV=BDV, BR=16)  # delta = rowsum(dO * o), accumulated in f32, no temporaries")
-        c("GBM, GBN, GW, GS, GR = _grouped_config(q, 'dq')  # (SPARSEDSL_GROUPED_DQ)")
+        c("GBM, GBN, GW, GS, GR, GP = _grouped_config(q, 'dq')  # (SPARSEDSL_GROUPED_DQ)")
         c("gtoff, gtgroup = _group_tiles(ggcnt, GBM, gorder.numel())  # tiles of GBM entries")
-        c(f"attend_{self.st.name}_bwd_dq_kernel[(gtgroup.numel(),)](q, k, v, do, dq, glse, "
-          f"gdelta, gorder, ggoff, ggcnt, gtoff, gtgroup, {self._common(scale)}, BM=GBM, BN=GBN, "
-          f"IEEE=IEEE, **_launch(GW, GS, GR))")
-        c("GBM, GBN, GW, GS, GR = _grouped_config(q, 'dkdv')  # (SPARSEDSL_GROUPED_DKDV)")
+        c("kd, vd, TMA = _kv_descs(k, v, GBN)  # tensor descriptors, where TMA reads them")
+        c(f"attend_{self.st.name}_bwd_dq_kernel[(_grouped_programs(q, GP, gtgroup.numel()),)]("
+          f"q, k, v, kd, vd, do, dq, glse, gdelta, gorder, ggoff, ggcnt, gtoff, gtgroup, "
+          f"{self._common(scale)}, BM=GBM, BN=GBN, IEEE=IEEE, TMA=TMA, **_launch(GW, GS, GR))")
+        c("GBM, GBN, GW, GS, GR, _ = _grouped_config(q, 'dkdv')  # (SPARSEDSL_GROUPED_DKDV)")
         c(f"NP = NG * triton.cdiv({self.grid.length}, GBN)  # dk/dv programs")
         c(f"attend_{self.st.name}_bwd_dkdv_kernel[(NP,)]("
           f"q, k, v, do, dk, dv, glse, gdelta, gorder, ggoff, ggcnt, {self._common(scale)}, "

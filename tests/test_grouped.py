@@ -142,7 +142,8 @@ out = attend(tokens(sel) & causal)
 """
 
 UNFORCED = """pattern one_block "each query attends the past block it scores best (block 0: none)"
-let blk = blocks(8)
+param block = 8
+let blk = blocks(block)
 out = attend(tokens(topk(dot(q, pool(blk, mean)), 1, forbid=~past(blk))) & causal)
 """
 
@@ -180,10 +181,40 @@ def test_grouped_full_chunks(monkeypatch, spec, params, B, T, Hq, Hkv):
         monkeypatch.setenv(var, "16,16,1,1")
     layer = sparsedsl.compile(spec, **params)
     assert layer.plan.stages[-1].groups[0][0].full  # inner ranges, given the list
+    past = spec == "moba"  # the forward's tiles attend past blocks whole (a partial last chunk)
     for kernel in ("fwd", "own", "bwd_dq", "bwd_dkdv"):
         body = layer.source.split(f"def attend_out_{kernel}_kernel(")[1].split("@triton.jit")[0]
-        assert body.count("# full: no masks") == 1 and body.count("# edge: masked") == 2
+        edges = 1 if past and kernel == "fwd" else 2
+        assert body.count("# full: no masks") == 1 and body.count("# edge: masked") == edges
     _check_grouped(spec, params, B, T, Hq, Hkv)
+
+
+FORBID_NOT_PAST = """pattern not_past "MoBA's picks, forbidding every block not wholly past"
+param block = 8
+let blk = blocks(block)
+let sel = topk(dot(q, pool(blk, mean)), 3, force=current(blk), forbid=~past(blk))
+out = attend(tokens(sel) & causal)
+"""
+
+@cpu_only
+@pytest.mark.parametrize("spec, past", [
+    ("moba", True), (FORBID_NOT_PAST, True),
+    (WINDOWED, False),  # a window need not hold on a whole past block
+    (UNFORCED, False),  # no own block: a tile's block may be its queries' current one
+], ids=["moba", "forbid-not-past", "windowed", "unforced"])
+def test_forward_walks_past_blocks_whole(monkeypatch, spec, past):
+    """When every pick besides the forced current block is a past block and the keys' rule
+    holds on a whole past block (causal does), the forward's tiles walk their block without
+    bounds or masks (`GroupedEmitter.past`); otherwise the masked edges stay. Either way the
+    outputs and gradients match the reference: blocks of 40 keys in tiles of 16 (two whole
+    chunks unmasked, a partial one masked), and of 8 (the partial chunk alone)."""
+    monkeypatch.setenv("SPARSEDSL_GROUPED", "16,16,1,1")
+    layer = sparsedsl.compile(spec)
+    body = layer.source.split("def attend_out_fwd_kernel(")[1].split("@triton.jit")[0]
+    assert ("a past block: whole" in body) == past
+    assert body.count("# edge: masked") == (1 if past else 2)
+    _check_grouped(spec, dict(block=40), 1, 173, 2, 1)
+    _check_grouped(spec, dict(block=8), 2, 37, 4, 2)
 
 
 @cpu_only
@@ -216,8 +247,31 @@ def test_grouped_tile_sizes_from_the_environment(monkeypatch):
     with pytest.raises(ValueError, match="grouped tile sizes must be powers of two"):
         layer(*x).sum().backward()
     monkeypatch.setenv("SPARSEDSL_GROUPED_DQ", "32,16,1")
-    with pytest.raises(ValueError, match=r"SPARSEDSL_GROUPED_DQ takes BM,BN,WARPS,STAGES\[,MAXNREG\]"):
+    with pytest.raises(ValueError,
+                       match=r"SPARSEDSL_GROUPED_DQ takes BM,BN,WARPS,STAGES\[,MAXNREG\[,PROGRAMS\]\]"):
         layer(*x).sum().backward()
+    monkeypatch.setenv("SPARSEDSL_GROUPED_DQ", "32,16,1,0")
+    with pytest.raises(ValueError, match="warps and stages must be at least 1"):
+        layer(*x).sum().backward()
+
+
+@cpu_only
+@pytest.mark.parametrize("programs, tma", [(0, "1"), (3, "1"), (2, "0"), (50, "1")],
+                         ids=["a-program-a-tile", "persistent", "persistent-no-tma", "more-than-tiles"])
+def test_grouped_persistent_programs(monkeypatch, programs, tma):
+    """The forward and dq kernels walk tiles p, p + P, ... of the real tiles: one program a
+    tile slot (PROGRAMS 0), a few programs an SM each walking several tiles (4 SMs in the
+    interpreter), or more programs than tiles; key tiles through tensor descriptors or
+    (SPARSEDSL_TMA=0) masked loads. Every partial output is written once (the test suite
+    fills torch.empty with NaN) and dq gets each tile's add once."""
+    monkeypatch.setenv("SPARSEDSL_TMA", tma)
+    for var in ("SPARSEDSL_GROUPED", "SPARSEDSL_GROUPED_DQ"):
+        monkeypatch.setenv(var, f"16,16,1,1,0,{programs}")
+    ns = sparsedsl.compile("moba", block=8, topk=2)._op.kernels(torch.device("cpu")).__dict__
+    q = torch.zeros(1)
+    assert [ns["_grouped_programs"](q, P, 50) for P in (0, 1, 3, 50)] == [50, 4, 12, 50]
+    _check_grouped("moba", dict(block=8, topk=2), 2, 37, 4, 2)
+    _check_grouped(UNFORCED, {}, 1, 45, 2, 2)  # the combine kernel's path (no own block)
 
 
 def _check_grouped(spec, params, B, T, Hq, Hkv):
