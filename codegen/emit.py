@@ -227,6 +227,9 @@ def _query_split(NT, programs):
 # tensor descriptors of k and v: the tile kernels' and the grouped forward's and dq's key tiles
 KV_DESCS_HELPER = '''
 
+_TMA_DEVICES = {}  # device -> whether its kernels can read through tensor descriptors
+
+
 def _kv_descs(k, v, BN):
     """(kd, vd, True): tensor descriptors of k and v [B, T, HKV, D] seen as [B, T, HKV * D],
     in boxes of [1, BN, D], through which the tile kernels read a tile of keys as one bulk
@@ -242,7 +245,11 @@ def _kv_descs(k, v, BN):
         raise ValueError(f"SPARSEDSL_TMA takes 0 (off) or 1 (on where it applies), got {env!r}")
     if type(k).__name__ in ("FakeTensor", "FunctionalTensor"):
         return k, v, False
-    ok = env == "1" and not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] < 9)
+    ok = env == "1"
+    if ok and k.is_cuda:  # compute capability 9 or more (looked up once a device)
+        ok = _TMA_DEVICES.get(k.device)
+        if ok is None:
+            ok = _TMA_DEVICES[k.device] = torch.cuda.get_device_capability(k.device)[0] >= 9
     for t in (k, v):
         W = t.shape[-1]
         ok = (ok and 16 <= W <= 256 and W & (W - 1) == 0 and t.is_contiguous()

@@ -273,11 +273,11 @@ def _grouped_config(q, kernel):
     if env:
         return env
     if q.is_cuda and q.shape[-1] > 64:  # H100, bf16, D = 128, MoBA at 64k (docs/perf-notes.md)
-        # the forward: two persistent programs an SM walk the tiles, reading key tiles
-        # through tensor descriptors 3 stages deep (kernel 2.09 -> 1.75-1.79 ms); dq and the
-        # own block capped at 168 registers with one or two stages: three programs an SM
-        # instead of two (dq's key tiles through descriptors too: 4.14 -> 3.52 ms)
-        return {'fwd': (64, 64, 4, 3, 0, 2), 'own': (64, 64, 4, 1, 168, 0),
+        # the forward: three persistent programs an SM (168 registers) walk the tiles,
+        # reading key tiles through tensor descriptors 3 stages deep (kernel 2.09 -> 1.66
+        # ms); dq and the own block capped at 168 registers with one or two stages: three
+        # programs an SM instead of two (dq's key tiles through descriptors too: 4.14 -> 3.52)
+        return {'fwd': (64, 32, 4, 3, 168, 3), 'own': (64, 64, 4, 1, 168, 0),
                 'dq': (64, 32, 4, 2, 168, 0), 'dkdv': (128, 32, 4, 2, 0, 0)}[kernel]
     if q.is_cuda:
         return 64, 64, 4, 3, 0, (2 if kernel == 'fwd' else 0)
@@ -286,12 +286,18 @@ def _grouped_config(q, kernel):
     return 16, 16, 1, 1, 0, (1 if kernel in ('fwd', 'dq') else 0)
 
 
+_SMS = {}  # device -> its multiprocessor count
+
+
 def _grouped_programs(q, P, NT):
     """The grid of a persistent grouped kernel over NT tile slots: P programs an SM (4 SMs
     in the interpreter), at most NT; 0: one program a slot."""
     if not P:
         return max(1, NT)
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    sms = _SMS.get(q.device)
+    if sms is None:
+        sms = _SMS[q.device] = (torch.cuda.get_device_properties(q.device).multi_processor_count
+                                if q.is_cuda else 4)
     return max(1, min(NT, P * sms))
 
 
