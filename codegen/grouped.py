@@ -364,20 +364,22 @@ class GroupedEmitter:
             self._bounds(c, ind)
             return
         L, S = self.grid.length, self.grid.stride
-        c += [
-            f"{ind}I = o_i[:, None]",
-            f"{ind}p_row = (i_b * T + o_i).to(tl.int64) * H + i_h  # [BM] rows of q, o",
+        c += self._row_ids(ind) + [
             f"{ind}j_lo = i_n * {S}",
             f"{ind}j_hi = j_lo + {L}  # a past block: whole, before every query (and T)",
         ]
+
+    @staticmethod
+    def _row_ids(ind: str) -> list:
+        """I (the query positions as a column) and p_row, the tile's rows of q and o."""
+        return [f"{ind}I = o_i[:, None]",
+                f"{ind}p_row = (i_b * T + o_i).to(tl.int64) * H + i_h  # [BM] rows of q, o"]
 
     def _bounds(self, c: list, ind: str) -> None:
         """From the tile's query positions o_i (valid where m_r) of block i_n: its rows, the
         keys it walks [j_lo, j_hi) and the run of them it attends in full [fa, fb)."""
         L, S = self.grid.length, self.grid.stride
-        c += [
-            f"{ind}I = o_i[:, None]",
-            f"{ind}p_row = (i_b * T + o_i).to(tl.int64) * H + i_h  # [BM] rows of q, o",
+        c += self._row_ids(ind) + [
             f"{ind}i_lo = tl.min(tl.where(m_r, o_i, T), 0)  # the tile's first query",
             f"{ind}i_hi = tl.max(tl.where(m_r, o_i, -1), 0) + 1  # past its last",
             f"{ind}j_lo = i_n * {S}",
