@@ -726,10 +726,11 @@ class SelectEmitter:
     def _cap_rows(self, ops, g, stop: str, step: str) -> None:
         """Each row's best-free buffer capped at the row's free slots, K less the forced
         blocks that count against k (n_counted, from a walk over the chunks' forced masks, no
-        scores; the main walk then leaves it alone): the slots past the cap hold +inf (never the worst, never stored), so a chunk's merge takes
-        at most k_steps candidates and its bar is the row's n_cap-th best so far. (MoBA,
-        own block forced, top-3: two steps a chunk instead of three; H100 at 64k: the
-        router 0.44 -> 0.38 ms, docs/perf-notes.md.)"""
+        scores; the main walk then leaves it alone): the slots past the cap hold +inf (never
+        the worst, never stored), so a chunk's merge takes at most k_steps candidates and its
+        bar is the row's n_cap-th best so far. (MoBA, own block forced, top-3: two steps a
+        chunk instead of three; H100 at 64k: the router 0.44 -> 0.38 ms,
+        docs/perf-notes.md.)"""
         c = self.c
         force = self.ex.blocks(ops["force"], "I", "N")
         c(f"for n0 in range(0, {stop}, {step}):")
@@ -2326,15 +2327,23 @@ class TileWalk:
         c(f"fb{si} = tl.where(f_ok, fh, js{si})")
 
 
+# b_k, b_v of the token keys j0 + [0, BN) through kd, vd ([B, T, HKV * D] descriptors of
+# [1, BN, BD] boxes: a head's row is whole, BD == D, which the host checks): the test and
+# the loads under it (the tile kernels' `_tma_or`, the grouped ones' `_tma_kv`)
+TMA_KV = ("if TMA:  # the tile as one bulk copy (rows past T read as zeros)",
+          ("b_k = kd.load([i_b, j0, i_hk * D]).reshape(BN, BD)  # [BN, BD]",
+           "b_v = vd.load([i_b, j0, i_hk * DV]).reshape(BN, BDV)  # [BN, BDV]"))
+
+
 def _tma_or(em, c: "Code", load) -> None:
-    """b_k, b_v of the token keys j0 + [0, BN): through kd, vd when TMA ([B, T, HKV * D]
-    descriptors of [1, BN, BD] boxes: a head's row is whole, BD == D, which the host checks),
-    else by the loads `load()` writes."""
+    """b_k, b_v of the token keys j0 + [0, BN): through kd, vd when TMA (`TMA_KV`), else by
+    the loads `load()` writes."""
     em.tma_used = True  # the host makes the descriptors
-    c("if TMA:  # the tile as one bulk copy (rows past T read as zeros)")
+    head, loads = TMA_KV
+    c(head)
     with c.indent():
-        c("b_k = kd.load([i_b, j0, i_hk * D]).reshape(BN, BD)  # [BN, BD]")
-        c("b_v = vd.load([i_b, j0, i_hk * DV]).reshape(BN, BDV)  # [BN, BDV]")
+        for x in loads:
+            c(x)
     c("else:")
     with c.indent():
         load()

@@ -44,7 +44,7 @@ import re
 
 from sparsedsl.ir.graph import IR
 
-from .emit import L2E_DEF, _nbs_in, _tl
+from .emit import L2E_DEF, TMA_KV, _nbs_in, _tl
 from .plan import AttendStage, BlockList, KernelPlan
 
 
@@ -342,13 +342,11 @@ class GroupedEmitter:
 
     # ------------------------------------------------------------------ kernels
     def _rows(self, c: list, ind: str, past: bool = False) -> None:
-        """The program's tile: entries [e0, e1) of one group; rows are their queries. With
-        `past`, the block lies wholly before every query of the tile (`self.past`): its keys
-        are [j_lo, j_hi), all attended."""
+        """The program's tile i_x, one of the real tiles (`_persistent`): entries [e0, e1) of
+        one group; rows are their queries. With `past`, the block lies wholly before every
+        query of the tile (`self.past`): its keys are [j_lo, j_hi), all attended."""
         c += [
             f"{ind}i_g = tl.load(tgroup + i_x)",
-            f"{ind}m_g = i_g < NG",
-            f"{ind}i_g = tl.minimum(i_g, NG - 1)",
             f"{ind}i_n = i_g % NB  # the key block",
             f"{ind}i_h = (i_g // NB) % H",
             f"{ind}i_b = i_g // (NB * H)",
@@ -356,7 +354,7 @@ class GroupedEmitter:
             f"{ind}e0 = tl.load(goff + i_g) + (i_x - tl.load(toff + i_g)) * BM",
             f"{ind}e1 = tl.load(goff + i_g) + tl.load(gcnt + i_g)",
             f"{ind}o_e = e0 + tl.arange(0, BM)",
-            f"{ind}m_r = (o_e < e1) & m_g",
+            f"{ind}m_r = o_e < e1",
             f"{ind}o_ent = tl.load(order + o_e, mask=m_r, other=0)  # [BM] entries",
             f"{ind}o_i = ((o_ent // (H * KS)) % T).to(tl.int32)  # [BM] query positions",
         ]
@@ -779,13 +777,9 @@ class GroupedEmitter:
         """k and v of the keys o_j as one bulk copy each through the descriptors kd, vd when
         TMA (rows past T read as zeros; a masked key's score is -inf, so its v row gets p =
         0), else `_load_kv`'s loads."""
-        return [
-            f"{ind}if TMA:  # the tile as one bulk copy",
-            f"{ind}    b_k = kd.load([i_b, j0, i_hk * D]).reshape(BN, BD)  # [BN, BD]",
-            f"{ind}    b_v = vd.load([i_b, j0, i_hk * DV]).reshape(BN, BDV)  # [BN, BDV]",
-            f"{ind}else:",
-            *self._load_kv(ind + "    ", unmasked),
-        ]
+        head, loads = TMA_KV
+        return [f"{ind}{head}", *(f"{ind}    {x}" for x in loads), f"{ind}else:",
+                *self._load_kv(ind + "    ", unmasked)]
 
     @staticmethod
     def _persistent(c: list, ind: str) -> str:
