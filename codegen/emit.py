@@ -1273,6 +1273,10 @@ class AttendEmitter:
         # while a walk's keys are the token run j0 + [0, BN) (not a gather): `_load_kv` may
         # read them as one tile (the tile layout: through a tensor descriptor, `tma_used`)
         self.from_j0 = False
+        # while a walk's keys are the BN-key chunk t0 of a block list's slots
+        # (list, block length, stride): the row layout may read a chunk inside one block as
+        # one tile (`_row_keys`)
+        self.list_run = None
         self.tma_used = False
 
     # a group that is one earlier stage's output is read at the end (`_deferred_group`)
@@ -1484,7 +1488,9 @@ class AttendEmitter:
                         c(f"m_s = (b_n >= 0)[None, :] & (J < T) & m_r[:, None]{dup}{excl}")
                         # these keys are in a listed block: the mask need not look them up
                         listed = self.ex.with_given({s.select}).union_keys(self.tokens)
+                        self.list_run = (s.select, g.length, g.stride)
                         self._update(gi, listed, scale, pooled, "o_j")
+                        self.list_run = None
                 else:
                     self.nbs.add(s.grid)
                     c(f"# source {si}: the blocks listed by `{self.ex.ir.node(s.select)['name'] or s.select}`")
@@ -1810,10 +1816,13 @@ class AttendBwdEmitter(AttendEmitter):
             kptr, vptr, dkptr, dvptr = f"kp{pool}", f"vp{pool}", f"dkp{pool}", f"dvp{pool}"
             c(f"m_k = ({idx} < NB{g.node})[:, None]")
         c(f"o_kv = {base}  # [BN]")
-        c(f"b_k = tl.load({kptr} + o_kv[:, None] * D + o_d[None, :], mask=m_k & m_d[None, :], "
-          f"other=0.)")
-        c(f"b_v = tl.load({vptr} + o_kv[:, None] * DV + o_dv[None, :], mask=m_k & m_dv[None, :], "
-          f"other=0.)")
+
+        def load():
+            c(f"b_k = tl.load({kptr} + o_kv[:, None] * D + o_d[None, :], mask=m_k & m_d[None, :], "
+              f"other=0.)")
+            c(f"b_v = tl.load({vptr} + o_kv[:, None] * DV + o_dv[None, :], mask=m_k & "
+              f"m_dv[None, :], other=0.)")
+        self._kv_loads(pooled, load)
         c(f"b_s = tl.dot(b_q, tl.trans(b_k), input_precision='ieee' if IEEE else 'tf32') * "
           f"({scale} * L2E)  # log2 units")
         c(f"m_a = m_s & {mask}")
@@ -1827,6 +1836,11 @@ class AttendBwdEmitter(AttendEmitter):
             c(f"if not KM{gi}:  # else dk, dv come from the key-major kernel")
         with c.indent() if by_keys else contextlib.nullcontext():
             self._kv_atomics(gi, scale, dkptr, dvptr, pooled is not None)
+
+    def _kv_loads(self, pooled, load) -> None:
+        """b_k, b_v of the walk's key tile by `load()` (the row layout's backward may read
+        them through descriptors: RowAttendBwdEmitter)."""
+        load()
 
     def _dq(self, gi, scale) -> None:
         """dp = do_g . v, ds = p (dp - delta_g), dq += scale ds . k (ds rounded to k's dtype
@@ -2354,6 +2368,60 @@ def _full_kv(c: "Code") -> None:
     c("o_kv = ((i_b * T + o_j).to(tl.int64) * HKV + i_hk)  # [BN]")
     c("b_k = tl.load(k + o_kv[:, None] * D + o_d[None, :], mask=m_d[None, :], other=0.)")
     c("b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_dv[None, :], other=0.)")
+
+
+def _row_keys(em, c: "Code", load) -> None:
+    """b_k, b_v of a row-layout kernel's key tile: through kd, vd when TMA for a run of token
+    keys from j0 (`from_j0`: a token range) or for a chunk t0 + [0, BN) of a block list's
+    slots that lies inside one block (`list_run`, when BN divides the block length: BN is a
+    constant, so the test is compiled out), else by the loads `load()` writes. An empty slot
+    (-1) reads block 0's keys, which its mask drops, as the gathered loads read key 0."""
+    if em.from_j0:
+        _tma_or(em, c, load)
+    elif em.list_run is not None:
+        sel, length, stride = em.list_run
+        em.tma_used = True  # the host makes the descriptors
+        c(f"if TMA and {length} % BN == 0:  # the chunk lies in one listed block: one bulk "
+          f"copy each")
+        with c.indent():
+            c(f"j0 = tl.maximum(tl.load(p_sel{sel} + t0 // {length}), 0) * {stride} + t0 % "
+              f"{length}  # its first key")
+            for x in TMA_KV[1]:
+                c(x)
+        c("else:")
+        with c.indent():
+            load()
+    else:
+        load()
+
+
+class RowAttendEmitter(AttendEmitter):
+    """The row layout's forward: AttendEmitter's kernel with key tiles that are a run of
+    token keys (a token range, or a chunk of one listed block) read through tensor
+    descriptors (TMA) when TMA."""
+
+    head_args = "o, kd, vd"
+    extra_consts = ", SAVE: tl.constexpr, TMA: tl.constexpr"
+
+    def _load_kv(self, pooled, idx) -> None:
+        if pooled is None:
+            _row_keys(self, self.c, lambda: super(RowAttendEmitter, self)._load_kv(pooled, idx))
+        else:
+            super()._load_kv(pooled, idx)
+
+
+class RowAttendBwdEmitter(AttendBwdEmitter):
+    """The row layout's backward, its token key tiles read as the forward reads them
+    (`_row_keys`)."""
+
+    head_args = "do, dq, dk, dv, kd, vd"
+    extra_consts = ", TMA: tl.constexpr"
+
+    def _kv_loads(self, pooled, load) -> None:
+        if pooled is None:
+            _row_keys(self, self.c, load)
+        else:
+            load()
 
 
 class TileAttendEmitter(TileWalk, AttendEmitter):
@@ -3052,8 +3120,7 @@ class HostEmitter:
         heads = "o"
         if st.layout != "tile":
             c("BN, W, NS = _row_config('fwd', q)  # (SPARSEDSL_ROW)")
-        else:
-            heads, tiles = heads + self._kv_descs(em), tiles + ", TMA=TMA"
+        heads, tiles = heads + self._kv_descs(em), tiles + ", TMA=TMA"
         c(f"attend_{st.name}_fwd_kernel[{grid}](q, k, v, {heads}, "
           f"{''.join(x + ', ' for x in args)}T, "
           f"{''.join(f'NB{x}, ' for x in sorted(em.nbs))}{deps}H=H, HKV=HKV, G=G, R=R, RP=RP, "
@@ -3196,8 +3263,7 @@ class HostBwdEmitter(HostEmitter):
         heads = "do, dq, dk, dv"
         if not tile:
             c("BN, W, NS = _row_config('dq', q)  # (SPARSEDSL_ROW_DQ)")
-        else:
-            heads, tiles = heads + self._kv_descs(em), tiles + ", TMA=TMA"
+        heads, tiles = heads + self._kv_descs(em), tiles + ", TMA=TMA"
         tiles += "".join(f", KM{gi}=KM" for gi in by_keys)
         c(f"attend_{st.name}_bwd_kernel[{grid}](q, k, v, {heads}, "
           f"{''.join(x + ', ' for x in args)}T, {''.join(f'NB{x}, ' for x in sorted(em.nbs))}"
@@ -3271,7 +3337,8 @@ def generate(ir: IR, plan: KernelPlan | None = None) -> tuple[str, KernelPlan]:
     grouped = any(st.kind == "attend" and st.layout == "grouped" for st in plan.stages)
     tile = any(st.kind == "attend" and st.layout == "tile" for st in plan.stages)
     parts = [header(ir, plan), TRITON_PRELUDE + (HELPER if grouped else "")
-             + (TILE_HELPER if tile else "") + (KV_DESCS_HELPER if tile or grouped else "")]
+             + (TILE_HELPER if tile else "")]
+    kv_descs = tile or grouped  # their kernels take k, v descriptors (KV_DESCS_HELPER)
     selects, attends = {}, {}
     for st in plan.stages:
         if st.kind == "pool":
@@ -3296,7 +3363,7 @@ def generate(ir: IR, plan: KernelPlan | None = None) -> tuple[str, KernelPlan]:
             parts += em.emit_fwd()
             attends[id(st)] = em
         else:
-            em = (TileAttendEmitter if st.layout == "tile" else AttendEmitter)(ir, plan, ex, st)
+            em = (TileAttendEmitter if st.layout == "tile" else RowAttendEmitter)(ir, plan, ex, st)
             parts.append(em.emit())
             attends[id(st)] = em
     attends_bwd = {}
@@ -3314,7 +3381,7 @@ def generate(ir: IR, plan: KernelPlan | None = None) -> tuple[str, KernelPlan]:
             parts += em.emit_pooled_dkdv()
             attends_bwd[id(st)] = em
         elif st.kind == "attend":
-            em = AttendBwdEmitter(ir, plan, ex, st)
+            em = RowAttendBwdEmitter(ir, plan, ex, st)
             parts.append(em.emit())
             parts += em.emit_list_dkdv()
             dkdv = em.emit_dkdv()
@@ -3326,6 +3393,9 @@ def generate(ir: IR, plan: KernelPlan | None = None) -> tuple[str, KernelPlan]:
             attends_bwd[id(st)] = em
         elif st.kind == "pool":
             parts.append(emit_pool_bwd(st))
+    if kv_descs or any(em.tma_used for em in attends_bwd.values() if hasattr(em, "tma_used")) \
+            or any(em.tma_used for em in attends.values() if hasattr(em, "tma_used")):
+        parts[1] += KV_DESCS_HELPER  # (row-layout kernels: when a walk reads key runs)
     kernels = [_with_acc(x) for x in parts[2:]]
     host = [HostEmitter(ir, plan).emit(selects, attends),
             HostBwdEmitter(ir, plan).emit(attends_bwd)]

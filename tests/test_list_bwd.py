@@ -62,9 +62,10 @@ def _grads(layer, q, k, v, gates, do, runner):
     return torch.autograd.grad(out, leaves, do)
 
 
-def _check(spec, B, T, Hq, Hkv, D, monkeypatch, mode):
+def _check(spec, B, T, Hq, Hkv, D, monkeypatch, mode, layer=None):
+    """The layer's output and gradients against float64 autograd of the reference."""
     monkeypatch.setenv("SPARSEDSL_LIST_BWD", mode)
-    layer = sparsedsl.compile(spec, head_dim=D, q_heads=Hq, d_model=D).double()
+    layer = layer or sparsedsl.compile(spec, head_dim=D, q_heads=Hq, d_model=D).double()
     g = torch.Generator().manual_seed(5)
     q = torch.randn(B, T, Hq, D, generator=g, dtype=F64)
     k = torch.randn(B, T, Hkv, D, generator=g, dtype=F64)
@@ -72,9 +73,13 @@ def _check(spec, B, T, Hq, Hkv, D, monkeypatch, mode):
     gates = {n: torch.rand(B, T, Hq, generator=g, dtype=F64)
              for n, info in layer.ir.inputs.items() if info.role == "gate"}
     do = torch.randn(B, T, Hq, D, generator=g, dtype=F64)
+    reference = lambda *a, **kw: sparsedsl.reference(layer.ir, *a, **kw)  # noqa: E731
+    with torch.no_grad():
+        out, want = layer(q, k, v, **gates), reference(q, k, v, **gates)
+    err = (out - want).abs().max().item() / max(1.0, want.abs().max().item())
+    assert err < 1e-10, f"o: {err:.3g}"
     got = _grads(layer, q, k, v, gates, do, layer)
-    want = _grads(layer, q, k, v, gates, do,
-                  lambda *a, **kw: sparsedsl.reference(layer.ir, *a, **kw))
+    want = _grads(layer, q, k, v, gates, do, reference)
     for name, x, y in zip(["q", "k", "v", *gates], got, want):
         err = (x - y).abs().max().item() / max(1.0, y.abs().max().item())
         assert err < 1e-10, f"d{name}: {err:.3g}"
@@ -140,6 +145,55 @@ def test_which_groups_are_key_major():
         src = sparsedsl.compile(spec, head_dim=8, q_heads=4, d_model=8).source
         assert "def attend_out_bwd_dkdv_kernel(" in src
         assert "group 1's token keys: attend_out_bwd_dkdv_kernel" in src
+
+
+# a list of blocks of L tokens (BN = 32 keys a step in the interpreter) and a window: the
+# row layout, whose forward and dq kernels read a chunk of a listed block, and the window's
+# keys, through tensor descriptors where they apply
+ROW_KEYS = """\
+input g
+let b = blocks({L})
+let sel = topk(dot(q, pool(b, mean)), 3, force=current(b), forbid=future(b))
+let a = attend(tokens(sel) & causal)
+let w = attend(window(37) & causal)
+out = g * a + w
+"""
+
+
+@pytest.mark.parametrize("L, row, tma, used", [
+    (32, None, "1", True),
+    (48, "16,4,3", "1", True),
+    (48, None, "1", True),
+    (32, None, "0", False),
+], ids=["block-of-one-chunk", "block-of-three-chunks", "chunks-across-blocks", "tma-off"])
+def test_row_key_tiles_through_tensor_descriptors(monkeypatch, L, row, tma, used):
+    """The row layout's forward and dq kernels read a BN-key chunk of a listed block as one
+    tile through tensor descriptors when BN divides the block length (its first key from the
+    list: the chunk's block, where t0 falls in it), else by gathered loads (blocks of 48 in
+    chunks of 32: a chunk spans two blocks), and the window's runs of keys likewise. The same
+    output and gradients either way: T = 101 ends the last block early (rows past T read as
+    zeros), and the first block's queries have empty slots (-1: block 0's keys, masked).
+    (Where `_kv_descs` declines, as for SPARSEDSL_TMA=0, test_tile covers its rules.)"""
+    if row:
+        monkeypatch.setenv("SPARSEDSL_ROW", row)
+        monkeypatch.setenv("SPARSEDSL_ROW_DQ", row)
+    monkeypatch.setenv("SPARSEDSL_TMA", tma)
+    spec = ROW_KEYS.format(L=L)
+    layer = sparsedsl.compile(spec, head_dim=16, q_heads=2, d_model=16).double()
+    src = layer.source
+    assert "(row layout" in src
+    assert src.count(f"if TMA and {L} % BN == 0:") == 2  # forward, dq
+    module = layer._op.kernels(torch.device("cpu"))
+    seen = []
+
+    def spy(k, v, BN, real=module._kv_descs):
+        out = real(k, v, BN)
+        seen.append((BN, out[2]))
+        return out
+    monkeypatch.setattr(module, "_kv_descs", spy)
+    _check(spec, 1, 101, 2, 1, 16, monkeypatch, "keys", layer)
+    bn = int(row.split(",")[0]) if row else 32
+    assert seen == [(bn, used)] * 3, seen  # the forward twice (no grad, then saving), dq
 
 
 def test_list_bwd_knob(monkeypatch):
