@@ -120,7 +120,7 @@ def _row_config(kernel, q):
     """(BN, num_warps, num_stages) of a row-layout kernel ('fwd' or 'dq': one query's rows
     against BN keys a step), read at each call: SPARSEDSL_ROW, SPARSEDSL_ROW_DQ =
     "BN,WARPS,STAGES" override; else 32 keys in the interpreter (several steps in tests); on
-    a GPU the forward 32 keys, 1 warp, 3 stages, the dq kernel 64 keys, 4 warps, 2 stages."""
+    a GPU the forward 32 keys, 1 warp, 3 stages, the dq kernel 64 keys, 2 warps, 2 stages."""
     import os
     env = os.environ.get({'fwd': 'SPARSEDSL_ROW', 'dq': 'SPARSEDSL_ROW_DQ'}[kernel])
     if not env:
@@ -128,10 +128,12 @@ def _row_config(kernel, q):
         # warps / 2 stages, 36.3 with 32 / 1 / 2 (8k: 3.77 -> 3.53; NSA's defaults at 16k:
         # 12.9 -> 11.9); with base-2 softmax 33.8-34.0 at 32 / 1 / 2, 32.5-32.7 at 32 / 1 / 3
         # (8k 3.22 -> 3.06); fwd+bwd 198.8 with the dq kernel at 32 / 4 / 3, 191.5 at 64 / 4 / 2
-        # (a sweep of 1-2 warps found nothing better for dq)
+        # (a sweep of 1-2 warps found nothing better for dq then); with key tiles through
+        # tensor descriptors the dq kernel gains from 2 warps: NSA as fla, dq kernel at 8k
+        # 2.64 -> 2.20 ms, at 64k 21.5 -> 18.8 (32 / 4 / 3 3.28 and 26.9, 64 / 4 / 3 2.64)
         if not q.is_cuda:
             return 32, 4, 3
-        return (32, 1, 3) if kernel == 'fwd' else (64, 4, 2)
+        return (32, 1, 3) if kernel == 'fwd' else (64, 2, 2)
     bn, w, s = (int(x) for x in env.split(","))
     if bn < 16 or bn & (bn - 1) or w < 1 or s < 1:
         raise ValueError(f"row tile: BN a power of two >= 16, warps and stages >= 1, got {env!r}")
