@@ -226,7 +226,8 @@ def _query_split(NT, programs):
 '''
 
 
-# tensor descriptors of k and v: the tile kernels' and the grouped forward's and dq's key tiles
+# tensor descriptors of k and v: the key tiles of the tile and row kernels and of the grouped
+# forward and dq
 KV_DESCS_HELPER = '''
 
 _TMA_DEVICES = {}  # device -> whether its kernels can read through tensor descriptors
@@ -234,7 +235,7 @@ _TMA_DEVICES = {}  # device -> whether its kernels can read through tensor descr
 
 def _kv_descs(k, v, BN):
     """(kd, vd, True): tensor descriptors of k and v [B, T, HKV, D] seen as [B, T, HKV * D],
-    in boxes of [1, BN, D], through which the tile kernels read a tile of keys as one bulk
+    in boxes of [1, BN, D], through which the kernels read a tile of keys as one bulk
     copy (TMA; Triton's interpreter runs them too), rows past T reading as zeros; or
     (k, v, False) where TMA does not apply: a GPU of compute capability below 9, a head dim
     that is not a power of two from 16 to 256 (a box holds whole rows of a head), a tensor
@@ -3080,8 +3081,8 @@ class HostEmitter:
                 f"{a}{st.node}" if a in ("xlse", "xdelta") else a for a in names]
 
     def _kv_descs(self, em: "AttendEmitter") -> str:
-        """The tile kernels' kd, vd arguments (and TMA): descriptors where the kernel reads
-        token keys through them (`em.tma_used`) and TMA applies, else k and v themselves."""
+        """The tile and row kernels' kd, vd arguments (and TMA): descriptors where the kernel
+        reads token keys through them (`em.tma_used`) and TMA applies, else k and v themselves."""
         if em.tma_used:
             self.c("kd, vd, TMA = _kv_descs(k, v, BN)  # tensor descriptors, where TMA reads them")
             return ", kd, vd"
@@ -3395,9 +3396,10 @@ def generate(ir: IR, plan: KernelPlan | None = None) -> tuple[str, KernelPlan]:
             attends_bwd[id(st)] = em
         elif st.kind == "pool":
             parts.append(emit_pool_bwd(st))
-    if kv_descs or any(em.tma_used for em in attends_bwd.values() if hasattr(em, "tma_used")) \
-            or any(em.tma_used for em in attends.values() if hasattr(em, "tma_used")):
-        parts[1] += KV_DESCS_HELPER  # (row-layout kernels: when a walk reads key runs)
+    # row-layout kernels take them when a walk reads runs of keys (`_row_keys`)
+    if kv_descs or any(getattr(em, "tma_used", False)
+                       for em in (*attends.values(), *attends_bwd.values())):
+        parts[1] += KV_DESCS_HELPER
     kernels = [_with_acc(x) for x in parts[2:]]
     host = [HostEmitter(ir, plan).emit(selects, attends),
             HostBwdEmitter(ir, plan).emit(attends_bwd)]
