@@ -1278,7 +1278,7 @@ class AttendEmitter:
         self.from_j0 = False
         # while a walk's keys are the BN-key chunk t0 of a block list's slots
         # (list, block length, stride): the row layout may read a chunk inside one block as
-        # one tile (`_row_keys`)
+        # one tile (`_run_keys`)
         self.list_run = None
         self.tma_used = False
 
@@ -2308,12 +2308,9 @@ class TileWalk:
             seen.append((si, s))
 
     def _keys(self, pooled, idx, load) -> None:
-        """b_k, b_v of the tile's keys by `load(pooled, idx)`, or, for a run of token keys from
-        j0 (`from_j0`), through the descriptors when TMA (`_tma_or`)."""
-        if pooled is None and self.from_j0:
-            _tma_or(self, self.c, lambda: load(pooled, idx))
-        else:
-            load(pooled, idx)
+        """b_k, b_v of the tile's keys by `load(pooled, idx)`, or through the descriptors
+        (`_run_keys`)."""
+        _run_keys(self, self.c, pooled, lambda: load(pooled, idx))
 
     def _full_span(self, si: int, seen: list, full) -> None:
         """fa<si>, fb<si>: the run of full key tiles of source si; js<si>: its first tile."""
@@ -2373,13 +2370,16 @@ def _full_kv(c: "Code") -> None:
     c("b_v = tl.load(v + o_kv[:, None] * DV + o_dv[None, :], mask=m_dv[None, :], other=0.)")
 
 
-def _row_keys(em, c: "Code", load) -> None:
-    """b_k, b_v of a row-layout kernel's key tile: through kd, vd when TMA for a run of token
+def _run_keys(em, c: "Code", pooled, load) -> None:
+    """b_k, b_v of a tile or row kernel's key tile: through kd, vd when TMA for a run of token
     keys from j0 (`from_j0`: a token range) or for a chunk t0 + [0, BN) of a block list's
     slots that lies inside one block (`list_run`, when BN divides the block length: BN is a
-    constant, so the test is compiled out), else by the loads `load()` writes. An empty slot
-    (-1) reads block 0's keys, which its mask drops, as the gathered loads read key 0."""
-    if em.from_j0:
+    constant, so the test is compiled out), else (pooled keys, gathers) by the loads `load()`
+    writes. An empty slot (-1) reads block 0's keys, which its mask drops, as the gathered
+    loads read key 0."""
+    if pooled is not None:
+        load()
+    elif em.from_j0:
         _tma_or(em, c, load)
     elif em.list_run is not None:
         sel, length, stride = em.list_run
@@ -2407,24 +2407,19 @@ class RowAttendEmitter(AttendEmitter):
     extra_consts = ", SAVE: tl.constexpr, TMA: tl.constexpr"
 
     def _load_kv(self, pooled, idx) -> None:
-        if pooled is None:
-            _row_keys(self, self.c, lambda: super(RowAttendEmitter, self)._load_kv(pooled, idx))
-        else:
-            super()._load_kv(pooled, idx)
+        _run_keys(self, self.c, pooled,
+                  lambda: super(RowAttendEmitter, self)._load_kv(pooled, idx))
 
 
 class RowAttendBwdEmitter(AttendBwdEmitter):
     """The row layout's backward, its token key tiles read as the forward reads them
-    (`_row_keys`)."""
+    (`_run_keys`)."""
 
     head_args = "do, dq, dk, dv, kd, vd"
     extra_consts = ", TMA: tl.constexpr"
 
     def _kv_loads(self, pooled, load) -> None:
-        if pooled is None:
-            _row_keys(self, self.c, load)
-        else:
-            load()
+        _run_keys(self, self.c, pooled, load)
 
 
 class TileAttendEmitter(TileWalk, AttendEmitter):
@@ -3396,7 +3391,7 @@ def generate(ir: IR, plan: KernelPlan | None = None) -> tuple[str, KernelPlan]:
             attends_bwd[id(st)] = em
         elif st.kind == "pool":
             parts.append(emit_pool_bwd(st))
-    # row-layout kernels take them when a walk reads runs of keys (`_row_keys`)
+    # row-layout kernels take them when a walk reads runs of keys (`_run_keys`)
     if kv_descs or any(getattr(em, "tma_used", False)
                        for em in (*attends.values(), *attends_bwd.values())):
         parts[1] += KV_DESCS_HELPER
