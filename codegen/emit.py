@@ -93,14 +93,14 @@ def _list_index(sel, NB, HKV, G, shared):
     return off, ent.to(torch.int32)
 
 
-def _env_tiles(var, what, regs=False):
-    """The override "BM,BN,WARPS,STAGES" in environment variable `var` (None when unset),
-    BM and BN powers of two >= 16; `what` names the sizes in the error. With `regs`, two more
+def _env_tiles(var, what, tuned, regs=False):
+    """The setting "BM,BN,WARPS,STAGES" of knob `var` (`_knob`: the environment, then the
+    tuned settings; None when neither sets it), BM and BN powers of two >= 16; `what` names
+    the sizes in the error. With `regs`, two more
     values may follow: a cap on the registers a thread uses (`maxnreg`; 0 or absent: Triton's
     choice) and the persistent programs an SM (0 or absent: a program a tile), and the result
     has six entries."""
-    import os
-    env = os.environ.get(var)
+    env = _knob(var, tuned)
     if not env:
         return None
     vals = [int(x) for x in env.split(",")]
@@ -116,13 +116,13 @@ def _env_tiles(var, what, regs=False):
     return tuple(vals) + (0,) * ((6 - len(vals)) if regs else 0)
 
 
-def _row_config(kernel, q):
+def _row_config(kernel, q, tuned):
     """(BN, num_warps, num_stages) of a row-layout kernel ('fwd' or 'dq': one query's rows
-    against BN keys a step), read at each call: SPARSEDSL_ROW, SPARSEDSL_ROW_DQ =
-    "BN,WARPS,STAGES" override; else 32 keys in the interpreter (several steps in tests); on
+    against BN keys a step), read at each call: the knobs SPARSEDSL_ROW, SPARSEDSL_ROW_DQ =
+    "BN,WARPS,STAGES" (`_knob`) override; else 32 keys in the interpreter (several steps in
+    tests); on
     a GPU the forward 32 keys, 1 warp, 3 stages, the dq kernel 64 keys, 2 warps, 2 stages."""
-    import os
-    env = os.environ.get({'fwd': 'SPARSEDSL_ROW', 'dq': 'SPARSEDSL_ROW_DQ'}[kernel])
+    env = _knob({'fwd': 'SPARSEDSL_ROW', 'dq': 'SPARSEDSL_ROW_DQ'}[kernel], tuned)
     if not env:
         # H100 (docs/perf-notes.md): the forward of NSA as fla at 64k 38.1 ms with 64 keys / 4
         # warps / 2 stages, 36.3 with 32 / 1 / 2 (8k: 3.77 -> 3.53; NSA's defaults at 16k:
@@ -140,11 +140,10 @@ def _row_config(kernel, q):
     return bn, w, s
 
 
-def _list_chunk(RE, cuda):
-    """Entries a key-major list program walks at most: SPARSEDSL_LIST_CHUNK rows (default
-    16384 on a GPU, 32 in the interpreter) over RE rows per entry."""
-    import os
-    env = os.environ.get("SPARSEDSL_LIST_CHUNK")
+def _list_chunk(RE, cuda, tuned):
+    """Entries a key-major list program walks at most: the knob SPARSEDSL_LIST_CHUNK rows
+    (`_knob`; default 16384 on a GPU, 32 in the interpreter) over RE rows per entry."""
+    env = _knob("SPARSEDSL_LIST_CHUNK", tuned)
     rows = int(env) if env else (16384 if cuda else 32)
     if rows < 1:
         raise ValueError(f"SPARSEDSL_LIST_CHUNK must be a positive row count, got {env!r}")
@@ -170,16 +169,17 @@ def _list_work(off, n_entries, E):
 
 TILE_HELPER = '''
 
-def _tile_config(kernel, q, pooled=False):
+def _tile_config(kernel, q, tuned, pooled=False, nkeys=0):
     """(BM, BN, num_warps, num_stages) of a tile-layout kernel ('fwd', 'dq', 'dkdv' or
-    'dkdvp', the pooled keys' dk/dv; BM queries by BN keys), read at each call:
+    'dkdvp', the pooled keys' dk/dv; BM queries by BN keys), read at each call: the knobs
     SPARSEDSL_TILE (forward), SPARSEDSL_TILE_DQ, SPARSEDSL_TILE_DKDV, SPARSEDSL_TILE_DKDVP =
-    "BM,BN,WARPS,STAGES" override; else small tiles in the interpreter
+    "BM,BN,WARPS,STAGES" (`_knob`) override; else small tiles in the interpreter
     (several tiles of each kind in tests) and per-dtype defaults on CUDA (a stage over pooled
-    keys has its own)."""
+    keys has its own; the pooled keys' dk/dv kernel's depends on `nkeys`, pooled keys a
+    sequence)."""
     env = _env_tiles({'fwd': 'SPARSEDSL_TILE', 'dq': 'SPARSEDSL_TILE_DQ',
                       'dkdv': 'SPARSEDSL_TILE_DKDV', 'dkdvp': 'SPARSEDSL_TILE_DKDVP'}[kernel],
-                     "tile sizes")
+                     "tile sizes", tuned)
     if env:
         return env
     if not q.is_cuda:
@@ -210,12 +210,12 @@ def _tile_config(kernel, q, pooled=False):
     return 32, 32, 4, 1
 
 
-def _query_split(NT, programs):
+def _query_split(NT, programs, tuned):
     """(QT, S): the pooled dk/dv kernels split a key tile's NT query tiles into S runs of QT
     tiles, so that `programs` x S is about 8192 programs (pooled keys are few: at 8k, NSA's
-    64-token blocks make 2 key tiles per head). SPARSEDSL_QUERY_SPLIT=QT overrides."""
-    import os
-    env = os.environ.get("SPARSEDSL_QUERY_SPLIT")
+    64-token blocks make 2 key tiles per head). The knob SPARSEDSL_QUERY_SPLIT=QT
+    (`_knob`) overrides."""
+    env = _knob("SPARSEDSL_QUERY_SPLIT", tuned)
     if env:
         qt = int(env)
         if qt < 1:
@@ -223,6 +223,45 @@ def _query_split(NT, programs):
     else:
         qt = triton.cdiv(NT, max(1, min(NT, 8192 // max(1, programs))))
     return qt, triton.cdiv(NT, qt)
+'''
+
+
+# the kernel knobs' settings: the environment's, else those `sparsedsl tune` measured best on
+# this device (sparsedsl/runtime/tuning.py puts them into `_TUNED` when it loads the module)
+TUNED_HELPER = '''
+
+_TUNED = {}  # (device, dtype, heads, kv heads, head dims) -> [(seq, {knob: setting})]
+_DEVICES = {}  # torch device -> its name, as the tuning records it
+
+
+def _tuned(q, k, v):
+    """The knob settings `sparsedsl tune` chose for a call on q, k, v: those of the entry for
+    q's device, dtype, heads and head dims tuned at the sequence length nearest q's (by
+    ratio; the longer on a tie), or {}: none tuned, SPARSEDSL_TUNED=0, or tensors without
+    data (torch.compile's fake tensors: the knobs change no output's shape)."""
+    if not _TUNED or type(q).__name__ in ("FakeTensor", "FunctionalTensor"):
+        return {}
+    import os
+    if os.environ.get("SPARSEDSL_TUNED", "1") == "0":
+        return {}
+    name = _DEVICES.get(q.device)
+    if name is None:
+        name = _DEVICES[q.device] = (torch.cuda.get_device_name(q.device) if q.is_cuda
+                                     else q.device.type)
+    runs = _TUNED.get((name, str(q.dtype).split(".")[-1], q.shape[2], k.shape[2], q.shape[3],
+                       v.shape[3]))
+    if not runs:
+        return {}
+    T = max(1, q.shape[1])
+    return min(runs, key=lambda r: (abs(math.log(r[0] / T)), -r[0]))[1]
+
+
+def _knob(var, tuned):
+    """The setting of kernel knob `var` (docs/design.md lists them): the environment
+    variable when set (read at every call, for sweeps), else the tuned one (`_tuned`), else
+    None: the built-in default."""
+    import os
+    return os.environ.get(var) or tuned.get(var)
 '''
 
 
@@ -2771,15 +2810,14 @@ def _select_ints(env, text, usage, names, cuda, var="SPARSEDSL_SELECT_TILE"):
     return vals
 
 
-def _select_split(q, cuda):
+def _select_split(q, tuned, cuda):
     """(BQ, C, WARPS, QC, QWARPS) of a split select: the score kernel's BQ queries by C
     blocks and warps, the top-k kernel's blocks a step and warps. SPARSEDSL_SELECT_SPLIT=
     "BQ,C,WARPS,QC,QWARPS" (read at every call, for sweeps), else `cuda` on a GPU and small
     tiles in the interpreter. None (the query-tiled or per-query kernel instead) with
     SPARSEDSL_SELECT_SPLIT=off or when SPARSEDSL_SELECT_TILE names a kernel."""
-    import os
-    env = os.environ.get("SPARSEDSL_SELECT_SPLIT", "").strip()
-    if env == "off" or os.environ.get("SPARSEDSL_SELECT_TILE", "").strip():
+    env = (_knob("SPARSEDSL_SELECT_SPLIT", tuned) or "").strip()
+    if env == "off" or (_knob("SPARSEDSL_SELECT_TILE", tuned) or "").strip():
         return None
     if not env:
         return cuda if q.is_cuda else (2, 16, 4, 32, 4)
@@ -2803,13 +2841,12 @@ def _score_rows(T, BQ, row_bytes):
     return max(1, min(T, max(BQ, rows // BQ * BQ)))
 
 
-def _select_tile(q, cuda, cpu):
+def _select_tile(q, tuned, cuda, cpu):
     """(BQ, C, num_warps) of a query-tiled select kernel: the environment variable
     SPARSEDSL_SELECT_TILE="BQ,C,WARPS" (read at every call, for sweeps), else the default for
     q's device (`cuda` or `cpu`: the interpreter). None, as a default or from
     SPARSEDSL_SELECT_TILE=query, runs the per-query kernel instead."""
-    import os
-    env = os.environ.get("SPARSEDSL_SELECT_TILE", "").strip()
+    env = (_knob("SPARSEDSL_SELECT_TILE", tuned) or "").strip()
     if not env:
         return cuda if q.is_cuda else cpu
     if env == "query" or env.startswith("query,"):  # the per-query kernel (_select_query_cfg)
@@ -2817,13 +2854,12 @@ def _select_tile(q, cuda, cpu):
     return _select_ints(env, env, "three integers BQ,C,WARPS", ("BQ", "C", "WARPS"), q.is_cuda)
 
 
-def _select_query_cfg(q):
+def _select_query_cfg(q, tuned):
     """(C, num_warps) of a per-query select kernel: SPARSEDSL_SELECT_TILE="query,C,WARPS"
     (read at every call, for sweeps), else 16 blocks a step and one warp on a GPU (NSA as
     fla on the H100, forward at 64k: 37.2 ms, 45.9 with 32 / 4 (docs/perf-notes.md); one
     warp's reductions are shuffles, no shared memory), 32 / 4 in the interpreter."""
-    import os
-    env = os.environ.get("SPARSEDSL_SELECT_TILE", "").strip()
+    env = (_knob("SPARSEDSL_SELECT_TILE", tuned) or "").strip()
     if not env.startswith("query,"):
         return (16, 1) if q.is_cuda else (32, 4)
     return _select_ints(env, env[len("query,"):], "query,C,WARPS", ("C", "WARPS"), q.is_cuda)
@@ -2864,6 +2900,7 @@ class HostEmitter:
         c("Returns the output [B, T, H, DV] in q's dtype, the selected block lists and, with")
         c('`save`, what `backward` needs."""')
         self._sizes("B, T, H, D = q.shape", "HKV, DV = k.shape[2], v.shape[3]")
+        c("tuned = _tuned(q, k, v)  # knob settings `sparsedsl tune` chose for this call")
         for st in plan.stages:
             c("")
             if st.kind == "pool":
@@ -2964,13 +3001,13 @@ class HostEmitter:
               "top-k 64 blocks a step:")
             c("# NSA's defaults on the H100, forward at 64k 58.0 ms with the query-tiled kernel, "
               "51.3-52.5 (docs/perf-notes.md)")
-            c("split = _select_split(q, (max(1, 128 // RP), 16, 4, 64, 1))")
+            c("split = _select_split(q, tuned, (max(1, 128 // RP), 16, 4, 64, 1))")
         else:
             c("# on a GPU 128 rows (queries x the group's heads) by 64 blocks, 8 warps, then the "
               "top-k 64 blocks a step:")
             c("# NSA as fla on the H100, select at 64k 8.4 ms with the per-query kernel, 3.6 split "
               "(docs/perf-notes.md)")
-            c("split = _select_split(q, (max(1, 128 // RP), 64, 8, 64, 1))")
+            c("split = _select_split(q, tuned, (max(1, 128 // RP), 64, 8, 64, 1))")
         c("if split is not None:  # scores by query tiles into `scores`, then the top-k per query")
         with c.indent():
             c("SBQ, SC, SW, QC, QW = split")
@@ -3002,15 +3039,16 @@ class HostEmitter:
                 c("# 90.5 with 4 x 16, 84.1 with the per-query kernel, which scores a compressed "
                   "block once per overlapping")
                 c("# selection block (16k: 12.0, 13.0, 12.9 ms; docs/perf-notes.md)")
-                c("tile = _select_tile(q, (max(1, 256 // RP), 16, 4), (max(2, 32 // RP), 16, 4))")
+                c("tile = _select_tile(q, tuned, (max(1, 256 // RP), 16, 4), "
+                  "(max(2, 32 // RP), 16, 4))")
             else:
                 c("# on a GPU the per-query kernel by default: NSA as fla on the H100, its "
                   "select kernel at 64k 9.83 ms,")
                 c("# 9.78 with tiles of 8 queries x 16 heads; forward at 8k 3.06 ms, 3.10-3.22 "
                   "with tiles (docs/perf-notes.md)")
-                c("tile = _select_tile(q, None, (max(2, 32 // RP), 16, 4))")
+                c("tile = _select_tile(q, tuned, None, (max(2, 32 // RP), 16, 4))")
         else:
-            c("tile = _select_tile(q, (32, 16, 1), (16, 32, 4))  # (H100, MoBA at 64k: 0.44 ms, "
+            c("tile = _select_tile(q, tuned, (32, 16, 1), (16, 32, 4))  # (H100, MoBA at 64k: 0.44 ms, "
               "16 x 64 / 2 warps 1.21)")
         c("if tile is None:  # SPARSEDSL_SELECT_TILE=query: the per-query kernel")
         with c.indent():
@@ -3038,7 +3076,7 @@ class HostEmitter:
         """The launch of the per-query select kernel: one program per (query, list), for
         `rows` queries (the split select's top-k: TQ from Q0, QC and QW set by its caller)."""
         if rows == "T":
-            self.c("QC, QW = _select_query_cfg(q)  # (SPARSEDSL_SELECT_TILE=query,C,WARPS)")
+            self.c("QC, QW = _select_query_cfg(q, tuned)  # (SPARSEDSL_SELECT_TILE=query,C,WARPS)")
         self.c(f"{kname}[({rows}, HS{st.node}, B)](q, sel{st.node}, "
                f"{''.join(x + ', ' for x in extra)}T, {em.SCALARS}"
                f"{''.join(f'NB{x}, ' for x in em.nbs)}{deps}"
@@ -3054,7 +3092,7 @@ class HostEmitter:
         c = self.c
         if st.layout == "tile":
             pooled = ", pooled=True" if any(b.pooled for g in st.groups for b in g) else ""
-            c(f"BM, BN, W, NS = _tile_config({kernel!r}, q{pooled})  # (SPARSEDSL_TILE"
+            c(f"BM, BN, W, NS = _tile_config({kernel!r}, q, tuned{pooled})  # (SPARSEDSL_TILE"
               f"{'' if kernel == 'fwd' else '_' + kernel.upper()})")
             c("R, RP = 1, BM")
             grid = "(triton.cdiv(T, BM), H, B)"
@@ -3117,7 +3155,7 @@ class HostEmitter:
         tiles = "BN=BN, IEEE=IEEE, SAVE=save, num_warps=W, num_stages=NS"
         heads = "o"
         if st.layout != "tile":
-            c("BN, W, NS = _row_config('fwd', q)  # (SPARSEDSL_ROW)")
+            c("BN, W, NS = _row_config('fwd', q, tuned)  # (SPARSEDSL_ROW)")
         heads, tiles = heads + self._kv_descs(em), tiles + ", TMA=TMA"
         c(f"attend_{st.name}_fwd_kernel[{grid}](q, k, v, {heads}, "
           f"{''.join(x + ', ' for x in args)}T, "
@@ -3178,6 +3216,7 @@ class HostBwdEmitter(HostEmitter):
         c("BD, BDV = _p2(D), _p2(DV)")
         c("IEEE = q.dtype in (torch.float32, torch.float64)")
         c("f32 = torch.float32")
+        c("tuned = _tuned(q, k, v)  # knob settings `sparsedsl tune` chose for this call")
         final = plan.final
         runs, pools = backward_stages(self.ir, plan)
         # gradients written once per element (a single stage whose kernels own their rows or
@@ -3260,7 +3299,7 @@ class HostBwdEmitter(HostEmitter):
         tiles = "BN=BN, IEEE=IEEE, num_warps=W, num_stages=NS"
         heads = "do, dq, dk, dv"
         if not tile:
-            c("BN, W, NS = _row_config('dq', q)  # (SPARSEDSL_ROW_DQ)")
+            c("BN, W, NS = _row_config('dq', q, tuned)  # (SPARSEDSL_ROW_DQ)")
         heads, tiles = heads + self._kv_descs(em), tiles + ", TMA=TMA"
         tiles += "".join(f", KM{gi}=KM" for gi in by_keys)
         c(f"attend_{st.name}_bwd_kernel[{grid}](q, k, v, {heads}, "
@@ -3275,7 +3314,7 @@ class HostBwdEmitter(HostEmitter):
                 shared = self._shared(sel) == "True"
                 c(f"loff, lent = _list_index(sel{sel}, NB{g.node}, HKV, G, {shared})")
                 c(f"RE = {'triton.next_power_of_2(G)' if shared else '1'}  # rows per entry")
-                c("E = _list_chunk(RE, q.is_cuda)  # (SPARSEDSL_LIST_CHUNK)")
+                c("E = _list_chunk(RE, q.is_cuda, tuned)  # (SPARSEDSL_LIST_CHUNK)")
                 c(f"work = _list_work(loff, sel{sel}.numel(), E)")
                 c("# BT entries x RE rows: at least 16, the reduction of the dk/dv dots")
                 c("KBT, KBN = (max(1, 64 // RE), 64) if q.is_cuda else (max(1, 16 // RE), 16)")
@@ -3288,7 +3327,7 @@ class HostBwdEmitter(HostEmitter):
         if getattr(em, "dkdv", None):
             dargs, nbs = em.dkdv
             dargs = self._host_args(st, dargs)
-            c("BM, BN, W, NS = _tile_config('dkdv', q)  # (SPARSEDSL_TILE_DKDV)")
+            c("BM, BN, W, NS = _tile_config('dkdv', q, tuned)  # (SPARSEDSL_TILE_DKDV)")
             c(f"attend_{st.name}_bwd_dkdv_kernel[(triton.cdiv(T, BN) * HKV, 1, B)](q, k, v, do, "
               f"dk, dv, {''.join(x + ', ' for x in dargs)}T, {''.join(f'NB{x}, ' for x in nbs)}"
               "H=H, HKV=HKV, G=G, D=D, DV=DV, BD=BD, BDV=BDV, BM=BM, BN=BN, IEEE=IEEE, "
@@ -3296,8 +3335,10 @@ class HostBwdEmitter(HostEmitter):
         for b, pool, pargs, nbs in getattr(em, "pdkdv", ()):
             pargs = self._host_args(st, pargs)
             c(f"# pooled dk, dv of `{b.name}` by key tiles")
-            c("BM, BN, W, NS = _tile_config('dkdvp', q, pooled=True)  # (SPARSEDSL_TILE_DKDVP)")
-            c(f"QT, S = _query_split(triton.cdiv(T, BM), triton.cdiv(NB{b.grid.node}, BN) * H * B)"
+            c(f"BM, BN, W, NS = _tile_config('dkdvp', q, tuned, pooled=True, nkeys=NB{b.grid.node})"
+              "  # (SPARSEDSL_TILE_DKDVP)")
+            c(f"QT, S = _query_split(triton.cdiv(T, BM), triton.cdiv(NB{b.grid.node}, BN) * H * B, "
+              "tuned)"
               "  # (SPARSEDSL_QUERY_SPLIT)")
             c(f"attend_{st.name}_bwd_dkdvp{b.node}_kernel[(triton.cdiv(NB{b.grid.node}, BN), H, "
               f"B * S)](q, do, kp{pool}, vp{pool}, dkp{pool}, dvp{pool}, "
@@ -3334,7 +3375,7 @@ def generate(ir: IR, plan: KernelPlan | None = None) -> tuple[str, KernelPlan]:
     ex = Exprs(ir, plan)
     grouped = any(st.kind == "attend" and st.layout == "grouped" for st in plan.stages)
     tile = any(st.kind == "attend" and st.layout == "tile" for st in plan.stages)
-    parts = [header(ir, plan), TRITON_PRELUDE + (HELPER if grouped else "")
+    parts = [header(ir, plan), TRITON_PRELUDE + TUNED_HELPER + (HELPER if grouped else "")
              + (TILE_HELPER if tile else "")]
     kv_descs = tile or grouped  # their kernels take k, v descriptors (KV_DESCS_HELPER)
     selects, attends = {}, {}

@@ -260,16 +260,16 @@ def _rowdot_kernel(a, b, out, N, DV: tl.constexpr, BDV: tl.constexpr, BR: tl.con
     tl.store(out + o_row, tl.sum(b_a * b_b, 1), mask=o_row < N)
 
 
-def _grouped_config(q, kernel):
+def _grouped_config(q, kernel, tuned):
     """Tile sizes (entries or queries BM, keys BN), warps, pipeline stages, a register cap
     (maxnreg, 0: none) and persistent programs an SM (0: a program a tile; the forward and dq
     kernels only) of a grouped kernel ('fwd', 'own', 'dq' or 'dkdv'), read at each call:
     SPARSEDSL_GROUPED (forward), SPARSEDSL_GROUPED_OWN (own-block forward),
     SPARSEDSL_GROUPED_DQ, SPARSEDSL_GROUPED_DKDV = "BM,BN,WARPS,STAGES[,MAXNREG[,PROGRAMS]]"
-    override."""
+    (knobs: `_knob`) override."""
     env = _env_tiles({'fwd': 'SPARSEDSL_GROUPED', 'own': 'SPARSEDSL_GROUPED_OWN',
                       'dq': 'SPARSEDSL_GROUPED_DQ', 'dkdv': 'SPARSEDSL_GROUPED_DKDV'}[kernel],
-                     "grouped tile sizes", regs=True)
+                     "grouped tile sizes", tuned, regs=True)
     if env:
         return env
     if q.is_cuda and q.shape[-1] > 64:  # H100, bf16, D = 128, MoBA at 64k (docs/perf-notes.md)
@@ -829,7 +829,7 @@ class GroupedEmitter:
         s, nb, name = self.sel, f"NB{self.grid.node}", self.st.name
         c(f"# attend `{name}`: grouped by selected block"
           + ("; each query's own block by tiles of contiguous queries" if self.own else ""))
-        c("GBM, GBN, GW, GS, GR, GP = _grouped_config(q, 'fwd')  # (SPARSEDSL_GROUPED)")
+        c("GBM, GBN, GW, GS, GR, GP = _grouped_config(q, 'fwd', tuned)  # (SPARSEDSL_GROUPED)")
         c(f"NG = B * H * {nb}")
         c(f"gkey, gorder = _group_by_block(sel{s}, H, {nb})")
         if self.own:
@@ -855,7 +855,7 @@ class GroupedEmitter:
         c("osave0 = o  # the backward's delta reads the output itself, as FlashAttention's does")
         c("lsave = torch.empty(1, B, T, H, device=dev, dtype=f32) if save else o")
         if self.own:
-            c("OBM, OBN, OW, OS, OR, _ = _grouped_config(q, 'own')  # (SPARSEDSL_GROUPED_OWN)")
+            c("OBM, OBN, OW, OS, OR, _ = _grouped_config(q, 'own', tuned)  # (SPARSEDSL_GROUPED_OWN)")
             c(f"attend_{name}_own_kernel[({nb} * triton.cdiv({L}, OBM), H, B)](q, k, v, po, pl, "
               f"sel{s}, o, lsave, {scale}, T, {nb}, H=H, HKV=HKV, G=G, KS=KS{s}, D=D, DV=DV, "
               f"BD=BD, BDV=BDV, BM=OBM, BN=OBN, IEEE=IEEE, HS=HS{s}, SAVE=save, "
@@ -887,13 +887,13 @@ class GroupedEmitter:
         c("gdelta = torch.empty(B, T, H, device=dev, dtype=f32)")
         c("_rowdot_kernel[(triton.cdiv(B * T * H, 16),)](do, osave0, gdelta, B * T * H, DV=DV, "
           "BDV=BDV, BR=16)  # delta = rowsum(dO * o), accumulated in f32, no temporaries")
-        c("GBM, GBN, GW, GS, GR, GP = _grouped_config(q, 'dq')  # (SPARSEDSL_GROUPED_DQ)")
+        c("GBM, GBN, GW, GS, GR, GP = _grouped_config(q, 'dq', tuned)  # (SPARSEDSL_GROUPED_DQ)")
         c("gtoff, gtgroup = _group_tiles(ggcnt, GBM, gorder.numel())  # tiles of GBM entries")
         c("kd, vd, TMA = _kv_descs(k, v, GBN)  # tensor descriptors, where TMA reads them")
         c(f"attend_{self.st.name}_bwd_dq_kernel[(_grouped_programs(q, GP, gtgroup.numel()),)]("
           f"q, k, v, kd, vd, do, dq, glse, gdelta, gorder, ggoff, ggcnt, gtoff, gtgroup, "
           f"{self._common(scale)}, BM=GBM, BN=GBN, IEEE=IEEE, TMA=TMA, **_launch(GW, GS, GR))")
-        c("GBM, GBN, GW, GS, GR, _ = _grouped_config(q, 'dkdv')  # (SPARSEDSL_GROUPED_DKDV)")
+        c("GBM, GBN, GW, GS, GR, _ = _grouped_config(q, 'dkdv', tuned)  # (SPARSEDSL_GROUPED_DKDV)")
         c(f"NP = NG * triton.cdiv({self.grid.length}, GBN)  # dk/dv programs")
         c(f"attend_{self.st.name}_bwd_dkdv_kernel[(NP,)]("
           f"q, k, v, do, dk, dv, glse, gdelta, gorder, ggoff, ggcnt, {self._common(scale)}, "

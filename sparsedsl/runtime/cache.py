@@ -106,6 +106,8 @@ def load_module(key: str, make_source, interpret: bool = False):
     code = compile(f"{_MAGIC}{_checksum(body)}\n{body}", str(path), "exec")
     sys.modules[name] = module
     exec(code, module.__dict__)
+    from .tuning import install as install_tuned
+    install_tuned(module, key)  # the settings `sparsedsl tune` measured best (runtime/tuning.py)
     if not interpret and os.environ.get("SPARSEDSL_FAST_LAUNCH", "1") != "0":
         from .launch import install
         install(module.__dict__)  # cheaper kernel launches (runtime/launch.py)
