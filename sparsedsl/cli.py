@@ -7,6 +7,7 @@
     sparsedsl show FILE|BUILTIN --seq N [--out F.png]    draw which keys each query attends
     sparsedsl cost FILE|BUILTIN --seq N [--heads H ...]  keys, FLOPs and bytes against dense
     sparsedsl fuzz [--examples N | --minutes M]          random specs: kernels against the reference
+    sparsedsl tune FILE|BUILTIN --seq N [--heads H ...]  time kernel tiles on this GPU, keep the best
     sparsedsl bench ...                                  timings (`sparsedsl.bench`)
 
 Verbs that take a spec accept `--set NAME=VALUE` overrides and `--json`. Output
@@ -14,7 +15,7 @@ is coloured on a terminal and plain when piped. A spec error prints a
 compiler-style diagnostic (file:line:col, the line, a caret) and exits with
 status 1; no Python traceback is shown.
 
-The verbs are thin: `show`, `cost` and `fuzz` live in `sparsedsl/tools/`.
+The verbs are thin: `show`, `cost`, `fuzz` and `tune` live in `sparsedsl/tools/`.
 """
 from __future__ import annotations
 
@@ -143,6 +144,15 @@ def _spec(args):
     from .pipeline import lower
     source = load_source(args.spec)
     return source, lower(source, parse_sets(args.set), origin="--set")
+
+
+def _seq_list(text: str) -> tuple[int, ...]:
+    """--seq of `tune`: comma-separated lengths, 8192 or 8k."""
+    from .bench.options import UsageError, _ints
+    try:
+        return _ints(text, "seq")
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _positive(name: str, value, minimum: int = 1) -> None:
@@ -286,6 +296,116 @@ def _fuzz_replay(args) -> int:
     return 0 if reason is None else 1
 
 
+def cmd_tune(args) -> int:
+    """`sparsedsl tune`: the layer's kernel knobs timed on this GPU (sparsedsl/tools/tune.py),
+    the fastest settings kept beside its generated module (sparsedsl/runtime/tuning.py)."""
+    import torch
+
+    from .runtime import tuning
+    from .tools import tune
+    layer, shape, gates = _tune_layer(args)
+    key = layer._op.key
+    if args.show or args.forget:
+        if args.forget:
+            existed = tuning.forget(key)
+            print(f"{'removed' if existed else 'no tuned settings at'} {tuning.tuned_path(key)}")
+            return 0
+        entries = tuning.read_entries(key)
+        if args.json:
+            print(json.dumps(entries, indent=2))
+        elif not entries:
+            print(f"no tuned settings for `{layer.spec_name}` (would be at "
+                  f"{tuning.tuned_path(key)})")
+        for e in entries if not args.json else ():
+            settings = ", ".join(f"{k}={v}" for k, v in e["settings"].items()) or "the defaults"
+            print(f"{e['device']}, {e['dtype']}, {e['heads']}/{e['kv_heads']} heads, head dim "
+                  f"{e['head_dim']}, seq {e['seq']} ({e.get('objective', '?')}, "
+                  f"{e.get('date', '?')}): {settings}"
+                  + (f"  [{e['default_ms']} -> {e['tuned_ms']} ms]" if "tuned_ms" in e else ""))
+        return 0
+    if not torch.cuda.is_available() and not args.dry_run:
+        raise SpecError("`sparsedsl tune` times kernels on a CUDA GPU and this machine has none "
+                        "(--dry-run lists the knobs a call reads without timing them)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    layer = layer.to(device)
+    dtype = getattr(torch, args.dtype)
+    knobs = [k.strip() for k in args.knobs.split(",") if k.strip()] if args.knobs else None
+    for k in knobs or ():
+        if k not in tuning.KNOBS:
+            raise SpecError(f"--knobs: unknown knob `{k}`; the knobs are "
+                            f"{', '.join(tuning.KNOBS)}")
+    results = []
+    for T in args.seq:
+        q, k, v, inputs, dout = tune.random_inputs(
+            layer, args.batch, T, shape["heads"], shape["kv_heads"], shape["head_dim"],
+            shape["head_dim_v"], shape["d_model"], dtype, device, backward=not args.fwd_only,
+            gates=gates)
+        if args.dry_run:
+            run, _ = tune.layer_call(layer, q, k, v, inputs, dout, not args.fwd_only)
+            found = tune.discover(layer._kernels(device), run)
+            if args.json:
+                results.append({"seq": T, "knobs": {n: list(tune.candidates(n, q.is_cuda))
+                                                    for n in found}})
+                continue
+            print(f"seq {T}: this call reads {len(found)} knob(s)")
+            for n in found:
+                print(f"  {n}: {' | '.join(tune.candidates(n, q.is_cuda))}")
+            continue
+        log = None if args.json else (lambda m: print(f"  {m}", file=sys.stderr, flush=True))
+        print(f"tuning `{layer.spec_name}` at seq {T} on {torch.cuda.get_device_name(device)} "
+              f"({'forward' if args.fwd_only else 'forward+backward'}, {args.dtype})",
+              file=sys.stderr, flush=True)
+        result, entry = tune.tune_layer(
+            layer, q, k, v, inputs, dout, backward=not args.fwd_only, knobs=knobs,
+            rounds=args.rounds, rep_ms=args.rep, margin=args.margin,
+            budget_s=args.minutes * 60 if args.minutes else None, save=not args.no_save,
+            log=log)
+        results.append({"entry": entry, "confirmed": result.confirmed,
+                        "trials": [t.__dict__ for t in result.trials]})
+        if not args.json:
+            print(f"seq {T}: " + tune.format_result(result))
+            if result.confirmed and not args.no_save:
+                print(f"recorded in {tuning.tuned_path(key)}")
+        del q, k, v, inputs, dout
+    if args.json:
+        print(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+def _tune_layer(args):
+    """The layer `tune` works on and its call's shape: a spec with --set and the shape
+    options, or a benchmark case's spec, parameters and shape (--case; the layer then is
+    the one `sparsedsl bench` times, so the bench runs on what was tuned)."""
+    import sparsedsl
+    if args.case:
+        if args.spec or args.set:
+            raise SpecError("give a spec or --case, not both")
+        from .bench.cases import make_cases
+        from .bench.options import CASES, BenchOptions
+        if args.case not in CASES:
+            raise SpecError(f"--case: unknown `{args.case}`; choose from {', '.join(CASES)}")
+        case = make_cases(BenchOptions(cases=(args.case,), groups=(args.group,)))[0]
+        layer = sparsedsl.compile(case.spec, head_dim=case.head_dim, q_heads=case.q_heads,
+                                  d_model=case.q_heads * case.head_dim, **dict(case.params))
+        return layer, dict(heads=case.q_heads, kv_heads=case.kv_heads, head_dim=case.head_dim,
+                           head_dim_v=case.head_dim, d_model=None), case.gates
+    if not args.spec:
+        raise SpecError("give a spec (a file or a built-in name) or --case")
+    for name in ("--heads", "--kv-heads", "--head-dim", "--head-dim-v", "--batch",
+                 "--d-model", "--rounds"):
+        _positive(name, getattr(args, name[2:].replace("-", "_")))
+    kv = args.kv_heads or args.heads
+    if args.heads % kv:
+        raise SpecError(f"--heads ({args.heads}) must be a multiple of --kv-heads ({kv})")
+    source, ir = _spec(args)
+    d_model = args.d_model or args.heads * args.head_dim
+    layer = sparsedsl.compile(source.text, head_dim=args.head_dim, q_heads=args.heads,
+                              head_dim_v=args.head_dim_v, d_model=d_model,
+                              **parse_sets(args.set))
+    return layer, dict(heads=args.heads, kv_heads=kv, head_dim=args.head_dim,
+                       head_dim_v=args.head_dim_v or args.head_dim, d_model=d_model), ()
+
+
 def cmd_bench(args, rest: list[str]) -> int:
     """`sparsedsl bench`: its options and work belong to `sparsedsl.bench` (imported only
     when the verb is used): `add_arguments(parser)` and `run(args) -> int`."""
@@ -405,6 +525,51 @@ def build_parser() -> argparse.ArgumentParser:
                     help="check one spec file (a failure this verb wrote, or a regression file)")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.set_defaults(fn=cmd_fuzz)
+
+    sp = sub.add_parser("tune", help="time the kernels' tile settings on this GPU, keep the "
+                        "fastest", description="Time each kernel knob's candidate settings "
+                        "(tile shapes, warps, stages) for one call on this GPU, one knob at a "
+                        "time, check each setting's results against the defaults', and keep "
+                        "the fastest beside the generated module: later calls on this device "
+                        "with these heads and head dims use them (the entry tuned at the "
+                        "nearest sequence length). SPARSEDSL_TUNED=0 ignores them.")
+    sp.add_argument("spec", nargs="?", metavar="FILE|BUILTIN")
+    sp.add_argument("--set", action="append", metavar="NAME=VALUE",
+                    help="override a parameter (repeatable)")
+    sp.add_argument("--case", metavar="NAME", help="a benchmark case instead of a spec (its "
+                    "spec, parameters, heads and gates: moba, nsa-fla, nsa, window-sinks)")
+    sp.add_argument("--group", type=int, default=16, help="with --case nsa or nsa-fla: query "
+                    "heads per kv head (default 16)")
+    sp.add_argument("--seq", type=_seq_list, default=(8192,), metavar="T,...",
+                    help="sequence lengths to tune at (default 8192; 64k works)")
+    sp.add_argument("--heads", type=int, default=16, metavar="H", help="query heads (default 16)")
+    sp.add_argument("--kv-heads", type=int, metavar="G", help="key/value heads (default: --heads)")
+    sp.add_argument("--head-dim", type=int, default=128, metavar="D", help="default 128")
+    sp.add_argument("--head-dim-v", type=int, metavar="DV", help="default: --head-dim")
+    sp.add_argument("--d-model", type=int, help="width of the layer input x, for learned gates "
+                    "(default: heads * head dim)")
+    sp.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    sp.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    sp.add_argument("--fwd-only", action="store_true",
+                    help="time the forward alone (inference) instead of forward+backward")
+    sp.add_argument("--knobs", metavar="A,B", help="tune only these knobs (default: every knob "
+                    "the call reads)")
+    sp.add_argument("--rounds", type=int, default=1, help="passes over the knobs (default 1; "
+                    "a pass that changes nothing ends the search)")
+    sp.add_argument("--rep", type=float, default=100.0, metavar="MS",
+                    help="about how many milliseconds of calls each timing sums the kernels' GPU "
+                    "time over (default 100)")
+    sp.add_argument("--margin", type=float, default=0.02,
+                    help="how much faster a setting must be to be kept (default 0.02: 2%%)")
+    sp.add_argument("--minutes", type=float, help="stop trying settings after this long")
+    sp.add_argument("--dry-run", action="store_true",
+                    help="list the knobs the call reads and their candidates; time nothing")
+    sp.add_argument("--no-save", action="store_true", help="report, record nothing")
+    sp.add_argument("--show", action="store_true", help="print the tuned settings kept for "
+                    "this spec (no GPU needed)")
+    sp.add_argument("--forget", action="store_true", help="delete them")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(fn=cmd_tune)
 
     sp = sub.add_parser("bench", help="time compiled kernels (options: sparsedsl bench --help)",
                         add_help=False)

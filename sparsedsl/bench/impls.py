@@ -112,7 +112,9 @@ def prepare_sparsedsl(case: Case, inp: Inputs, compiled: CompiledLayer) -> Prepa
     first = time.perf_counter() - t0
     notes = {"cold_spec_to_layer_s": compiled.cold_s, "cached_spec_to_layer_s": compiled.cached_s,
              "module_load_s": compiled.load_s, "first_forward_s": first,
-             "strategy": layer.plan.strategy}
+             "strategy": layer.plan.strategy,
+             # the knob settings `sparsedsl tune` recorded for this call (none: the defaults)
+             "tuned": layer._kernels(q.device)._tuned(q, k, v)}
     return Prepared(fwd, [q, k, v, *gates.values(), *params], inp.dout, lambda o: o,
                     _nbytes(q, k, v, *gates.values()), notes,
                     state={"layer": layer, "q": q, "k": k, "v": v, "gates": gates})

@@ -141,6 +141,9 @@ def _notes(r: Row) -> str:
     if "cold_spec_to_layer_s" in notes:
         parts.append(f"spec->layer cold {notes['cold_spec_to_layer_s'] * 1e3:.0f} ms, cached "
                      f"{notes['cached_spec_to_layer_s'] * 1e3:.0f} ms")
+    if notes.get("tuned"):
+        parts.append("tuned " + ", ".join(f"{k.replace('SPARSEDSL_', '')}={v}"
+                                          for k, v in notes["tuned"].items()))
     for name, ms in e.get("timings_ms", {}).items():
         parts.append(f"{name} {_ms(ms)} ms" if isinstance(ms, (int, float)) else f"{name}: {ms}")
     c = e.get("check")
