@@ -191,9 +191,14 @@ def _tile_config(kernel, q, tuned, pooled=False, nkeys=0):
         # with 64x32/4 warps/3 stages, 45.8 with 128x64/8/2; fwd+bwd 141.4 with a 64x32 dq
         # tile (141.2 with 64x64, 145.5 with 128x32) and 64x32 pooled dk/dv tiles (146.3
         # with 64x64, 153.6 with 64x128/8); with p.v as one product (session 10) the forward
-        # tile still wins: 29.24 ms forward, 64x16/4/3 29.66, 128x32/8/3 30.25, 32x32/4/3 33.79
-        return {'fwd': (64, 32, 4, 3), 'dq': (64, 32, 4, 2), 'dkdv': (32, 32, 4, 3),
-                'dkdvp': (64, 32, 4, 2)}[kernel]
+        # tile still wins: 29.24 ms forward, 64x16/4/3 29.66, 128x32/8/3 30.25, 32x32/4/3 33.79.
+        # The pooled dk/dv kernel (session 21, found by `sparsedsl tune`): 64 keys a program
+        # from 256 pooled keys a sequence on (fwd+bwd, NSA as fla at 16k 15.1 -> 15.0 ms, 32k
+        # 33.1 -> 32.1, 64k 80.0 -> 76.8; the paper's defaults at 8k 13.8 -> 13.6, 16k 29.6
+        # -> 28.9), 32 below (NSA as fla at 8k, 128 pooled keys: 7.34 against 7.37)
+        if kernel == 'dkdvp':
+            return (64, 64, 4, 2) if nkeys >= 256 else (64, 32, 4, 2)
+        return {'fwd': (64, 32, 4, 3), 'dq': (64, 32, 4, 2), 'dkdv': (32, 32, 4, 3)}[kernel]
     if q.element_size() <= 2:  # bf16 / fp16: tensor-core tiles, fp32 accumulation
         # H100, window 4096 + 64 sinks at 64k (docs/perf-notes.md): forward 64x64/4 warps
         # 6.08 ms, 128x64/8 6.97, 128x128/8 8.05. dq 128 queries x 64 keys / 8 warps / 3

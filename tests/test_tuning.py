@@ -289,3 +289,22 @@ def test_the_tune_verb(fresh_cache, capsys):
     code, _, err = run("tune")
     assert code == 1 and "give a spec" in err
 
+
+def test_the_pooled_dkdv_default_follows_the_pooled_key_count():
+    """The GPU default `sparsedsl tune` found for the pooled keys' dk/dv kernel in bf16: 64
+    keys a program from 256 pooled keys a sequence on, 32 below (docs/perf-notes.md,
+    session 21). A stand-in for a CUDA q reaches the GPU branch of the generated helper."""
+    spec = "let b = blocks(4)\nout = attend(pool(b, mean), past(b))"
+    module = sparsedsl.compile(spec, head_dim=D, q_heads=H)._kernels(torch.device("cpu"))
+
+    class CudaQ:
+        is_cuda = True
+        shape = (1, 4096, H, 128)
+
+        def element_size(self):
+            return 2
+    pick = lambda n: module._tile_config("dkdvp", CudaQ(), {}, pooled=True, nkeys=n)  # noqa: E731
+    assert pick(256) == pick(4096) == (64, 64, 4, 2)
+    assert pick(255) == pick(128) == (64, 32, 4, 2)
+    assert module._tile_config("dkdvp", CudaQ(), {"SPARSEDSL_TILE_DKDVP": "32,32,4,3"},
+                               pooled=True, nkeys=4096) == (32, 32, 4, 3)
