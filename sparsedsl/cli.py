@@ -355,11 +355,14 @@ def cmd_tune(args) -> int:
         print(f"tuning `{layer.spec_name}` at seq {T} on {torch.cuda.get_device_name(device)} "
               f"({'forward' if args.fwd_only else 'forward+backward'}, {args.dtype})",
               file=sys.stderr, flush=True)
-        result, entry = tune.tune_layer(
-            layer, q, k, v, inputs, dout, backward=not args.fwd_only, knobs=knobs,
-            rounds=args.rounds, rep_ms=args.rep, margin=args.margin,
-            budget_s=args.minutes * 60 if args.minutes else None, save=not args.no_save,
-            log=log)
+        try:
+            result, entry = tune.tune_layer(
+                layer, q, k, v, inputs, dout, backward=not args.fwd_only, knobs=knobs,
+                rounds=args.rounds, rep_ms=args.rep, margin=args.margin,
+                budget_s=args.minutes * 60 if args.minutes else None, save=not args.no_save,
+                log=log)
+        except ValueError as e:  # --knobs naming a knob this call does not read
+            raise SpecError(f"--knobs: {e}") from None
         results.append({"entry": entry, "confirmed": result.confirmed,
                         "trials": [t.__dict__ for t in result.trials]})
         if not args.json:

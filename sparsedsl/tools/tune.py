@@ -118,23 +118,24 @@ def candidates(knob: str, cuda: bool = True) -> tuple[str, ...]:
     return small.get(knob, ("16,16,1,1", "32,16,2,1"))
 
 
+def _set_environment(values: dict[str, str | None]) -> None:
+    """Set environment variables, unsetting those whose value is None."""
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @contextlib.contextmanager
 def _environment(values: dict[str, str | None]):
-    """Set (or, for None, unset) environment variables; restore them afterwards."""
+    """Environment variables set (or, for None, unset) inside the block, restored after."""
     saved = {k: os.environ.get(k) for k in values}
     try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_environment(values)
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_environment(saved)
 
 
 def discover(module, run: Callable[[], object]) -> list[str]:
@@ -246,9 +247,7 @@ def search(knobs: dict[str, tuple[str, ...]], run: Callable[[], list],
                     log(f"{knob}={setting}: " + (f"{trial.ms:.4f} ms" if trial.ms is not None
                                                  else trial.error)
                         + ("  (kept)" if trial.kept else ""))
-                os.environ.pop(knob, None)
-                if knob in chosen:
-                    os.environ[knob] = chosen[knob]
+                _set_environment({knob: chosen.get(knob)})
                 if stopped:
                     break
             if stopped or not changed:
