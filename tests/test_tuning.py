@@ -308,3 +308,20 @@ def test_the_pooled_dkdv_default_follows_the_pooled_key_count():
     assert pick(255) == pick(128) == (64, 32, 4, 2)
     assert module._tile_config("dkdvp", CudaQ(), {"SPARSEDSL_TILE_DKDVP": "32,32,4,3"},
                                pooled=True, nkeys=4096) == (32, 32, 4, 3)
+
+
+def test_the_search_compares_the_inputs_gradients_not_the_parameters():
+    """A learned compression's parameters get gradients in the timed call, but `run` hands
+    the search the output and the gradients of q, k, v (and tensor inputs) only: the MLP's
+    last bias gets a sum that cancels (rounding noise, order-dependent)."""
+    spec = "let b = blocks(4)\nout = attend(pool(b, mlp), past(b))"
+    layer = sparsedsl.compile(spec, head_dim=D, q_heads=H).double()
+    assert any(p.requires_grad for p in layer.parameters())
+    q, k, v = (t.requires_grad_() for t in _inputs(T=13))
+    run, fn = tune.layer_call(layer, q, k, v, {}, torch.randn(B, 13, H, D, dtype=F64), True)
+    res = run()
+    assert [tuple(t.shape) for t in res] == [(B, 13, H, D), tuple(q.shape), tuple(k.shape),
+                                              tuple(v.shape)]
+    assert all(p.grad is None for p in layer.parameters()) and q.grad is None
+    fn()
+    assert all(p.grad is None for p in layer.parameters())

@@ -9,10 +9,10 @@ defaults were not measured, other settings can be faster. This tool:
      its kernels run: the forward's, then the backward's;
   2. searches them one at a time (coordinate descent, `search`): each candidate setting of
      a knob (`candidates`) is set through the environment, the call is run and its outputs
-     (and gradients) compared with the defaults' (a setting that computes something else is
-     rejected and reported: that would be a compiler bug), then timed (the GPU time of
-     its kernels, `kernel_ms`); a setting is kept only if it beats the best so far by
-     `margin`, so noise does not move a knob;
+     (and the inputs' gradients) compared with the defaults' (a setting that computes
+     something else is rejected and reported: that would be a compiler bug), then timed
+     (the GPU time of its kernels, `kernel_ms`); a setting is kept only if it beats the
+     best so far by `margin`, so noise does not move a knob;
   3. times the defaults and the chosen settings again, alternately, and records the choice
      only if it is faster (`runtime/tuning.py` stores it beside the generated module, where
      every later process on this device finds it).
@@ -283,11 +283,25 @@ def _describe(e: BaseException) -> str:
 
 # ------------------------------------------------------------------------ a layer's call
 def layer_call(layer, q, k, v, inputs: dict, dout: torch.Tensor | None, backward: bool):
-    """(run, fn): `run()` returns the call's results for `compare` (output, block lists,
-    then the gradients of q, k, v, the tensor inputs and the learnable parameters when
-    `backward`); `fn()` is the call to time (no results kept, gradients cleared after)."""
-    leaves = [q, k, v, *inputs.values(), *(p for p in layer.parameters() if p.requires_grad)]
-    leaves = [t for t in leaves if t.is_floating_point()]
+    """(run, fn): `run()` returns the call's results for `compare`: the output, the block
+    lists, and with `backward` the gradients of q, k, v and of the tensor inputs; `fn()` is
+    the call to time (nothing kept, gradients cleared after; the learnable parameters'
+    gradients are computed in both).
+
+    The parameters' gradients are not compared. Some are sums that cancel exactly in
+    arithmetic: the last bias of NSA's key-compression MLP gets the sum of the pooled keys'
+    gradients, and the dk of one softmax group sums to zero over its keys. So their values
+    are rounding left over, and its size follows the order of accumulation. On the H100,
+    at 64k, even the defaults run twice differed there by 3e-2 of its largest element. They
+    are computed from the same kernels' results as the inputs' gradients (dk takes the MLP
+    pool's backward of the pooled keys' gradients), so a setting that computes something
+    else shows in those."""
+    grads = [t for t in (q, k, v, *inputs.values()) if t.is_floating_point()]
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def clear():
+        for t in (*grads, *params):
+            t.grad = None
 
     def fn():
         if not backward:
@@ -295,12 +309,10 @@ def layer_call(layer, q, k, v, inputs: dict, dout: torch.Tensor | None, backward
                 return layer(q, k, v, **inputs)
         out = layer(q, k, v, **inputs)
         out.backward(dout)
-        for t in leaves:
-            t.grad = None
+        clear()
 
     def run():
-        for t in leaves:
-            t.grad = None
+        clear()
         with torch.set_grad_enabled(backward):
             out, lists = layer(q, k, v, return_lists=True, **inputs)
             if backward:
@@ -308,9 +320,8 @@ def layer_call(layer, q, k, v, inputs: dict, dout: torch.Tensor | None, backward
         res = [out.detach().clone(), *(lists[n].clone() for n in sorted(lists))]
         if backward:
             res += [t.grad.clone() if t.grad is not None else torch.zeros_like(t)
-                    for t in leaves]
-            for t in leaves:
-                t.grad = None
+                    for t in grads]
+            clear()
         return res
     return run, fn
 
