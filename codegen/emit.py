@@ -120,8 +120,8 @@ def _row_config(kernel, q, tuned):
     """(BN, num_warps, num_stages) of a row-layout kernel ('fwd' or 'dq': one query's rows
     against BN keys a step), read at each call: the knobs SPARSEDSL_ROW, SPARSEDSL_ROW_DQ =
     "BN,WARPS,STAGES" (`_knob`) override; else 32 keys in the interpreter (several steps in
-    tests); on
-    a GPU the forward 32 keys, 1 warp, 3 stages, the dq kernel 64 keys, 2 warps, 2 stages."""
+    tests); on a GPU the forward 32 keys, 1 warp, 3 stages, the dq kernel 64 keys, 2 warps,
+    2 stages."""
     env = _knob({'fwd': 'SPARSEDSL_ROW', 'dq': 'SPARSEDSL_ROW_DQ'}[kernel], tuned)
     if not env:
         # H100 (docs/perf-notes.md): the forward of NSA as fla at 64k 38.1 ms with 64 keys / 4
@@ -239,22 +239,27 @@ _TUNED = {}  # (device, dtype, heads, kv heads, head dims) -> [(seq, {knob: sett
 _DEVICES = {}  # torch device -> its name, as the tuning records it
 
 
+def _tuning_key(q, k, v):
+    """What a tuning entry is for, besides its sequence length: (device name, dtype, heads,
+    kv heads, head dim, head dim of v); `sparsedsl tune` records its entries under it."""
+    name = _DEVICES.get(q.device)
+    if name is None:
+        name = _DEVICES[q.device] = (torch.cuda.get_device_name(q.device) if q.is_cuda
+                                     else q.device.type)
+    return name, str(q.dtype).split(".")[-1], q.shape[2], k.shape[2], q.shape[3], v.shape[3]
+
+
 def _tuned(q, k, v):
-    """The knob settings `sparsedsl tune` chose for a call on q, k, v: those of the entry for
-    q's device, dtype, heads and head dims tuned at the sequence length nearest q's (by
-    ratio; the longer on a tie), or {}: none tuned, SPARSEDSL_TUNED=0, or tensors without
-    data (torch.compile's fake tensors: the knobs change no output's shape)."""
+    """The knob settings `sparsedsl tune` chose for a call on q, k, v: those of the entry
+    under its `_tuning_key` tuned at the sequence length nearest q's (by ratio; the longer
+    on a tie), or {}: none tuned, SPARSEDSL_TUNED=0, or tensors without data
+    (torch.compile's fake tensors: the knobs change no output's shape)."""
     if not _TUNED or type(q).__name__ in ("FakeTensor", "FunctionalTensor"):
         return {}
     import os
     if os.environ.get("SPARSEDSL_TUNED", "1") == "0":
         return {}
-    name = _DEVICES.get(q.device)
-    if name is None:
-        name = _DEVICES[q.device] = (torch.cuda.get_device_name(q.device) if q.is_cuda
-                                     else q.device.type)
-    runs = _TUNED.get((name, str(q.dtype).split(".")[-1], q.shape[2], k.shape[2], q.shape[3],
-                       v.shape[3]))
+    runs = _TUNED.get(_tuning_key(q, k, v))
     if not runs:
         return {}
     T = max(1, q.shape[1])
@@ -262,11 +267,11 @@ def _tuned(q, k, v):
 
 
 def _knob(var, tuned):
-    """The setting of kernel knob `var` (docs/design.md lists them): the environment
-    variable when set (read at every call, for sweeps), else the tuned one (`_tuned`), else
-    None: the built-in default."""
+    """The setting of kernel knob `var` (docs/design.md lists them), stripped: the
+    environment variable when set (read at every call, for sweeps), else the tuned one
+    (`_tuned`), else "": the built-in default."""
     import os
-    return os.environ.get(var) or tuned.get(var)
+    return (os.environ.get(var) or tuned.get(var) or "").strip()
 '''
 
 
@@ -2821,8 +2826,8 @@ def _select_split(q, tuned, cuda):
     "BQ,C,WARPS,QC,QWARPS" (read at every call, for sweeps), else `cuda` on a GPU and small
     tiles in the interpreter. None (the query-tiled or per-query kernel instead) with
     SPARSEDSL_SELECT_SPLIT=off or when SPARSEDSL_SELECT_TILE names a kernel."""
-    env = (_knob("SPARSEDSL_SELECT_SPLIT", tuned) or "").strip()
-    if env == "off" or (_knob("SPARSEDSL_SELECT_TILE", tuned) or "").strip():
+    env = _knob("SPARSEDSL_SELECT_SPLIT", tuned)
+    if env == "off" or _knob("SPARSEDSL_SELECT_TILE", tuned):
         return None
     if not env:
         return cuda if q.is_cuda else (2, 16, 4, 32, 4)
@@ -2851,7 +2856,7 @@ def _select_tile(q, tuned, cuda, cpu):
     SPARSEDSL_SELECT_TILE="BQ,C,WARPS" (read at every call, for sweeps), else the default for
     q's device (`cuda` or `cpu`: the interpreter). None, as a default or from
     SPARSEDSL_SELECT_TILE=query, runs the per-query kernel instead."""
-    env = (_knob("SPARSEDSL_SELECT_TILE", tuned) or "").strip()
+    env = _knob("SPARSEDSL_SELECT_TILE", tuned)
     if not env:
         return cuda if q.is_cuda else cpu
     if env == "query" or env.startswith("query,"):  # the per-query kernel (_select_query_cfg)
@@ -2864,7 +2869,7 @@ def _select_query_cfg(q, tuned):
     (read at every call, for sweeps), else 16 blocks a step and one warp on a GPU (NSA as
     fla on the H100, forward at 64k: 37.2 ms, 45.9 with 32 / 4 (docs/perf-notes.md); one
     warp's reductions are shuffles, no shared memory), 32 / 4 in the interpreter."""
-    env = (_knob("SPARSEDSL_SELECT_TILE", tuned) or "").strip()
+    env = _knob("SPARSEDSL_SELECT_TILE", tuned)
     if not env.startswith("query,"):
         return (16, 1) if q.is_cuda else (32, 4)
     return _select_ints(env, env[len("query,"):], "query,C,WARPS", ("C", "WARPS"), q.is_cuda)
@@ -3053,8 +3058,8 @@ class HostEmitter:
                   "with tiles (docs/perf-notes.md)")
                 c("tile = _select_tile(q, tuned, None, (max(2, 32 // RP), 16, 4))")
         else:
-            c("tile = _select_tile(q, tuned, (32, 16, 1), (16, 32, 4))  # (H100, MoBA at 64k: 0.44 ms, "
-              "16 x 64 / 2 warps 1.21)")
+            c("tile = _select_tile(q, tuned, (32, 16, 1), (16, 32, 4))  # (H100, MoBA at 64k: "
+              "0.44 ms, 16 x 64 / 2 warps 1.21)")
         c("if tile is None:  # SPARSEDSL_SELECT_TILE=query: the per-query kernel")
         with c.indent():
             fb = em.fallback
@@ -3081,7 +3086,8 @@ class HostEmitter:
         """The launch of the per-query select kernel: one program per (query, list), for
         `rows` queries (the split select's top-k: TQ from Q0, QC and QW set by its caller)."""
         if rows == "T":
-            self.c("QC, QW = _select_query_cfg(q, tuned)  # (SPARSEDSL_SELECT_TILE=query,C,WARPS)")
+            self.c("QC, QW = _select_query_cfg(q, tuned)  # (SPARSEDSL_SELECT_TILE=query,C,"
+                   "WARPS)")
         self.c(f"{kname}[({rows}, HS{st.node}, B)](q, sel{st.node}, "
                f"{''.join(x + ', ' for x in extra)}T, {em.SCALARS}"
                f"{''.join(f'NB{x}, ' for x in em.nbs)}{deps}"
@@ -3340,11 +3346,10 @@ class HostBwdEmitter(HostEmitter):
         for b, pool, pargs, nbs in getattr(em, "pdkdv", ()):
             pargs = self._host_args(st, pargs)
             c(f"# pooled dk, dv of `{b.name}` by key tiles")
-            c(f"BM, BN, W, NS = _tile_config('dkdvp', q, tuned, pooled=True, nkeys=NB{b.grid.node})"
-              "  # (SPARSEDSL_TILE_DKDVP)")
+            c(f"BM, BN, W, NS = _tile_config('dkdvp', q, tuned, pooled=True, "
+              f"nkeys=NB{b.grid.node})  # (SPARSEDSL_TILE_DKDVP)")
             c(f"QT, S = _query_split(triton.cdiv(T, BM), triton.cdiv(NB{b.grid.node}, BN) * H * B, "
-              "tuned)"
-              "  # (SPARSEDSL_QUERY_SPLIT)")
+              "tuned)  # (SPARSEDSL_QUERY_SPLIT)")
             c(f"attend_{st.name}_bwd_dkdvp{b.node}_kernel[(triton.cdiv(NB{b.grid.node}, BN), H, "
               f"B * S)](q, do, kp{pool}, vp{pool}, dkp{pool}, dvp{pool}, "
               f"{''.join(x + ', ' for x in pargs)}T, {''.join(f'NB{x}, ' for x in nbs)}S, QT, "

@@ -855,7 +855,8 @@ class GroupedEmitter:
         c("osave0 = o  # the backward's delta reads the output itself, as FlashAttention's does")
         c("lsave = torch.empty(1, B, T, H, device=dev, dtype=f32) if save else o")
         if self.own:
-            c("OBM, OBN, OW, OS, OR, _ = _grouped_config(q, 'own', tuned)  # (SPARSEDSL_GROUPED_OWN)")
+            c("OBM, OBN, OW, OS, OR, _ = _grouped_config(q, 'own', tuned)  "
+              "# (SPARSEDSL_GROUPED_OWN)")
             c(f"attend_{name}_own_kernel[({nb} * triton.cdiv({L}, OBM), H, B)](q, k, v, po, pl, "
               f"sel{s}, o, lsave, {scale}, T, {nb}, H=H, HKV=HKV, G=G, KS=KS{s}, D=D, DV=DV, "
               f"BD=BD, BDV=BDV, BM=OBM, BN=OBN, IEEE=IEEE, HS=HS{s}, SAVE=save, "
@@ -893,7 +894,8 @@ class GroupedEmitter:
         c(f"attend_{self.st.name}_bwd_dq_kernel[(_grouped_programs(q, GP, gtgroup.numel()),)]("
           f"q, k, v, kd, vd, do, dq, glse, gdelta, gorder, ggoff, ggcnt, gtoff, gtgroup, "
           f"{self._common(scale)}, BM=GBM, BN=GBN, IEEE=IEEE, TMA=TMA, **_launch(GW, GS, GR))")
-        c("GBM, GBN, GW, GS, GR, _ = _grouped_config(q, 'dkdv', tuned)  # (SPARSEDSL_GROUPED_DKDV)")
+        c("GBM, GBN, GW, GS, GR, _ = _grouped_config(q, 'dkdv', tuned)  "
+          "# (SPARSEDSL_GROUPED_DKDV)")
         c(f"NP = NG * triton.cdiv({self.grid.length}, GBN)  # dk/dv programs")
         c(f"attend_{self.st.name}_bwd_dkdv_kernel[(NP,)]("
           f"q, k, v, do, dk, dv, glse, gdelta, gorder, ggoff, ggcnt, {self._common(scale)}, "

@@ -72,18 +72,23 @@ def _read_valid(path: Path) -> str | None:
     return body
 
 
-def store(key: str, source: str) -> Path:
-    d = cache_dir() / key
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / "kernels.py"
-    if _read_valid(path) == source:
-        return path
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".kernels-", suffix=".tmp")
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file beside it and a rename: readers see
+    the old file or the new one, never half of one, and concurrent writers all succeed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        f.write(f"{_MAGIC}{_checksum(source)}\n{source}")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def store(key: str, source: str) -> Path:
+    path = cache_dir() / key / "kernels.py"
+    if _read_valid(path) == source:
+        return path
+    write_atomic(path, f"{_MAGIC}{_checksum(source)}\n{source}")
     return path
 
 

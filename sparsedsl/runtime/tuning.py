@@ -19,8 +19,6 @@ warning: a bad tuning file never stops a layer from running on its defaults.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -33,7 +31,8 @@ KNOBS = ("SPARSEDSL_TILE", "SPARSEDSL_TILE_DQ", "SPARSEDSL_TILE_DKDV", "SPARSEDS
          "SPARSEDSL_GROUPED", "SPARSEDSL_GROUPED_OWN", "SPARSEDSL_GROUPED_DQ",
          "SPARSEDSL_GROUPED_DKDV", "SPARSEDSL_SELECT_TILE", "SPARSEDSL_SELECT_SPLIT")
 
-# what identifies an entry (besides the module): the shape key, then the sequence length
+# what identifies an entry (besides the module): the shape key (the fields of the generated
+# module's `_tuning_key`, in its order), then the sequence length
 SHAPE_FIELDS = ("device", "dtype", "heads", "kv_heads", "head_dim", "head_dim_v")
 
 
@@ -118,19 +117,17 @@ def record(key: str, entry: dict, module=None) -> Path:
     """Add `entry` to module `key`'s tuning file, replacing one for the same shapes and
     sequence length, and to `module`'s `_TUNED` when given (so the process that tuned runs
     on the result). Written to a temporary name and renamed: readers never see half a file."""
+    from .cache import write_atomic
     why = _valid(entry)
     if why:
         raise ValueError(f"not a tuning entry: {why}")
-    same = tuple(entry[f] for f in SHAPE_FIELDS + ("seq",))
-    entries = [e for e in read_entries(key)
-               if tuple(e[f] for f in SHAPE_FIELDS + ("seq",)) != same] + [entry]
+
+    def where(e):
+        return tuple(e[f] for f in SHAPE_FIELDS + ("seq",))
+    entries = [e for e in read_entries(key) if where(e) != where(entry)] + [entry]
     path = tuned_path(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tuned-", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"format": FORMAT, "entries": entries}, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"format": FORMAT, "entries": entries}, indent=1,
+                                  sort_keys=True) + "\n")
     if module is not None:
         install(module, key)
     return path
@@ -148,11 +145,3 @@ def forget(key: str, module=None) -> bool:
         install(module, key)
     return existed
 
-
-def shape_of(q, k, v) -> dict:
-    """The shape fields of an entry for a call on q, k, v ([B, T, heads, dim])."""
-    import torch
-    dev = q.device
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
-    return {"device": name, "dtype": str(q.dtype).split(".")[-1], "heads": q.shape[2],
-            "kv_heads": k.shape[2], "head_dim": q.shape[3], "head_dim_v": v.shape[3]}

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -33,6 +34,9 @@ from typing import Callable
 
 import torch
 
+from ..bench.measure import cuda_alive, describe_error
+from ..reference.evaluate import needed_inputs
+from ..runtime import tuning
 from ..runtime.tuning import KNOBS
 
 # Candidate settings per knob on a GPU (the built-in default is always tried too: the search
@@ -165,14 +169,17 @@ def compare(outs: list, ref: list, tol: float, lists_at: int = 0) -> str | None:
     then so may the gradients (in as small a share of their elements)."""
     if len(outs) != len(ref):
         return f"{len(outs)} results against {len(ref)}"
-    flipped = None
-    out, ref_out = outs[0].float(), ref[0].float()
+    flipped = None  # [B, T, H]: rows whose block lists differ
     if lists_at:
-        B, T, H = ref_out.shape[:3]
-        flipped = torch.zeros(B, T, H, dtype=torch.bool, device=ref_out.device)
+        B, T, H = ref[0].shape[:3]
+        flipped = torch.zeros(B, T, H, dtype=torch.bool, device=ref[0].device)
         for a, b in zip(outs[1:1 + lists_at], ref[1:1 + lists_at]):
             rows = (a != b).any(-1)  # [B, T, HS]
             flipped |= rows.repeat_interleave(H // rows.shape[2], dim=2)
+        share = float(flipped.float().mean())
+        if share > FLIPPED_ROWS:
+            return f"block lists differ in {share:.2%} of the rows"
+    flips = flipped is not None and bool(flipped.any())
     for i, (a, b) in enumerate(zip(outs, ref)):
         if 1 <= i <= lists_at:
             continue
@@ -184,13 +191,7 @@ def compare(outs: list, ref: list, tol: float, lists_at: int = 0) -> str | None:
         scale = max(float(b.abs().max()), 1e-30)
         bad = (a - b).abs() > tol * scale
         if i == 0 and flipped is not None:
-            share = float(flipped.float().mean())
-            if share > FLIPPED_ROWS:
-                return f"block lists differ in {share:.2%} of the rows"
             bad = bad & ~flipped[..., None]
-            flips = share > 0
-        else:
-            flips = flipped is not None and bool(flipped.any())
         share = float(bad.double().mean())
         if share > (FLIPPED_ROWS if flips and i > 0 else 0.0):
             err = float((a - b).abs().max()) / scale
@@ -238,7 +239,7 @@ def search(knobs: dict[str, tuple[str, ...]], run: Callable[[], list],
                             if trial.error is None:
                                 trial.ms = measure()
                         except Exception as e:  # noqa: BLE001 - reported, the search goes on
-                            trial.error = _describe(e)
+                            trial.error = describe_error(e)
                             if not alive():
                                 raise RuntimeError(f"{knob}={setting} broke the CUDA context "
                                                    f"({trial.error}); the search stopped") from e
@@ -259,26 +260,12 @@ def search(knobs: dict[str, tuple[str, ...]], run: Callable[[], list],
                 for tuned in (False, True):
                     with _environment({k: (chosen.get(k) if tuned else None) for k in KNOBS}):
                         times[tuned].append(measure())
-            default_ms, tuned_ms = (_median(times[False]), _median(times[True]))
+            default_ms, tuned_ms = statistics.median(times[False]), statistics.median(times[True])
             confirmed = tuned_ms < default_ms
             log(f"confirm: defaults {default_ms:.4f} ms, tuned {tuned_ms:.4f} ms")
             if not confirmed:
                 chosen, tuned_ms = {}, default_ms
     return Tuning(names, chosen, default_ms, tuned_ms, trials, confirmed, stopped)
-
-
-def _median(xs: list[float]) -> float:
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
-
-
-def _describe(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    first = lines[0] if lines else ""
-    if len(first) > 120:
-        first = first[:117] + "..."
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 # ------------------------------------------------------------------------ a layer's call
@@ -339,7 +326,6 @@ def random_inputs(layer, batch: int, seq: int, heads: int, kv_heads: int, head_d
         return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
     q, k, v = (randn(batch, seq, heads, head_dim), randn(batch, seq, kv_heads, head_dim),
                randn(batch, seq, kv_heads, head_dim_v))
-    from ..reference.evaluate import needed_inputs
     given = tuple(n for n, info in layer.ir.inputs.items()
                   if n in gates or (info.role == "gate" and info.node is None))
     inputs = {n: torch.rand(batch, seq, heads, generator=g, device=device,
@@ -393,7 +379,6 @@ def tune_layer(layer, q, k, v, inputs: dict, dout: torch.Tensor | None, *, backw
     (recorded beside the generated module when `save` and the choice was confirmed). Any
     settings tuned before for these shapes are set aside while searching. `measure(fn)`
     times a call (default `kernel_ms`: its GPU time over about `rep_ms` of calls)."""
-    from ..runtime import tuning
     module = layer._kernels(q.device)
     cuda = q.is_cuda
     run, fn = layer_call(layer, q, k, v, inputs, dout, backward)
@@ -409,7 +394,7 @@ def tune_layer(layer, q, k, v, inputs: dict, dout: torch.Tensor | None, *, backw
             if missing:
                 raise ValueError(f"this call reads no knob {', '.join(missing)}; it reads "
                                  f"{', '.join(found) or 'none'}")
-        alive = _cuda_alive if cuda else (lambda: True)
+        alive = cuda_alive if cuda else (lambda: True)
         n_lists = sum(1 for st in layer.plan.stages if st.kind == "select")
         result = search({n: candidates(n, cuda) for n in names}, run, lambda: measure(fn),
                         tol=TOLERANCE.get(q.dtype, 3e-2), lists_at=n_lists, rounds=rounds,
@@ -417,25 +402,17 @@ def tune_layer(layer, q, k, v, inputs: dict, dout: torch.Tensor | None, *, backw
     finally:
         module._TUNED.clear()
         module._TUNED.update(saved_table)
-    entry = {**tuning.shape_of(q, k, v), "seq": q.shape[1], "batch": q.shape[0],
+    import triton
+    entry = {**dict(zip(tuning.SHAPE_FIELDS, module._tuning_key(q, k, v))), "seq": q.shape[1],
+             "batch": q.shape[0],
              "objective": "forward+backward" if backward else "forward",
              "settings": result.settings, "default_ms": round(result.default_ms, 5),
              "tuned_ms": round(result.tuned_ms, 5),
              "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-             "triton": _triton_version()}
+             "triton": triton.__version__}
     if save and result.confirmed:
         tuning.record(layer._op.key, entry, module)
     return result, entry
-
-
-def _triton_version() -> str:
-    import triton
-    return triton.__version__
-
-
-def _cuda_alive() -> bool:
-    from ..bench.measure import cuda_alive
-    return cuda_alive()
 
 
 def format_result(result: Tuning, width: int = 26) -> str:
