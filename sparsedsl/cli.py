@@ -7,7 +7,7 @@
     sparsedsl show FILE|BUILTIN --seq N [--out F.png]    draw which keys each query attends
     sparsedsl cost FILE|BUILTIN --seq N [--heads H ...]  keys, FLOPs and bytes against dense
     sparsedsl fuzz [--examples N | --minutes M]          random specs: kernels against the reference
-    sparsedsl tune FILE|BUILTIN --seq N [--heads H ...]  time kernel tiles on this GPU, keep the best
+    sparsedsl tune FILE|BUILTIN --seq N [--heads H ...]  time kernel tiles here, keep the best
     sparsedsl bench ...                                  timings (`sparsedsl.bench`)
 
 Verbs that take a spec accept `--set NAME=VALUE` overrides and `--json`. Output
@@ -313,10 +313,11 @@ def cmd_tune(args) -> int:
         entries = tuning.read_entries(key)
         if args.json:
             print(json.dumps(entries, indent=2))
-        elif not entries:
+            return 0
+        if not entries:
             print(f"no tuned settings for `{layer.spec_name}` (would be at "
                   f"{tuning.tuned_path(key)})")
-        for e in entries if not args.json else ():
+        for e in entries:
             settings = ", ".join(f"{k}={v}" for k, v in e["settings"].items()) or "the defaults"
             print(f"{e['device']}, {e['dtype']}, {e['heads']}/{e['kv_heads']} heads, head dim "
                   f"{e['head_dim']}, seq {e['seq']} ({e.get('objective', '?')}, "
@@ -379,7 +380,7 @@ def _tune_layer(args):
     """The layer `tune` works on and its call's shape: a spec with --set and the shape
     options, or a benchmark case's spec, parameters and shape (--case; the layer then is
     the one `sparsedsl bench` times, so the bench runs on what was tuned)."""
-    import sparsedsl
+    from .runtime.layer import SparseAttention
     if args.case:
         if args.spec or args.set:
             raise SpecError("give a spec or --case, not both")
@@ -387,10 +388,9 @@ def _tune_layer(args):
         from .bench.options import CASES, BenchOptions
         if args.case not in CASES:
             raise SpecError(f"--case: unknown `{args.case}`; choose from {', '.join(CASES)}")
+        from .bench.impls import case_layer
         case = make_cases(BenchOptions(cases=(args.case,), groups=(args.group,)))[0]
-        layer = sparsedsl.compile(case.spec, head_dim=case.head_dim, q_heads=case.q_heads,
-                                  d_model=case.q_heads * case.head_dim, **dict(case.params))
-        return layer, dict(heads=case.q_heads, kv_heads=case.kv_heads, head_dim=case.head_dim,
+        return case_layer(case), dict(heads=case.q_heads, kv_heads=case.kv_heads, head_dim=case.head_dim,
                            head_dim_v=case.head_dim, d_model=None), case.gates
     if not args.spec:
         raise SpecError("give a spec (a file or a built-in name) or --case")
@@ -402,9 +402,8 @@ def _tune_layer(args):
         raise SpecError(f"--heads ({args.heads}) must be a multiple of --kv-heads ({kv})")
     source, ir = _spec(args)
     d_model = args.d_model or args.heads * args.head_dim
-    layer = sparsedsl.compile(source.text, head_dim=args.head_dim, q_heads=args.heads,
-                              head_dim_v=args.head_dim_v, d_model=d_model,
-                              **parse_sets(args.set))
+    layer = SparseAttention(ir, source.text, args.head_dim, args.heads, args.head_dim_v,
+                            d_model, seed=0)  # (what sparsedsl.compile makes of the lowered IR)
     return layer, dict(heads=args.heads, kv_heads=kv, head_dim=args.head_dim,
                        head_dim_v=args.head_dim_v or args.head_dim, d_model=d_model), ()
 

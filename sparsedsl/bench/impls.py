@@ -74,15 +74,20 @@ class CompiledLayer:
     load_s: float    # loading the generated module (disk cache, or generating it)
 
 
+def case_layer(case: Case):
+    """sparsedsl's layer for a case: the one the bench times and `sparsedsl tune --case`
+    tunes (the same spec and parameters: the same generated module and tuning file)."""
+    import sparsedsl
+    return sparsedsl.compile(case.spec, head_dim=case.head_dim, q_heads=case.q_heads,
+                             d_model=case.q_heads * case.head_dim, **dict(case.params))
+
+
 def compile_layer(case: Case, device="cuda") -> CompiledLayer:
     """sparsedsl.compile for a case, timing the spec -> layer path (Triton excluded: its
     kernels compile at the first launch)."""
-    import sparsedsl
-    kw = dict(head_dim=case.head_dim, q_heads=case.q_heads,
-              d_model=case.q_heads * case.head_dim, **dict(case.params))
     dev = torch.device(device)
     t0 = time.perf_counter()
-    layer = sparsedsl.compile(case.spec, **kw)
+    layer = case_layer(case)
     _ = layer.source
     cold = time.perf_counter() - t0
     layer = layer.to(dev)
@@ -90,7 +95,7 @@ def compile_layer(case: Case, device="cuda") -> CompiledLayer:
     layer._kernels(dev)
     load = time.perf_counter() - t0
     t0 = time.perf_counter()
-    again = sparsedsl.compile(case.spec, **kw)
+    again = case_layer(case)
     again._kernels(dev)
     cached = time.perf_counter() - t0
     return CompiledLayer(layer, cold, cached, load)
