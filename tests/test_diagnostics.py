@@ -529,3 +529,18 @@ def test_fuzzed_builtins_raise_only_spec_errors(name, tmp_path):
                 assert 1 <= e.line <= max(1, len(s.splitlines()))
             str(e)
     assert failed > 0
+
+
+def test_parse_is_memoised_but_errors_are_not():
+    """A text parses once per process (a model compiling one spec per layer): the same
+    (text, name) gives the same immutable tree, another name its own; a malformed text
+    raises its error on every call, never a cached result."""
+    from sparsedsl.frontend.parser import parse
+    text = "pattern memo\nout = attend(causal)\n"
+    assert parse(text, "a.attn") is parse(text, "a.attn")
+    assert parse(text, "b.attn") is not parse(text, "a.attn")
+    assert parse(text, "b.attn") == parse(text, "a.attn")
+    bad = "pattern memo\nout = attend(causal $)\n"
+    for _ in range(2):
+        with pytest.raises(SpecSyntaxError, match="unexpected character"):
+            parse(bad, "bad.attn")

@@ -211,7 +211,14 @@ def _has_blank(spec: ast.Spec, after: int, before: int) -> bool:
 
 
 def parse(text: str, name: str = "<spec>") -> ast.Spec:
-    """Parse the text of a spec; raise `SpecSyntaxError` on malformed input."""
+    """Parse the text of a spec; raise `SpecSyntaxError` on malformed input. Memoised by
+    (text, name): the tree is immutable (frozen nodes), and a model that compiles one spec
+    for each of its layers parses it once (errors are raised afresh, never cached)."""
+    return _parse(text, name)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse(text: str, name: str) -> ast.Spec:
     source = Source(name, text)
     try:
         tree = _lark().parse(text)
