@@ -817,28 +817,54 @@ class SelectEmitter:
         self.c(f"n_counted += tl.sum((m_force & (N * {g.stride} <= I)).to(tl.int32), 1)"
                "  # forced blocks that have started count against k")
 
+    # k up to which the query-tiled merge's steps are unrolled (tl.static_range), each under a
+    # test the whole tile takes alike, instead of a loop with a data-dependent trip count
+    # (H100, MoBA at 64k: the router 0.373 -> 0.304 ms, docs/perf-notes.md, session 22)
+    UNROLL_K = 4
+
     def _merge_rows(self) -> None:
         """The query-tiled kernels' merge of a chunk's candidates into each row's best-K
-        buffer: the best candidate a step (lowest index first among equals), as many steps
-        as the row with the most candidates above its buffer's worst has, at most K. (A
-        merge by rank, every block's place counted in [BQ, KB, C] and [BQ, C, C] comparisons,
-        ran NSA's forward at 64k 67.4 -> 103.5 ms on the H100: docs/perf-notes.md.)"""
+        buffer: the best candidate a step (lowest index first among equals), at most K steps
+        (k_steps with capped buffers); uncapped, as many as the row with the most candidates
+        above its buffer's worst has. For k <= UNROLL_K the steps are unrolled, each run when
+        the tile needs it (a step without candidates changes nothing). (A merge by rank, every
+        block's place counted in [BQ, KB, C] and [BQ, C, C] comparisons, ran NSA's forward at
+        64k 67.4 -> 103.5 ms on the H100: docs/perf-notes.md.)"""
         c = self.c
         c("m_cand = m_cand & (b_score >= tl.min(b_val, 1)[:, None])  # (the worst only rises)")
-        steps = "k_steps" if self.capped else "K"
-        c(f"for _ in range(tl.minimum(tl.max(tl.sum(m_cand.to(tl.int32), 1), 0), {steps})):"
-          "  # the chunk's best candidates, row by row")
-        with c.indent():
-            c("c_val = tl.max(tl.where(m_cand, b_score, float('-inf')), 1)  # [BQ]")
-            c("c_idx = tl.min(tl.where(m_cand & (b_score == c_val[:, None]), N, 2147483647), 1)")
-            c("w_val = tl.min(b_val, 1)")
-            c("w_idx = tl.max(tl.where(b_val == w_val[:, None], b_idx, -1), 1)")
-            c("better = (c_idx < 2147483647) & ((c_val > w_val) | ((c_val == w_val) & "
-              "(c_idx < w_idx)))")
-            c("m_slot = (b_idx == w_idx[:, None]) & better[:, None]")
-            c("b_val = tl.where(m_slot, c_val[:, None], b_val)")
-            c("b_idx = tl.where(m_slot, c_idx[:, None], b_idx)")
-            c("m_cand = m_cand & (N != c_idx[:, None])")
+        count = "tl.max(tl.sum(m_cand.to(tl.int32), 1), 0)"
+        if self.st.k <= self.UNROLL_K:
+            if self.capped:
+                steps = "k_steps"
+            else:
+                c(f"n_steps = tl.minimum({count}, K)  # the row with the most candidates")
+                steps = "n_steps"
+            c("for _s in tl.static_range(K):  # the chunk's best candidates, row by row")
+            with c.indent():
+                c(f"if _s < {steps}:")
+                with c.indent():
+                    self._merge_step()
+        else:
+            steps = "k_steps" if self.capped else "K"
+            c(f"for _ in range(tl.minimum({count}, {steps})):"
+              "  # the chunk's best candidates, row by row")
+            with c.indent():
+                self._merge_step()
+
+    def _merge_step(self) -> None:
+        """One step of `_merge_rows`: each row's best candidate replaces its buffer's worst
+        when it beats it."""
+        c = self.c
+        c("c_val = tl.max(tl.where(m_cand, b_score, float('-inf')), 1)  # [BQ]")
+        c("c_idx = tl.min(tl.where(m_cand & (b_score == c_val[:, None]), N, 2147483647), 1)")
+        c("w_val = tl.min(b_val, 1)")
+        c("w_idx = tl.max(tl.where(b_val == w_val[:, None], b_idx, -1), 1)")
+        c("better = (c_idx < 2147483647) & ((c_val > w_val) | ((c_val == w_val) & "
+          "(c_idx < w_idx)))")
+        c("m_slot = (b_idx == w_idx[:, None]) & better[:, None]")
+        c("b_val = tl.where(m_slot, c_val[:, None], b_val)")
+        c("b_idx = tl.where(m_slot, c_idx[:, None], b_idx)")
+        c("m_cand = m_cand & (N != c_idx[:, None])")
 
     def _store_rows(self) -> None:
         """The query-tiled kernels' final store: forced blocks first, then each row's best

@@ -236,3 +236,42 @@ def test_tile_router_capped_at_the_free_slots(case, ties, monkeypatch):
         ref = layer.reference(data.q, data.k, data.v, return_details=True)
         nb = int(max(want["sel"].max(), ref.selections["sel"].max())) + 1
         assert torch.equal(_as_sets(want["sel"], nb), _as_sets(ref.selections["sel"], nb))
+
+
+# the plain router's merge: unrolled steps for k <= UNROLL_K (capped by the forced blocks, or
+# as many as the row with the most candidates needs), a loop beyond; blocks of 3 make many
+# chunks, so each chunk's candidates outnumber the buffer's free slots
+MERGE_SPEC = """pattern tile_merge "a plain router, k={k}{force_note}"
+let blk = blocks(3)
+let sel = topk(dot(q, pool(blk, mean)), {k}, {rule})
+out = attend(tokens(sel) & causal)
+"""
+MERGE_CASES = [  # (id, k, forced, unrolled)
+    ("k3-free", 3, False, True),
+    ("k4-forced", 4, True, True),
+    ("k5-forced", 5, True, False),
+    ("k6-free", 6, False, False),
+]
+
+
+@pytest.mark.parametrize("case", MERGE_CASES, ids=[c[0] for c in MERGE_CASES])
+def test_tile_router_merge_unrolled_or_looped(case, monkeypatch):
+    """The plain router's merge steps, unrolled under a test the tile takes alike or in a
+    loop with a data-dependent count: either way its lists equal the per-query kernel's
+    exactly (float64), at chunk sizes that cut the grid at odd places."""
+    _, k, forced, unrolled = case
+    spec = MERGE_SPEC.format(k=k, rule="force=current(blk), forbid=future(blk)" if forced
+                             else "forbid=~past(blk)",
+                             force_note=", own block forced" if forced else "")
+    layer, data = _layer(spec, {}, Shape(batch=1, seq=61, kv_heads=2, group=1, head_dim=8))
+    st = next(s for s in layer.plan.stages if s.kind == "select")
+    assert select_kernel(layer.ir, Exprs(layer.ir, layer.plan), st) == "tile"
+    kernel = layer.source.split("def select_sel_fwd_kernel(")[1].split("@triton.jit")[0]
+    assert ("for _s in tl.static_range(K):" in kernel) == unrolled
+    assert ("if _s < k_steps:" in kernel) == (unrolled and forced)
+    assert ("if _s < n_steps:" in kernel) == (unrolled and not forced)
+    want = _lists(layer, data, torch.float64, "query", monkeypatch)
+    assert (want["sel"] >= 0).sum(-1).max() == k  # rows with k blocks listed
+    for tile in ("2,4,1", "4,2,1", "8,16,2"):
+        got = _lists(layer, data, torch.float64, tile, monkeypatch)
+        assert torch.equal(got["sel"], want["sel"]), tile
