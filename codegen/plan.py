@@ -5,7 +5,10 @@
   * which kernels run, in order (`stages`):
       pool     one per pooled grid: mean or MLP compression of key/value blocks
       attend   an attention kernel; a branch whose probabilities feed a gate runs
-               in its own `attend` stage first (it must finish before the gate)
+               in its own `attend` stage first (it must finish before the gate), and
+               so does a gated term of one branch without block lists beside terms
+               with lists (NSA's window: query tiles load its keys once, where the
+               final stage's programs, one per query, would each load them)
       select   one per data-dependent block set (`topk`, `random`): fused gate
                scores + top-k, writing block index lists [B, T, H, KS]
       attend   the final kernel: every remaining branch, combined (one softmax
@@ -378,6 +381,10 @@ class Planner:
             terms = on["args"]["terms"]
             groups = [self._flatten(ir.operand(out, f"branch.{t}")) for t in range(terms)]
             gates = tuple(self._gate_key(ir.operand(out, f"gate.{t}")) for t in range(terms))
+            for b in self._static_terms(groups, emitted_early):
+                plan.stages.append(self._attend_stage([[b]], "single", (None,),
+                                                      writes_lse=True, node=b))
+                emitted_early.add(b)
             stage = self._attend_stage(groups, "mix", gates, False, out, precomputed=emitted_early)
         else:
             groups = [self._flatten(out)]
@@ -386,6 +393,17 @@ class Planner:
         plan.stages.append(stage)
         plan.strategy = self._describe(plan) + self._describe_selects(plan)
         return plan
+
+    def _static_terms(self, groups, early) -> list[int]:
+        """Branches of a gated mix that run as their own tile-layout stages before the
+        final one: the terms that are one branch reading no block list, when another term
+        reads lists (the final stage is then row layout: one program per query walks its
+        lists, and would walk such a branch's keys per query too, where a tile of queries
+        loads them once: NSA's sliding window)."""
+        if not any(self.lists_in(b) for grp in groups for b in grp if b not in early):
+            return []
+        return [grp[0] for grp in groups
+                if len(grp) == 1 and grp[0] not in early and not self.lists_in(grp[0])]
 
     def _describe_selects(self, plan: KernelPlan) -> str:
         """Which select kernel each list gets (codegen/emit.py, `select_kernel`)."""
@@ -467,10 +485,15 @@ class Planner:
             return ("grouped by selected block (MoBA's strategy): the list entries are sorted by "
                     "key block; a program attends a tile of queries that chose one block to it, "
                     f"and {merge}")
+        early = [s.name for s in plan.stages if s.kind == "attend" and s is not final]
+        before = (f"; earlier stages (query tiles, merged by the final one): "
+                  f"{', '.join(f'`{n}`' for n in early)}" if early else "")
         if final.rows == "group":
             return ("selection shared by each GQA group: one program per (query, kv head) loads "
-                    f"the group's query heads together and walks {len(sel)} block list(s)")
-        return ("per-head selection: one program per (query, head) walks its own block list(s)")
+                    f"the group's query heads together and walks {len(sel)} block list(s)"
+                    + before)
+        return ("per-head selection: one program per (query, head) walks its own block list(s)"
+                + before)
 
 
 def _intersect(a: list, b: list) -> list:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 
 import sparsedsl
@@ -39,18 +40,9 @@ def _row_forward(spec, **kw) -> str:
     return _kernel(layer.source, "attend_out_fwd_kernel")
 
 
-def test_an_earlier_stage_output_is_read_after_two_walks_not_one():
-    # NSA's paper defaults: selected blocks and a window walk after the compressed branch
-    paper = _row_forward("nsa")
-    assert _first_loop(paper) < paper.index("acc0 = tl.load(o") and "b_pre" not in paper
-    # NSA as fla: one walk; the compressed output is merged before it
-    fla = _row_forward(NSA_FLA)
-    assert "b_pre = tl.load(o" in fla and fla.index("b_pre = tl.load(o") < _first_loop(fla)
-
-
-def test_deferred_output_gradients_match_the_reference(monkeypatch):
-    # the paper's layout (cmp, selected, window) with small blocks, float64 against autograd
-    spec = """\
+# NSA's paper layout with the window in a union with sinks: the row stage walks the selected
+# blocks and that union (two walks) after the compressed branch's earlier stage
+TWO_WALKS = """\
 input g_cmp
 input g_slc
 input g_win
@@ -58,10 +50,37 @@ let cblk = blocks(4, stride=2)
 let cmp_out = attend(pool(cblk, mean), past(cblk))
 let sblk = blocks(4)
 let sel = topk(groupsum(remap(probs(cmp_out), sblk)), 2, force=recent(sblk, 1), forbid=~past(sblk))
-out = g_cmp * cmp_out + g_slc * attend(tokens(sel) & causal) + g_win * attend(window(5) & causal)
+let win = union(attend(window(5) & causal), attend(sink(1) & causal))
+out = g_cmp * cmp_out + g_slc * attend(tokens(sel) & causal) + g_win * win
 """
+
+
+def test_an_earlier_stage_output_is_read_after_two_walks_not_one():
+    two = _row_forward(TWO_WALKS)
+    assert _first_loop(two) < two.index("acc0 = tl.load(o") and "b_pre" not in two
+    # NSA as fla: one walk; the compressed output is merged before it
+    fla = _row_forward(NSA_FLA)
+    assert "b_pre = tl.load(o" in fla and fla.index("b_pre = tl.load(o") < _first_loop(fla)
+    # NSA's paper defaults: the window is a tile stage of its own, so the row stage walks
+    # the selected blocks alone: one walk, both earlier outputs merged in group order (the
+    # compressed one before the walk, the window's after it), none deferred
+    paper = _row_forward("nsa")
+    assert paper.count("b_pre = tl.load(o") == 2 and "acc0 = tl.load(o" not in paper
+    assert paper.index("b_pre = tl.load(o") < _first_loop(paper) < paper.rindex("b_pre = tl.load(o")
+
+
+@pytest.mark.parametrize("window", ["union", "stage"])
+def test_deferred_output_gradients_match_the_reference(window, monkeypatch):
+    # the paper's layout (cmp, selected, window) with small blocks, float64 against autograd:
+    # the window in a union with sinks walked by the row stage after the earlier output
+    # (deferred), or alone, as a tile stage of its own (both earlier outputs merged first)
+    spec = TWO_WALKS if window == "union" else TWO_WALKS.replace(
+        "union(attend(window(5) & causal), attend(sink(1) & causal))", "attend(window(5) & causal)")
     layer = _check(spec, 1, 37, 4, 1, 8, monkeypatch, "keys")  # dq, dk, dv, d(gates)
-    assert "acc0 = tl.load(o" in _kernel(layer.source, "attend_out_fwd_kernel")
+    fwd = _kernel(layer.source, "attend_out_fwd_kernel")
+    assert ("acc0 = tl.load(o" in fwd) == (window == "union")
+    assert [s.layout for s in layer.plan.stages if s.kind == "attend"] == (
+        ["tile", "row"] if window == "union" else ["tile", "tile", "row"])
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 37, h, 8, generator=g, dtype=torch.float64) for h in (4, 1, 1))
     gates = {n: torch.rand(2, 37, 4, generator=g, dtype=torch.float64)

@@ -1,8 +1,10 @@
 """The row layout's key-major dk/dv kernel for block-list keys (`attend_<stage>_bwd_dkdv<g>_kernel`):
 which groups get it, and its gradients against float64 autograd of the reference, with the
 per-query kernel's atomic adds (SPARSEDSL_LIST_BWD=query) as the other side of an A/B. A
-group of token ranges only (a window, sinks) beside the lists gets the tile layout's kernel
-by key tiles (`attend_<stage>_bwd_dkdv_kernel`).
+gated term of one branch of token ranges only (a window, sinks) beside the lists runs as its
+own tile-layout stage (`_static_terms` in codegen/plan.py); a term of several such branches
+(a `union`) stays in the row stage, which computes its dk, dv by key tiles
+(`attend_<stage>_bwd_dkdv_kernel`).
 
 The kernel walks the rows listing its block (the lists inverted by the generated host helper
 `_list_index`) in runs of at most SPARSEDSL_LIST_CHUNK rows (32 in the interpreter: several
@@ -29,8 +31,8 @@ let sel = topk(groupsum(remap(probs(cmp_out), sblk)), 3, force=first(sblk, 1) | 
 let slc_out = attend(tokens(sel) & causal)
 out = g_cmp * cmp_out + g_slc * slc_out
 """
-# one list per query head (no groupsum), in a union with a window: the union has two
-# sources, so only the gated list branch of its own group is key-major
+# one list per query head (no groupsum), beside a window: the window runs as its own tile
+# stage, the gated list branch is key-major
 PER_HEAD = """\
 input g
 let b = blocks(8)
@@ -39,14 +41,24 @@ let a = attend(tokens(sel) & causal)
 let w = attend(window(5) & causal)
 out = g * a + w
 """
-# a window with sinks beside a list: a group of token ranges only (two sources), whose dk, dv
-# the row stage computes by key tiles (attend_<stage>_bwd_dkdv_kernel), not atomically
+# a window with sinks beside a list: one branch of token ranges only (two sources), its own
+# tile stage
 ROW_TOKENS = """\
 input g
 let b = blocks(8)
 let sel = topk(dot(q, pool(b, mean)), 2, force=current(b), forbid=future(b))
 let a = attend(tokens(sel) & causal)
 let w = attend((sink(3) | window(6)) & causal)
+out = g * a + w
+"""
+# the same keys as two branches in a union: a group of token ranges only that the row stage
+# walks, and whose dk, dv it computes by key tiles (attend_out_bwd_dkdv_kernel), not atomically
+ROW_UNION = """\
+input g
+let b = blocks(8)
+let sel = topk(dot(q, pool(b, mean)), 2, force=current(b), forbid=future(b))
+let a = attend(tokens(sel) & causal)
+let w = union(attend(sink(3) & causal), attend(window(6) & causal))
 out = g * a + w
 """
 UNION = """\
@@ -92,7 +104,9 @@ def _check(spec, B, T, Hq, Hkv, D, monkeypatch, mode, layer=None):
     (NSA_FLA, 2, 29, 2, 2),
     (PER_HEAD, 1, 37, 4, 2),
     (ROW_TOKENS, 2, 41, 4, 2),
-], ids=["nsa-fla-g4", "nsa-fla-g1-b2", "per-head-lists", "window-sinks-beside-a-list"])
+    (ROW_UNION, 2, 41, 4, 2),
+], ids=["nsa-fla-g4", "nsa-fla-g1-b2", "per-head-lists", "window-sinks-beside-a-list",
+        "union-of-tokens-beside-a-list"])
 def test_list_keys_gradients(spec, B, T, Hq, Hkv, mode, monkeypatch):
     """dq, dk, dv and the gates' gradients equal the reference's with the key-major kernel
     and with the per-query kernel's atomic adds."""
@@ -134,28 +148,37 @@ def test_list_work_covers_every_entry_once():
 
 def test_which_groups_are_key_major():
     """A group whose token keys are one block list's blocks gets the key-major kernel; a
-    union of a list and a window (two sources) keeps the per-query kernel's atomic adds."""
+    union of a list and a window (two sources) keeps the per-query kernel's atomic adds; a
+    gated window beside a list is a tile stage of its own, a union of token branches is the
+    row stage's group of token keys by key tiles."""
     src = sparsedsl.compile(NSA_FLA, head_dim=8, q_heads=4, d_model=8).source
     assert "def attend_out_bwd_dkdv1_kernel(" in src and "KM1=KM" in src
     assert "def attend_out_bwd_dkdv0_kernel(" not in src  # the compressed branch: pooled
     src = sparsedsl.compile(UNION, head_dim=8, q_heads=4).source
     assert "_bwd_dkdv" not in src
-    # a group of token ranges only beside the list (window, sinks): by key tiles
+    # one branch of token ranges only beside the list (window, sinks): a tile stage
     for spec in (PER_HEAD, ROW_TOKENS):
-        src = sparsedsl.compile(spec, head_dim=8, q_heads=4, d_model=8).source
-        assert "def attend_out_bwd_dkdv_kernel(" in src
-        assert "group 1's token keys: attend_out_bwd_dkdv_kernel" in src
+        layer = sparsedsl.compile(spec, head_dim=8, q_heads=4, d_model=8)
+        assert [(s.name, s.layout) for s in layer.plan.stages if s.kind == "attend"] == [
+            ("w", "tile"), ("out", "row")]
+        assert "def attend_w_bwd_dkdv_kernel(" in layer.source
+        assert "def attend_out_bwd_dkdv_kernel(" not in layer.source
+    # a union of token branches beside the list: the row stage's group, by key tiles
+    src = sparsedsl.compile(ROW_UNION, head_dim=8, q_heads=4, d_model=8).source
+    assert "def attend_out_bwd_dkdv_kernel(" in src
+    assert "group 1's token keys: attend_out_bwd_dkdv_kernel" in src
 
 
-# a list of blocks of L tokens (BN = 32 keys a step in the interpreter) and a window: the
-# row layout, whose forward and dq kernels read a chunk of a listed block, and the window's
-# keys, through tensor descriptors where they apply
+# a list of blocks of L tokens (BN = 32 keys a step in the interpreter) and a window in a
+# union with sinks (so the row stage walks it): the row layout, whose forward and dq kernels
+# read a chunk of a listed block, and the window's keys, through tensor descriptors where
+# they apply
 ROW_KEYS = """\
 input g
 let b = blocks({L})
 let sel = topk(dot(q, pool(b, mean)), 3, force=current(b), forbid=future(b))
 let a = attend(tokens(sel) & causal)
-let w = attend(window(37) & causal)
+let w = union(attend(window(37) & causal), attend(sink(2) & causal))
 out = g * a + w
 """
 
