@@ -828,9 +828,9 @@ class SelectEmitter:
         (k_steps with capped buffers); uncapped, as many as the row with the most candidates
         above its buffer's worst has. For k <= UNROLL_K the steps are unrolled, each run when
         the tile needs it (a step without candidates, or with one below the worst, changes
-        nothing, so capped buffers skip the pruning of the candidates below the worst). (A merge by rank, every
-        block's place counted in [BQ, KB, C] and [BQ, C, C] comparisons, ran NSA's forward at
-        64k 67.4 -> 103.5 ms on the H100: docs/perf-notes.md.)"""
+        nothing, so capped buffers skip the pruning of the candidates below the worst). (A
+        merge by rank, every block's place counted in [BQ, KB, C] and [BQ, C, C] comparisons,
+        ran NSA's forward at 64k 67.4 -> 103.5 ms on the H100: docs/perf-notes.md.)"""
         c = self.c
         unrolled = self.st.k <= self.UNROLL_K
         if not (unrolled and self.capped):  # (there a step's test drops them: no count needed)
