@@ -96,10 +96,9 @@ def _list_index(sel, NB, HKV, G, shared):
 def _env_tiles(var, what, tuned, regs=False):
     """The setting "BM,BN,WARPS,STAGES" of knob `var` (`_knob`: the environment, then the
     tuned settings; None when neither sets it), BM and BN powers of two >= 16; `what` names
-    the sizes in the error. With `regs`, two more
-    values may follow: a cap on the registers a thread uses (`maxnreg`; 0 or absent: Triton's
-    choice) and the persistent programs an SM (0 or absent: a program a tile), and the result
-    has six entries."""
+    the sizes in the error. With `regs`, two more values may follow: a cap on the registers a
+    thread uses (`maxnreg`; 0 or absent: Triton's choice) and the persistent programs an SM
+    (0 or absent: a program a tile), and the result has six entries."""
     env = _knob(var, tuned)
     if not env:
         return None
@@ -2831,7 +2830,7 @@ SELECT_HOST = '''
 
 
 def _select_ints(env, text, usage, names, cuda, var="SPARSEDSL_SELECT_TILE"):
-    """The integers of `text` (of the setting `env` of the environment variable `var`), as
+    """The integers of `text` (of the setting `env` of the knob `var`), as
     many as `names` lists, each a power of two, and on a GPU (`cuda`) a block chunk (a name
     ending in C) at least 16, a tl.dot operand; `usage` says what was expected."""
     try:
@@ -2851,8 +2850,8 @@ def _select_ints(env, text, usage, names, cuda, var="SPARSEDSL_SELECT_TILE"):
 
 def _select_split(q, tuned, cuda):
     """(BQ, C, WARPS, QC, QWARPS) of a split select: the score kernel's BQ queries by C
-    blocks and warps, the top-k kernel's blocks a step and warps. SPARSEDSL_SELECT_SPLIT=
-    "BQ,C,WARPS,QC,QWARPS" (read at every call, for sweeps), else `cuda` on a GPU and small
+    blocks and warps, the top-k kernel's blocks a step and warps: the knob
+    SPARSEDSL_SELECT_SPLIT="BQ,C,WARPS,QC,QWARPS" (`_knob`), else `cuda` on a GPU and small
     tiles in the interpreter. None (the query-tiled or per-query kernel instead) with
     SPARSEDSL_SELECT_SPLIT=off or when SPARSEDSL_SELECT_TILE names a kernel."""
     env = _knob("SPARSEDSL_SELECT_SPLIT", tuned)
@@ -2881,8 +2880,8 @@ def _score_rows(T, BQ, row_bytes):
 
 
 def _select_tile(q, tuned, cuda, cpu):
-    """(BQ, C, num_warps) of a query-tiled select kernel: the environment variable
-    SPARSEDSL_SELECT_TILE="BQ,C,WARPS" (read at every call, for sweeps), else the default for
+    """(BQ, C, num_warps) of a query-tiled select kernel: the knob
+    SPARSEDSL_SELECT_TILE="BQ,C,WARPS" (`_knob`), else the default for
     q's device (`cuda` or `cpu`: the interpreter). None, as a default or from
     SPARSEDSL_SELECT_TILE=query, runs the per-query kernel instead."""
     env = _knob("SPARSEDSL_SELECT_TILE", tuned)
@@ -2894,8 +2893,8 @@ def _select_tile(q, tuned, cuda, cpu):
 
 
 def _select_query_cfg(q, tuned):
-    """(C, num_warps) of a per-query select kernel: SPARSEDSL_SELECT_TILE="query,C,WARPS"
-    (read at every call, for sweeps), else 16 blocks a step and one warp on a GPU (NSA as
+    """(C, num_warps) of a per-query select kernel: the knob SPARSEDSL_SELECT_TILE=
+    "query,C,WARPS" (`_knob`), else 16 blocks a step and one warp on a GPU (NSA as
     fla on the H100, forward at 64k: 37.2 ms, 45.9 with 32 / 4 (docs/perf-notes.md); one
     warp's reductions are shuffles, no shared memory), 32 / 4 in the interpreter."""
     env = _knob("SPARSEDSL_SELECT_TILE", tuned)

@@ -365,9 +365,7 @@ class Planner:
             n = ir.node(nid)
             if n["op"] in ("topk", "random"):
                 for b in sorted(self._early_deps(nid, early) - emitted_early):
-                    plan.stages.append(self._attend_stage([[b]], "single", (None,),
-                                                          writes_lse=True, node=b))
-                    emitted_early.add(b)
+                    self._early_stage(plan, b, emitted_early)
                 heads = n["facts"].get("heads", "static")
                 if n["op"] == "random":
                     heads = "group"  # the same for every head; one list per kv head
@@ -382,9 +380,7 @@ class Planner:
             groups = [self._flatten(ir.operand(out, f"branch.{t}")) for t in range(terms)]
             gates = tuple(self._gate_key(ir.operand(out, f"gate.{t}")) for t in range(terms))
             for b in self._static_terms(groups, emitted_early):
-                plan.stages.append(self._attend_stage([[b]], "single", (None,),
-                                                      writes_lse=True, node=b))
-                emitted_early.add(b)
+                self._early_stage(plan, b, emitted_early)
             stage = self._attend_stage(groups, "mix", gates, False, out, precomputed=emitted_early)
         else:
             groups = [self._flatten(out)]
@@ -393,6 +389,12 @@ class Planner:
         plan.stages.append(stage)
         plan.strategy = self._describe(plan) + self._describe_selects(plan)
         return plan
+
+    def _early_stage(self, plan: KernelPlan, b: int, emitted: set) -> None:
+        """Branch b in a stage of its own before the final one, writing its output and
+        log-sum-exp (which the final stage merges, and a probability reads)."""
+        plan.stages.append(self._attend_stage([[b]], "single", (None,), writes_lse=True, node=b))
+        emitted.add(b)
 
     def _static_terms(self, groups, early) -> list[int]:
         """Branches of a gated mix that run as their own tile-layout stages before the
@@ -485,9 +487,9 @@ class Planner:
             return ("grouped by selected block (MoBA's strategy): the list entries are sorted by "
                     "key block; a program attends a tile of queries that chose one block to it, "
                     f"and {merge}")
-        early = [s.name for s in plan.stages if s.kind == "attend" and s is not final]
-        before = (f"; earlier stages (query tiles, merged by the final one): "
-                  f"{', '.join(f'`{n}`' for n in early)}" if early else "")
+        early = [s for s in plan.stages if s.kind == "attend" and s is not final]
+        before = ("; earlier stages, merged by the final one: " + ", ".join(
+            f"`{s.name}` ({s.layout} layout)" for s in early) if early else "")
         if final.rows == "group":
             return ("selection shared by each GQA group: one program per (query, kv head) loads "
                     f"the group's query heads together and walks {len(sel)} block list(s)"
